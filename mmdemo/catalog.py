@@ -1,0 +1,257 @@
+"""The model catalog, as data: which models exist, for which task, from where, and how big.
+
+Only models in the catalog can be loaded. Built-in entries are registered exactly as a user's own
+catalog file would register them; a user file (TOML or YAML, ``--catalog`` / ``MMDEMO_CATALOG``)
+adds entries or overrides built-in ones by id::
+
+    [models.my-captioner]
+    task = "image-to-text"
+    kind = "blip"
+    source = "local-dir:./checkpoints/blip-finetuned"   # relative to the catalog file
+    description = "BLIP fine-tuned on our product photos"
+
+Sources: ``hf-hub:ORG/NAME`` (with ``revision``), ``local-dir:PATH`` (a folder saved with
+``save_pretrained``, or a CTranslate2 Whisper folder for ``kind = "faster-whisper"``) and
+``tiny:NAME`` (a tiny offline checkpoint built under the data directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from .errors import CatalogError, UnknownModelError
+
+TASKS: tuple[str, ...] = (
+    "image-to-text",
+    "visual-question-answering",
+    "text-to-image",
+    "zero-shot-image-classification",
+    "automatic-speech-recognition",
+)
+
+# kind -> (backend, tasks it can serve). A task adapter dispatches on the kind.
+KINDS: dict[str, tuple[str, frozenset[str]]] = {
+    "blip": ("transformers", frozenset({"image-to-text", "visual-question-answering"})),
+    "vilt": ("transformers", frozenset({"visual-question-answering"})),
+    "clip": ("transformers", frozenset({"zero-shot-image-classification"})),
+    "siglip": ("transformers", frozenset({"zero-shot-image-classification"})),
+    "whisper": ("transformers", frozenset({"automatic-speech-recognition"})),
+    "faster-whisper": ("ctranslate2", frozenset({"automatic-speech-recognition"})),
+    "diffusers": ("diffusers", frozenset({"text-to-image"})),
+}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalog entry. ``params_m`` (millions of parameters) gives the memory estimate."""
+
+    id: str
+    task: str
+    kind: str
+    source: str
+    revision: str | None = None
+    dtype: str = "auto"                  # auto, float32, float16, bfloat16
+    params_m: float = 0.0
+    description: str = ""
+    variant: str | None = None           # e.g. "fp16" weights files on the Hub
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # task settings this model wants
+
+    def __post_init__(self) -> None:
+        if not self.id or any(c.isspace() for c in self.id):
+            raise CatalogError(f"Model id {self.id!r} must be a non-empty word without spaces.")
+        if self.task not in TASKS:
+            raise CatalogError(f"Model '{self.id}': unknown task '{self.task}' (tasks: {', '.join(TASKS)}).")
+        if self.kind not in KINDS:
+            raise CatalogError(f"Model '{self.id}': unknown kind '{self.kind}' (kinds: {', '.join(KINDS)}).")
+        if self.task not in KINDS[self.kind][1]:
+            raise CatalogError(f"Model '{self.id}': kind '{self.kind}' cannot serve task '{self.task}'.")
+        if self.dtype not in ("auto", *DTYPE_BYTES):
+            raise CatalogError(f"Model '{self.id}': unknown dtype '{self.dtype}'.")
+        scheme, _, rest = self.source.partition(":")
+        if scheme not in ("hf-hub", "local-dir", "tiny") or not rest:
+            raise CatalogError(
+                f"Model '{self.id}': source {self.source!r} must start with hf-hub:, local-dir: or tiny:."
+            )
+
+    @property
+    def backend(self) -> str:
+        return KINDS[self.kind][0]
+
+    @property
+    def source_scheme(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def source_location(self) -> str:
+        return self.source.partition(":")[2]
+
+    def estimate_bytes(self, dtype: str) -> int:
+        """Rough memory need: weights at ``dtype`` plus a 20% working reserve (activations, caches)."""
+        return int(self.params_m * 1e6 * DTYPE_BYTES.get(dtype, 4) * 1.2)
+
+    def with_source(self, source: str, revision: str | None = None) -> "ModelSpec":
+        return dataclasses.replace(self, source=source, revision=revision)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["defaults"] = dict(self.defaults)
+        data["backend"] = self.backend
+        return data
+
+
+class Catalog:
+    """Model specs keyed by id, in registration order; the first of a task is its default."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: ModelSpec, *, override: bool = False) -> None:
+        if spec.id in self._specs and not override:
+            raise CatalogError(f"Model id '{spec.id}' is registered twice.")
+        self._specs[spec.id] = spec
+
+    def get(self, model_id: str, task: str | None = None) -> ModelSpec:
+        spec = self._specs.get(model_id)
+        if spec is None:
+            choices = ", ".join(s.id for s in self.for_task(task)) if task else ", ".join(self._specs)
+            raise UnknownModelError(f"Unknown model '{model_id}'. Available: {choices or 'none'}.")
+        if task is not None and spec.task != task:
+            from .errors import TaskMismatchError
+
+            raise TaskMismatchError(f"Model '{model_id}' serves {spec.task}, not {task}.")
+        return spec
+
+    def for_task(self, task: str) -> list[ModelSpec]:
+        return [s for s in self._specs.values() if s.task == task]
+
+    def default_for(self, task: str) -> ModelSpec:
+        specs = self.for_task(task)
+        if not specs:
+            raise UnknownModelError(f"No model in the catalog serves {task}.")
+        return specs[0]
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._specs
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(list(self._specs.values()))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+# --- built-in catalogs ----------------------------------------------------------------------------
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+
+DEFAULT_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("blip-caption-base", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-base",
+              params_m=247, description="BLIP base captioner (COCO): fast, good everyday captions."),
+    ModelSpec("blip-caption-large", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-large",
+              params_m=470, description="BLIP large captioner: more detailed captions, about 2x slower."),
+    ModelSpec("vilt-vqa", "visual-question-answering", "vilt", "hf-hub:dandelin/vilt-b32-finetuned-vqa",
+              revision="d0a1f6a", params_m=118,
+              description="ViLT fine-tuned on VQAv2: picks from 3,129 answers, with scores."),
+    ModelSpec("blip-vqa-base", "visual-question-answering", "blip", "hf-hub:Salesforce/blip-vqa-base",
+              params_m=385, description="BLIP VQA: generates a free-form short answer."),
+    ModelSpec("sd-turbo", "text-to-image", "diffusers", "hf-hub:stabilityai/sd-turbo", variant="fp16",
+              params_m=1290, defaults={"steps": 1, "guidance": 0.0, "width": 512, "height": 512},
+              description="SD-Turbo: 512px images in 1-4 steps, no guidance."),
+    ModelSpec("sdxl-base", "text-to-image", "diffusers", "hf-hub:stabilityai/stable-diffusion-xl-base-1.0",
+              variant="fp16", params_m=3470, defaults={"steps": 30, "guidance": 7.0, "width": 1024, "height": 1024},
+              description="Stable Diffusion XL base: higher quality 1024px images, slower."),
+    ModelSpec("clip-vit-base-patch32", "zero-shot-image-classification", "clip",
+              "hf-hub:openai/clip-vit-base-patch32", revision="3d74acf", params_m=151,
+              description="OpenAI CLIP ViT-B/32: the classic zero-shot classifier (single-label)."),
+    ModelSpec("siglip-base", "zero-shot-image-classification", "siglip",
+              "hf-hub:google/siglip-base-patch16-224", params_m=203,
+              defaults={"template": "This is a photo of {}."},
+              description="SigLIP base: sigmoid scores, good for multi-label."),
+    ModelSpec("whisper-small", "automatic-speech-recognition", "whisper", "hf-hub:openai/whisper-small",
+              params_m=244, description="Whisper small via transformers: 99 languages, translation."),
+    ModelSpec("faster-whisper-small", "automatic-speech-recognition", "faster-whisper",
+              "hf-hub:Systran/faster-whisper-small", params_m=244,
+              description="Whisper small on CTranslate2 (faster-whisper): same model, several times faster."),
+)
+
+TINY_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("tiny-blip-caption", "image-to-text", "blip", "tiny:blip-caption", params_m=0.5,
+              description="Tiny random BLIP captioner (offline testing; outputs are nonsense)."),
+    ModelSpec("tiny-vilt-vqa", "visual-question-answering", "vilt", "tiny:vilt-vqa", params_m=0.3,
+              description="Tiny random ViLT VQA (offline testing)."),
+    ModelSpec("tiny-blip-vqa", "visual-question-answering", "blip", "tiny:blip-vqa", params_m=0.5,
+              description="Tiny random BLIP VQA (offline testing)."),
+    ModelSpec("tiny-stable-diffusion", "text-to-image", "diffusers", "tiny:stable-diffusion", params_m=1.0,
+              defaults={"steps": 4, "guidance": 5.0, "width": 64, "height": 64},
+              description="Tiny random Stable Diffusion pipeline (offline testing; images are noise)."),
+    ModelSpec("tiny-clip", "zero-shot-image-classification", "clip", "tiny:clip", params_m=0.3,
+              description="Tiny random CLIP (offline testing)."),
+    ModelSpec("tiny-siglip", "zero-shot-image-classification", "siglip", "tiny:siglip", params_m=0.3,
+              defaults={"template": "This is a photo of {}."},
+              description="Tiny random SigLIP (offline testing)."),
+    ModelSpec("tiny-whisper", "automatic-speech-recognition", "whisper", "tiny:whisper", params_m=0.5,
+              description="Tiny random Whisper via transformers (offline testing)."),
+    ModelSpec("tiny-faster-whisper", "automatic-speech-recognition", "faster-whisper", "tiny:whisper-ct2",
+              params_m=0.5, description="Tiny random Whisper on CTranslate2 (offline testing)."),
+)
+
+BUILTIN_CATALOGS: dict[str, tuple[ModelSpec, ...]] = {"default": DEFAULT_MODELS, "tiny": TINY_MODELS}
+
+
+def read_catalog_file(path: Path) -> list[ModelSpec]:
+    """Read a user catalog (TOML or YAML): ``models`` as a table keyed by id, or a list with ``id``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"Cannot read catalog file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parser error becomes one readable message
+        raise CatalogError(f"Catalog file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    models = data.get("models", data) if isinstance(data, dict) else data
+    if isinstance(models, dict):
+        models = [{"id": key, **(value or {})} for key, value in models.items()]
+    if not isinstance(models, list):
+        raise CatalogError(f"Catalog file {path}: expected a 'models' table or list.")
+    specs = []
+    allowed = {f.name for f in dataclasses.fields(ModelSpec)}
+    for entry in models:
+        if not isinstance(entry, dict):
+            raise CatalogError(f"Catalog file {path}: each model must be a table, got {entry!r}.")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise CatalogError(f"Catalog file {path}, model {entry.get('id')!r}: unknown keys {sorted(unknown)}.")
+        entry = dict(entry)
+        source = str(entry.get("source", ""))
+        if source.startswith("local-dir:"):
+            local = Path(source.partition(":")[2]).expanduser()
+            if not local.is_absolute():
+                local = (path.parent / local).resolve()
+            entry["source"] = f"local-dir:{local}"
+        try:
+            specs.append(ModelSpec(**entry))
+        except TypeError as exc:
+            raise CatalogError(f"Catalog file {path}, model {entry.get('id')!r}: {exc}") from None
+    return specs
+
+
+def load_catalog(profile: str = "default", catalog_file: Path | None = None) -> Catalog:
+    """The built-in catalog of ``profile``, with a user catalog file's entries added or overriding."""
+    catalog = Catalog(BUILTIN_CATALOGS[profile])
+    if catalog_file is not None:
+        for spec in read_catalog_file(catalog_file):
+            catalog.register(spec, override=True)
+    return catalog

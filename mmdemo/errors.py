@@ -1,0 +1,73 @@
+"""Typed errors raised by every layer of mmdemo.
+
+Each error carries a message written for a person: the UI shows ``str(error)`` as it is, the API
+raises the type. Nothing here imports torch, so the UI and storage layers can use it freely.
+"""
+
+from __future__ import annotations
+
+
+class MMDemoError(Exception):
+    """Base class of every error mmdemo raises on purpose."""
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+class InvalidInputError(MMDemoError, ValueError):
+    """The request itself is wrong (empty prompt, bad labels, out-of-range setting)."""
+
+
+class InvalidImageError(InvalidInputError):
+    """The image cannot be read: not an image, truncated or corrupt."""
+
+
+class ImageTooLargeError(InvalidInputError):
+    """The image has more pixels (or bytes) than the configured limit."""
+
+
+class InvalidAudioError(InvalidInputError):
+    """The audio cannot be read, is empty, or holds only silence."""
+
+
+class AudioTooLongError(InvalidInputError):
+    """The audio is longer (or larger) than the configured limit."""
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class UnknownModelError(MMDemoError, KeyError):
+    """The model id is not in the catalog (only catalog models can be loaded)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CatalogError(MMDemoError):
+    """A catalog file or entry is malformed."""
+
+
+class TaskMismatchError(InvalidInputError):
+    """A model was asked to run a task it does not serve."""
+
+
+class ModelLoadError(MMDemoError):
+    """A catalog model failed to load (missing files, corrupt weights, no network for the Hub)."""
+
+    def __init__(self, model_id: str, reason: str):
+        super().__init__(f"Model '{model_id}' could not be loaded: {reason}")
+        self.model_id = model_id
+        self.reason = reason
+
+
+class ModelOutOfMemoryError(MMDemoError):
+    """The device ran out of memory even after evicting other models and retrying once."""
+
+
+class MemoryBudgetError(MMDemoError):
+    """The model does not fit in the memory budget, even with every idle model evicted."""
+
+
+class ModelRuntimeError(MMDemoError):
+    """A loaded model failed while running (a fault inside the model, not bad input)."""

@@ -1,0 +1,488 @@
+"""The one owner of loaded models.
+
+``ModelRegistry`` loads catalog models lazily, keeps exactly one copy of each for every user, tab and
+thread, places it on the best device with a fitting dtype, and keeps the total under a memory budget
+by evicting the least recently used idle models. A model is never evicted while a call is running on
+it. Out-of-memory errors evict the other models and retry once. ``replace`` hot-swaps a model to a
+new checkpoint while the old one keeps serving.
+
+Task code never holds models itself: it calls ``registry.call(model_id, fn)``, where ``fn`` receives
+the loaded model bundle for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from .catalog import Catalog, ModelSpec
+from .config import Settings, parse_memory_budget
+from .errors import (
+    MemoryBudgetError,
+    MMDemoError,
+    ModelLoadError,
+    ModelOutOfMemoryError,
+    ModelRuntimeError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Loader = Callable[[ModelSpec, str, "Placement"], Any]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision a model runs."""
+
+    device: str  # "cuda", "cuda:1", "mps" or "cpu"
+    dtype: str  # "float32", "float16" or "bfloat16"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    placement: Placement
+    memory_bytes: int
+    load_seconds: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    in_use: int = 0
+
+
+# --- hardware ---------------------------------------------------------------------------------------
+
+
+def detect_device(preference: str = "auto") -> str:
+    """CUDA, then Apple MPS, then CPU; an explicit choice is checked, not silently replaced."""
+    import torch
+
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise MMDemoError("Device 'cuda' was requested but no CUDA GPU is available; use --device auto or cpu.")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MMDemoError("Device 'mps' was requested but Apple MPS is not available; use --device auto or cpu.")
+    return preference
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on GPUs that support it, else fp16 on GPUs; fp32 on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    return "float32"
+
+
+def device_total_bytes(device: str) -> int:
+    """Total memory of the device the budget applies to (system RAM for CPU and MPS)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure_bytes(bundle: Any) -> int:
+    """Bytes of parameters and buffers held by the torch modules inside a loaded bundle."""
+    if hasattr(bundle, "memory_bytes") and not callable(bundle.memory_bytes):
+        return int(bundle.memory_bytes)
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def visit(obj: Any, depth: int) -> None:
+        nonlocal total
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            for tensor in [*obj.parameters(), *obj.buffers()]:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+            return
+        if isinstance(obj, dict):
+            children: Iterable[Any] = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            children = obj
+        elif hasattr(obj, "components") and isinstance(getattr(obj, "components"), dict):  # diffusers
+            children = obj.components.values()
+        elif hasattr(obj, "__dict__"):
+            children = vars(obj).values()
+        else:
+            return
+        for child in children:
+            visit(child, depth + 1)
+
+    visit(bundle, 0)
+    return total
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    elif device == "mps":
+        import torch
+
+        torch.mps.empty_cache()
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """Lazy, shared, budgeted model loading for every task. Thread-safe."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings | None = None,
+        loader: Loader | None = None,
+        busy_wait_seconds: float = 120.0,
+    ) -> None:
+        self.catalog = catalog
+        self.settings = settings or Settings()
+        self._loader = loader
+        self._busy_wait_seconds = busy_wait_seconds
+        self._lock = threading.Condition(threading.RLock())
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, Future] = {}
+        self._reserved: dict[str, int] = {}  # bytes promised to loads in progress
+        self._errors: dict[str, str] = {}  # last load error per model, for status()
+        self._device: str | None = None
+        self._budget: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelRegistry":
+        """The registry for ``settings``: the profile's catalog plus the user's catalog file."""
+        from .catalog import load_catalog
+
+        return cls(load_catalog(settings.profile, settings.catalog), settings)
+
+    # -- placement and budget --
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = detect_device(self.settings.device)
+        return self._device
+
+    @property
+    def budget_bytes(self) -> int:
+        if self._budget is None:
+            self._budget = parse_memory_budget(self.settings.memory_budget, device_total_bytes(self.device))
+        return self._budget
+
+    def placement_for(self, spec: ModelSpec) -> Placement:
+        dtype = spec.dtype if spec.dtype != "auto" else self.settings.dtype
+        if dtype == "auto":
+            dtype = default_dtype(self.device)
+        return Placement(self.device, dtype)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.memory_bytes for e in self._loaded.values()) + sum(self._reserved.values())
+
+    # -- the hot path --
+
+    def call(self, model_id: str, fn: Callable[[Any], T], task: str | None = None) -> T:
+        """Run ``fn(model_bundle)`` on the loaded model, loading it first if needed.
+
+        An out-of-memory error evicts the other models and retries once. Errors that are not
+        mmdemo's own become ``ModelRuntimeError`` so that one model's fault stays in its call.
+        """
+        for attempt in (1, 2):
+            entry = self._acquire(model_id, task)
+            try:
+                return fn(entry.model)
+            except MMDemoError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a model fault must not escape as a crash
+                if is_out_of_memory(exc):
+                    if attempt == 2:
+                        raise ModelOutOfMemoryError(
+                            f"Model '{model_id}' ran out of memory on {entry.placement.device} even after "
+                            "freeing the other models. Try smaller settings (size, batch, length)."
+                        ) from None
+                else:
+                    log.exception("model %s failed during a call", model_id)
+                    raise ModelRuntimeError(f"Model '{model_id}' failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self._release(entry)
+            log.warning("out of memory in %s; evicting other models and retrying once", model_id)
+            self._evict_idle(keep=model_id, needed=None)
+        raise AssertionError("unreachable")
+
+    def _acquire(self, model_id: str, task: str | None) -> LoadedModel:
+        spec = self.catalog.get(model_id, task)
+        while True:
+            with self._lock:
+                entry = self._loaded.get(model_id)
+                if entry is not None:
+                    entry.in_use += 1
+                    entry.last_used = time.monotonic()
+                    return entry
+                future = self._loading.get(model_id)
+                is_loader = future is None
+                if is_loader:
+                    future = self._loading[model_id] = Future()
+            if not is_loader:
+                future.result()  # re-raises the loader's error for every waiter
+                continue
+            try:
+                entry = self._load(spec)
+            except BaseException as exc:
+                with self._lock:
+                    self._loading.pop(model_id, None)
+                    self._errors[model_id] = str(exc)
+                future.set_exception(exc)
+                raise
+            with self._lock:
+                entry.in_use = 1
+                self._loaded[model_id] = entry
+                self._loading.pop(model_id, None)
+                self._errors.pop(model_id, None)
+            future.set_result(None)
+            return entry
+
+    def _release(self, entry: LoadedModel) -> None:
+        with self._lock:
+            entry.in_use -= 1
+            entry.calls += 1
+            entry.last_used = time.monotonic()
+            self._lock.notify_all()
+
+    # -- loading --
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        """Load ``spec`` within the budget (evicting LRU idle models), retrying once after an OOM."""
+        placement = self.placement_for(spec)
+        estimate = spec.estimate_bytes(placement.dtype)
+        self._reserve(spec.id, estimate)
+        try:
+            for attempt in (1, 2):
+                started = time.perf_counter()
+                try:
+                    bundle = self._loader_fn()(spec, self.resolve_location(spec), placement)
+                except MMDemoError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    if is_out_of_memory(exc) and attempt == 1:
+                        log.warning("out of memory loading %s; evicting other models and retrying", spec.id)
+                        self._evict_idle(keep=spec.id, needed=None)
+                        continue
+                    if is_out_of_memory(exc):
+                        raise ModelOutOfMemoryError(
+                            f"Model '{spec.id}' does not fit in {placement.device} memory, even with the other "
+                            "models unloaded."
+                        ) from None
+                    log.exception("loading %s failed", spec.id)
+                    raise ModelLoadError(spec.id, _describe_load_error(exc)) from exc
+                seconds = time.perf_counter() - started
+                log.info("loaded %s on %s/%s in %.2fs", spec.id, placement.device, placement.dtype, seconds)
+                return LoadedModel(spec, bundle, placement, measure_bytes(bundle), seconds)
+            raise AssertionError("unreachable")
+        finally:
+            with self._lock:
+                self._reserved.pop(spec.id, None)
+
+    def _loader_fn(self) -> Loader:
+        if self._loader is None:
+            from .tasks import load_model
+
+            self._loader = load_model
+        return self._loader
+
+    def resolve_location(self, spec: ModelSpec) -> str:
+        """A local folder or a Hub id; ``tiny:`` sources are built on first use."""
+        if spec.source_scheme == "tiny":
+            from .tiny import build_tiny_models
+
+            name = spec.source_location
+            return str(build_tiny_models(self.settings.tiny_dir, names=[name])[name])
+        if spec.source_scheme == "local-dir":
+            folder = Path(spec.source_location)
+            if not folder.is_dir():
+                raise ModelLoadError(spec.id, f"the folder {folder} does not exist.")
+            return str(folder)
+        return spec.source_location
+
+    def _reserve(self, model_id: str, estimate: int) -> None:
+        """Promise ``estimate`` bytes to a load, evicting idle models (LRU first) to make room."""
+        budget = self.budget_bytes
+        if estimate > budget:
+            raise MemoryBudgetError(
+                f"Model '{model_id}' needs about {_gib(estimate)} but the memory budget is {_gib(budget)}. "
+                "Raise MMDEMO_MEMORY_BUDGET or choose a smaller model."
+            )
+        deadline = time.monotonic() + self._busy_wait_seconds
+        with self._lock:
+            while True:
+                self._evict_idle(keep=model_id, needed=estimate)
+                if self.used_bytes() + estimate <= budget:
+                    self._reserved[model_id] = estimate
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MemoryBudgetError(
+                        f"Model '{model_id}' needs about {_gib(estimate)}, but the other models in the "
+                        f"{_gib(budget)} budget are busy. Try again shortly."
+                    )
+                self._lock.wait(timeout=min(remaining, 1.0))
+
+    def _evict_idle(self, keep: str | None, needed: int | None) -> list[str]:
+        """Evict idle models, least recently used first, until ``needed`` more bytes fit (None: all)."""
+        evicted = []
+        with self._lock:
+            budget = self.budget_bytes
+            idle = sorted(
+                (e for e in self._loaded.values() if e.in_use == 0 and e.spec.id != keep),
+                key=lambda e: e.last_used,
+            )
+            for entry in idle:
+                if needed is not None and self.used_bytes() + needed <= budget:
+                    break
+                del self._loaded[entry.spec.id]
+                evicted.append(entry.spec.id)
+        if evicted:
+            log.info("evicted %s", ", ".join(evicted))
+            free_device_memory(self.device)
+        return evicted
+
+    # -- management --
+
+    def preload(self, model_ids: Iterable[str]) -> None:
+        """Load models now (e.g. at start-up) instead of at their first call."""
+        for model_id in model_ids:
+            self._release(self._acquire(model_id, None))
+
+    def unload(self, model_id: str) -> bool:
+        """Drop a loaded model and return its memory; False if it was not loaded.
+
+        A model in the middle of a call is dropped from the registry at once and freed when the
+        call ends.
+        """
+        self.catalog.get(model_id)
+        with self._lock:
+            entry = self._loaded.pop(model_id, None)
+        if entry is None:
+            return False
+        device = entry.placement.device
+        del entry
+        free_device_memory(device)
+        return True
+
+    def unload_all(self) -> None:
+        for model_id in list(self._loaded):
+            self.unload(model_id)
+
+    def replace(self, model_id: str, source: str, revision: str | None = None) -> ModelSpec:
+        """Hot-swap ``model_id`` to a new checkpoint; the old one serves until the new one is ready.
+
+        If the new checkpoint fails to load, the old one stays and ``ModelLoadError`` is raised.
+        """
+        old_spec = self.catalog.get(model_id)
+        new_spec = old_spec.with_source(source, revision)
+        pending = self._loading.get(model_id)
+        if pending is not None:
+            pending.exception()  # let a first load of the old source finish before swapping
+        entry = self._load(new_spec)
+        with self._lock:
+            self.catalog.register(new_spec, override=True)
+            old = self._loaded.get(model_id)
+            if old is not None:
+                entry.calls = old.calls
+            self._loaded[model_id] = entry
+            self._errors.pop(model_id, None)
+        if old is not None:
+            del old
+            free_device_memory(self.device)
+        return new_spec
+
+    def is_loaded(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._loaded
+
+    def status(self) -> dict[str, Any]:
+        """What is loaded, where, how big, since when, and how often it was called."""
+        now = time.monotonic()
+        with self._lock:
+            models = [
+                {
+                    "id": e.spec.id,
+                    "task": e.spec.task,
+                    "source": e.spec.source,
+                    "revision": e.spec.revision,
+                    "device": e.placement.device,
+                    "dtype": e.placement.dtype,
+                    "memory_bytes": e.memory_bytes,
+                    "load_seconds": round(e.load_seconds, 3),
+                    "loaded_at": e.loaded_at,
+                    "idle_seconds": round(now - e.last_used, 1),
+                    "calls": e.calls,
+                    "in_use": e.in_use,
+                }
+                for e in sorted(self._loaded.values(), key=lambda e: e.spec.id)
+            ]
+            return {
+                "device": self._device or "not chosen yet",
+                "budget_bytes": self._budget,
+                "used_bytes": self.used_bytes(),
+                "loaded": models,
+                "loading": sorted(self._loading),
+                "errors": dict(self._errors),
+            }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+def _describe_load_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lowered = text.lower()
+    if "offline" in lowered or "couldn't connect" in lowered or "connection" in lowered:
+        return f"the Hub cannot be reached and the model is not in the local cache ({text[:200]})."
+    if isinstance(exc, (FileNotFoundError, OSError)) and "no such file" in lowered:
+        return f"files are missing ({text[:200]})."
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def disk_usage_bytes(folder: Path) -> int:
+    """Size of a model folder on disk (used for backends that do not hold torch tensors)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -1,0 +1,89 @@
+"""The interface every task module implements.
+
+A task turns loose keyword inputs into a validated request (``prepare``: decode media, check
+settings, raise ``InvalidInputError`` for bad input), loads the models of the kinds it serves
+(``load``), and runs a loaded model on one request or a batch (``predict`` / ``predict_batch``),
+returning plain JSON-serialisable dicts (generated images aside).
+
+``prepare`` runs before the model is touched, so bad input never waits for (or holds) a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Mapping
+
+from ..catalog import ModelSpec
+from ..errors import InvalidInputError
+from ..media import MediaLimits
+from ..registry import Placement
+
+
+class Task(ABC):
+    task: ClassVar[str]
+    Request: ClassVar[type]
+    batchable: ClassVar[bool] = False
+
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> Any:
+        """Validate and decode ``inputs`` into this task's request dataclass."""
+        return self.Request(**self._known_fields(inputs))
+
+    @abstractmethod
+    def load(self, spec: ModelSpec, location: str, placement: Placement) -> Any:
+        """Load the model of ``spec`` from a local folder or Hub id, placed on ``placement``."""
+
+    @abstractmethod
+    def predict(self, model: Any, request: Any) -> dict[str, Any]:
+        """Run one request on a loaded model."""
+
+    def predict_batch(self, model: Any, requests: list[Any]) -> list[dict[str, Any]]:
+        """Run several requests; tasks whose models batch well override this."""
+        return [self.predict(model, request) for request in requests]
+
+    def _known_fields(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(self.Request)}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise InvalidInputError(f"{self.task} does not take: {', '.join(unknown)}.")
+        return dict(inputs)
+
+
+def require_text(value: Any, what: str, max_chars: int = 2000) -> str:
+    """A stripped, non-empty piece of text, or an ``InvalidInputError`` naming ``what``."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise InvalidInputError(f"Please enter {what}; it is empty.")
+    if len(text) > max_chars:
+        raise InvalidInputError(f"The {what} is {len(text)} characters long; the limit is {max_chars}.")
+    return text
+
+
+def require_int(value: Any, what: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"The {what} must be a whole number, not {value!r}.") from None
+    if number != value and not isinstance(value, str) and float(value) != number:
+        raise InvalidInputError(f"The {what} must be a whole number, not {value!r}.")
+    if not low <= number <= high:
+        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {number}.")
+    return number
+
+
+def require_float(value: Any, what: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"The {what} must be a number, not {value!r}.") from None
+    if not low <= number <= high:  # also refuses NaN
+        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {number}.")
+    return number
+
+
+def load_kwargs(spec: ModelSpec, placement: Placement) -> dict[str, Any]:
+    """Keyword arguments every ``from_pretrained`` call shares. Remote code is never trusted."""
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if spec.source_scheme == "hf-hub" and spec.revision:
+        kwargs["revision"] = spec.revision
+    return kwargs

@@ -1,0 +1,139 @@
+"""Text-to-image with diffusers pipelines (Stable Diffusion, SD-Turbo, SDXL) through AutoPipeline."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from ..catalog import ModelSpec
+from ..errors import InvalidInputError
+from ..media import MediaLimits
+from ..registry import Placement
+from .base import Task, load_kwargs, require_float, require_int, require_text
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class TextToImageRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.0
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    seed: int | None = None  # None: a random seed, reported back
+    progress: ProgressCallback | None = None
+
+
+@dataclass
+class DiffusersBundle:
+    pipeline: Any
+    placement: Placement
+    size_multiple: int
+
+
+class TextToImageTask(Task):
+    task = "text-to-image"
+    Request = TextToImageRequest
+
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> TextToImageRequest:
+        request = TextToImageRequest(**self._known_fields(inputs))
+        seed = request.seed
+        if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0):
+            seed = random.randint(0, MAX_SEED)  # -1 or empty also means "random", as in most UIs
+        width = require_int(request.width, "width", 64, 2048)
+        height = require_int(request.height, "height", 64, 2048)
+        if width * height > limits.max_image_pixels:
+            raise InvalidInputError(f"{width}x{height} is larger than the {limits.max_image_pixels:,}-pixel limit.")
+        return replace(
+            request,
+            prompt=require_text(request.prompt, "a prompt", max_chars=2000),
+            negative_prompt=(request.negative_prompt or "").strip()[:2000],
+            steps=require_int(request.steps, "number of steps", 1, 150),
+            guidance=require_float(request.guidance, "guidance scale", 0.0, 30.0),
+            width=width,
+            height=height,
+            num_images=require_int(request.num_images, "number of images", 1, 8),
+            seed=require_int(seed, "seed", 0, MAX_SEED),
+        )
+
+    def load(self, spec: ModelSpec, location: str, placement: Placement) -> DiffusersBundle:
+        from diffusers import AutoPipelineForText2Image
+
+        kwargs = load_kwargs(spec, placement)
+        kwargs.pop("trust_remote_code")  # diffusers loads no remote code unless a custom pipeline is named
+        if spec.variant and placement.dtype != "float32" and spec.source_scheme == "hf-hub":
+            kwargs["variant"] = spec.variant
+        pipeline = AutoPipelineForText2Image.from_pretrained(location, torch_dtype=placement.torch_dtype, **kwargs)
+        pipeline = pipeline.to(placement.device)
+        pipeline.set_progress_bar_config(disable=True)
+        # The pipelines check sizes against 8 and the VAE's own downscaling factor.
+        multiple = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
+        return DiffusersBundle(pipeline, placement, multiple)
+
+    def predict(self, model: DiffusersBundle, request: TextToImageRequest) -> dict[str, Any]:
+        import torch
+
+        multiple = model.size_multiple
+        if request.width % multiple or request.height % multiple:
+            raise InvalidInputError(
+                f"Width and height must be multiples of {multiple} for this model; got "
+                f"{request.width}x{request.height}."
+            )
+        warnings = self._prompt_warnings(model.pipeline, request)
+        generator_device = "cpu" if model.placement.device == "mps" else model.placement.device
+        generator = torch.Generator(device=generator_device).manual_seed(request.seed)
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            if request.progress is not None:
+                request.progress(step + 1, request.steps)
+            return callback_kwargs
+
+        arguments: dict[str, Any] = dict(
+            prompt=request.prompt,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width,
+            height=request.height,
+            num_images_per_prompt=request.num_images,
+            generator=generator,
+            callback_on_step_end=on_step_end,
+        )
+        if request.negative_prompt:
+            arguments["negative_prompt"] = request.negative_prompt
+        with torch.inference_mode():
+            images = model.pipeline(**arguments).images
+        return {
+            "images": images,
+            "seed": request.seed,
+            "settings": {
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "steps": request.steps,
+                "guidance": request.guidance,
+                "width": request.width,
+                "height": request.height,
+                "num_images": request.num_images,
+                "seed": request.seed,
+            },
+            "warnings": warnings,
+        }
+
+    @staticmethod
+    def _prompt_warnings(pipeline: Any, request: TextToImageRequest) -> list[str]:
+        warnings = []
+        tokenizer = getattr(pipeline, "tokenizer", None)
+        if tokenizer is not None:
+            limit = tokenizer.model_max_length
+            for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+                if text and len(tokenizer(text).input_ids) > limit:
+                    warnings.append(
+                        f"The {name} is longer than the text encoder's {limit} tokens; the end was cut off."
+                    )
+        if request.negative_prompt and request.guidance <= 1.0:
+            warnings.append("The negative prompt has no effect when guidance is 1 or less.")
+        return warnings

@@ -1,0 +1,148 @@
+"""Zero-shot image classification with CLIP (softmax over labels) or SigLIP (also per-label sigmoid).
+
+Label embeddings depend only on the labels and the template, so they are computed once per label set
+and cached with the loaded model; a call then costs one image forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from PIL import Image
+
+from ..catalog import ModelSpec
+from ..errors import InvalidInputError
+from ..media import MediaLimits, load_image
+from ..registry import Placement
+from .base import Task, load_kwargs, require_text
+from .bundle import TransformersBundle, move_inputs
+
+MAX_LABELS = 100
+MAX_LABEL_CHARS = 100
+TEXT_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    image: Image.Image
+    labels: tuple[str, ...] | str = ()
+    template: str = "a photo of a {}."
+    multi_label: bool = False
+
+
+@dataclass
+class ZeroShotBundle(TransformersBundle):
+    kind: str = "clip"
+    text_cache: "OrderedDict[tuple, Any]" = field(default_factory=OrderedDict)
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def parse_labels(labels: Any) -> tuple[str, ...]:
+    """Labels from a list or a comma/newline separated string: stripped, deduplicated, in order."""
+    if labels is None:
+        items: list[str] = []
+    elif isinstance(labels, str):
+        items = re.split(r"[,\n]", labels)
+    else:
+        items = [str(item) for item in labels]
+    unique: dict[str, str] = {}
+    for item in items:
+        label = " ".join(item.split())
+        if label and label.casefold() not in unique:
+            if len(label) > MAX_LABEL_CHARS:
+                raise InvalidInputError(f"The label '{label[:30]}...' is longer than {MAX_LABEL_CHARS} characters.")
+            unique[label.casefold()] = label
+    if not unique:
+        raise InvalidInputError("Please give at least one label (separate labels with commas or new lines).")
+    if len(unique) > MAX_LABELS:
+        raise InvalidInputError(f"{len(unique)} labels given; the limit is {MAX_LABELS}.")
+    return tuple(unique.values())
+
+
+class ZeroShotTask(Task):
+    task = "zero-shot-image-classification"
+    Request = ZeroShotRequest
+    batchable = True
+
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> ZeroShotRequest:
+        request = ZeroShotRequest(**self._known_fields(inputs))
+        template = require_text(request.template, "a prompt template", max_chars=200)
+        if template.count("{}") != 1:
+            raise InvalidInputError('The template must contain "{}" exactly once, where the label goes.')
+        return replace(
+            request,
+            labels=parse_labels(request.labels),
+            template=template,
+            multi_label=bool(request.multi_label),
+            image=load_image(request.image, limits),
+        )
+
+    def load(self, spec: ModelSpec, location: str, placement: Placement) -> ZeroShotBundle:
+        from transformers import AutoProcessor, CLIPModel, SiglipModel
+
+        model_class = {"clip": CLIPModel, "siglip": SiglipModel}[spec.kind]
+        kwargs = load_kwargs(spec, placement)
+        processor = AutoProcessor.from_pretrained(location, **kwargs)
+        model = model_class.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
+        return ZeroShotBundle(model.to(placement.device).eval(), processor, placement, kind=spec.kind)
+
+    def predict(self, model: ZeroShotBundle, request: ZeroShotRequest) -> dict[str, Any]:
+        return self.predict_batch(model, [request])[0]
+
+    def predict_batch(self, model: ZeroShotBundle, requests: list[ZeroShotRequest]) -> list[dict[str, Any]]:
+        """One image forward pass for the whole batch; label embeddings come from the cache."""
+        import torch
+
+        for request in requests:
+            if request.multi_label and model.kind != "siglip":
+                raise InvalidInputError(
+                    "Multi-label scores need a sigmoid-trained model such as SigLIP; this CLIP model "
+                    "only ranks labels against each other (single-label)."
+                )
+        pixels = move_inputs(model.processor(images=[r.image for r in requests], return_tensors="pt"), model)
+        with torch.inference_mode():
+            image_embeds = _normalise(_features(model.model.get_image_features(**pixels)))
+            scale = model.model.logit_scale.exp()
+            bias = getattr(model.model, "logit_bias", None)
+            results = []
+            for row, request in enumerate(requests):
+                text_embeds = self._label_embeddings(model, request.labels, request.template)
+                logits = (image_embeds[row : row + 1] @ text_embeds.T)[0] * scale
+                if bias is not None:
+                    logits = logits + bias
+                scores = logits.float().sigmoid() if request.multi_label else logits.float().softmax(-1)
+                ranked = sorted(zip(request.labels, scores.tolist()), key=lambda pair: -pair[1])
+                results.append({
+                    "labels": [{"label": label, "score": round(score, 4)} for label, score in ranked],
+                    "multi_label": request.multi_label,
+                })
+        return results
+
+    def _label_embeddings(self, model: ZeroShotBundle, labels: tuple[str, ...], template: str):
+        key = (labels, template)
+        with model.cache_lock:
+            if key in model.text_cache:
+                model.text_cache.move_to_end(key)
+                return model.text_cache[key]
+        texts = [template.format(label) for label in labels]
+        padding = "max_length" if model.kind == "siglip" else True  # SigLIP was trained on padded text
+        tokens = model.processor(text=texts, return_tensors="pt", padding=padding, truncation=True)
+        tokens = move_inputs(tokens, model)
+        embeds = _normalise(_features(model.model.get_text_features(**tokens)))
+        with model.cache_lock:
+            model.text_cache[key] = embeds
+            while len(model.text_cache) > TEXT_CACHE_SIZE:
+                model.text_cache.popitem(last=False)
+        return embeds
+
+
+def _features(output: Any):
+    return output if hasattr(output, "norm") else output.pooler_output
+
+
+def _normalise(tensor):
+    return tensor / tensor.norm(p=2, dim=-1, keepdim=True)

@@ -1,0 +1,630 @@
+"""Tiny, randomly initialised checkpoints of the real model architectures, built offline.
+
+The demo normally runs BLIP, ViLT, CLIP, SigLIP, Whisper (transformers and faster-whisper) and
+Stable Diffusion checkpoints from the Hugging Face Hub.  For tests and offline development this
+module builds the *same architectures* at toy size (hidden size 32, 2 layers, 32x32 images, a
+vocabulary of a few hundred tokens trained on a small local corpus) in a few seconds, and saves them
+with ``save_pretrained`` so that the ordinary loading code (``from_pretrained(folder)``,
+``AutoPipelineForText2Image.from_pretrained(folder)``, ``faster_whisper.WhisperModel(folder)``)
+works on them unchanged.  Nothing here touches the network.
+
+Layout (``build_tiny_models(target_dir)``)::
+
+    target_dir/
+      .tiny-version        TINY_BUILDER_VERSION of the builders that made the folders below
+      .build.lock          fcntl lock held while building
+      blip-caption/  blip-vqa/  vilt-vqa/  clip/  siglip/  whisper/  whisper-ct2/  stable-diffusion/
+
+The weights are random, so outputs are meaningless but deterministic (each model is built after
+seeding torch).  Two small, documented tweaks of the random initialisation make the text decoders
+emit ordinary word tokens instead of special tokens:
+
+* BLIP: the LM head's output bias is very negative for special tokens ([PAD], [SEP], [DEC], ...).
+* Whisper: its output projection is tied to the token embeddings and has no bias, so the decoder's
+  final layer-norm bias gets one large coordinate and the matching embedding column is +/- small:
+  word tokens then score about +5 and special/timestamp tokens about -5.  This way one saved
+  generation config works with ``return_timestamps`` both False and True (a ``suppress_tokens``
+  list covering the timestamp tokens would break ``return_timestamps=True``, whose first token must
+  be a timestamp).  ``<|endoftext|>`` is also low, so generation runs to ``max_new_tokens``
+  (16 by default in the saved generation config; faster-whisper uses its own limit of 224 per
+  30 s window, still fast at this size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import string
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+TINY_BUILDER_VERSION: int = 1
+
+TINY_MODELS: tuple[str, ...] = (
+    "blip-caption",
+    "blip-vqa",
+    "vilt-vqa",
+    "clip",
+    "siglip",
+    "whisper",
+    "whisper-ct2",
+    "stable-diffusion",
+)
+
+MARKER_FILE = ".tiny-version"
+LOCK_FILE = ".build.lock"
+
+# Models that are made from another tiny model's folder.
+_DEPENDENCIES = {"whisper-ct2": ("whisper",)}
+
+# Shared toy sizes.
+HIDDEN = 32
+LAYERS = 2
+HEADS = 2
+FFN = 37
+IMAGE = 32
+PATCH = 8
+
+# Answers the tiny ViLT "knows" (a few of the commonest VQA answers).
+VQA_ANSWERS = (
+    "yes", "no", "0", "1", "2", "3", "4", "red", "blue", "green", "white", "black",
+    "dog", "cat", "man", "woman", "tennis", "pizza", "left", "right",
+)
+
+_SENTENCES = (
+    "a photo of a cat sitting on a couch",
+    "a dog running on the grass in the park",
+    "two people riding bikes down a city street",
+    "a man holding a tennis racket on a court",
+    "a woman eating a slice of pizza at a table",
+    "a red car parked next to a blue truck",
+    "a plate of food with broccoli and rice",
+    "an airplane flying in a clear blue sky",
+    "a group of children playing soccer on a field",
+    "a bowl of fruit with apples, oranges and bananas",
+    "a black and white photo of an old building",
+    "a train traveling down the tracks near a station",
+    "a kitchen with a stove, a sink and a refrigerator",
+    "a bird standing on a branch of a tree",
+    "a boat floating on the water at sunset",
+    "what color is the car? how many dogs are there? is it raining?",
+    "where is the cat? what is the man holding? who is on the left or right?",
+    "is there a person in the picture? yes. no. maybe!",
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a test of the speech recognition system.",
+    "please transcribe this sentence and translate it into english.",
+    "astronaut riding a horse, oil painting, high quality, 4k",
+    "a cozy cabin in snowy mountains at night, digital art",
+    "one two three four five six seven eight nine ten",
+    "0 1 2 3 4 5 6 7 8 9 10 100 2024",
+    " ".join(VQA_ANSWERS),
+)
+
+
+def _corpus() -> list[str]:
+    """Small training corpus; every printable ASCII character appears on its own and in text,
+    so punctuation and digits never become unknown tokens."""
+    printable = [ch for ch in string.printable if not ch.isspace()]
+    return [*_SENTENCES, " ".join(printable), "".join(printable), *(s.upper() for s in _SENTENCES[:4])]
+
+
+def _train_tokenizer(tokenizer, vocab_size: int):
+    """Train a new vocabulary for an (empty) transformers tokenizer on the local corpus."""
+    return tokenizer.train_new_from_iterator(_corpus(), vocab_size=vocab_size)
+
+
+def _seed(name: str) -> None:
+    import torch
+
+    torch.manual_seed(zlib.crc32(name.encode()))
+
+
+# --------------------------------------------------------------------------------------------
+# BLIP
+# --------------------------------------------------------------------------------------------
+
+
+def _blip_processor():
+    from transformers import BertTokenizer, BlipImageProcessor, BlipProcessor
+
+    tokenizer = _train_tokenizer(BertTokenizer(), vocab_size=400)
+    # BLIP's text decoder starts from a [DEC] token; [ENC] is used by its text encoder.
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "extra_special_tokens": ["[ENC]"]})
+    tokenizer.model_max_length = 64
+    image_processor = BlipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _blip_config(tokenizer):
+    from transformers import BlipConfig
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        encoder_hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=HIDDEN, image_text_hidden_size=HIDDEN)
+
+
+def _discourage_blip_special_tokens(model, tokenizer) -> None:
+    """Random init tweak: special tokens get a very negative LM-head bias, so the random decoder
+    writes word tokens (and never stops early on [SEP]; generation runs to max_length)."""
+    import torch
+
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -20.0
+
+
+def _build_blip(out: Path, model_cls_name: str, max_length: int) -> None:
+    import transformers
+
+    processor = _blip_processor()
+    tokenizer = processor.tokenizer
+    _seed(model_cls_name)
+    model = getattr(transformers, model_cls_name)(_blip_config(tokenizer)).eval()
+    _discourage_blip_special_tokens(model, tokenizer)
+    model.generation_config.max_length = max_length
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_blip_caption(out: Path) -> None:
+    _build_blip(out, "BlipForConditionalGeneration", max_length=12)
+
+
+def _build_blip_vqa(out: Path) -> None:
+    _build_blip(out, "BlipForQuestionAnswering", max_length=6)
+
+
+# --------------------------------------------------------------------------------------------
+# ViLT
+# --------------------------------------------------------------------------------------------
+
+
+def _build_vilt_vqa(out: Path) -> None:
+    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+
+    tokenizer = _train_tokenizer(BertTokenizer(), vocab_size=400)
+    tokenizer.model_max_length = 40
+    image_processor = ViltImageProcessor(size={"shortest_edge": IMAGE}, size_divisor=PATCH)
+    processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    id2label = dict(enumerate(VQA_ANSWERS))
+    config = ViltConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        max_position_embeddings=40,
+        id2label=id2label,
+        label2id={label: i for i, label in id2label.items()},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    _seed("vilt-vqa")
+    ViltForQuestionAnswering(config).eval().save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP and SigLIP
+# --------------------------------------------------------------------------------------------
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    tokenizer = _train_tokenizer(CLIPTokenizer(), vocab_size=400)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _clip_text_config(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_clip(out: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
+    )
+    vision = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    config = CLIPConfig(text_config=_clip_text_config(tokenizer), vision_config=vision, projection_dim=HIDDEN)
+    _seed("clip")
+    CLIPModel(config).eval().save_pretrained(out)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+
+
+def _sentencepiece_model(path: Path, vocab_size: int) -> None:
+    """Train a sentencepiece model on the local corpus (the SigLIP tokenizer is sentencepiece only)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+
+
+def _build_siglip(out: Path) -> None:
+    import tempfile
+
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spm_file = Path(tmp) / "spiece.model"
+        _sentencepiece_model(spm_file, vocab_size=300)
+        tokenizer = SiglipTokenizer(vocab_file=str(spm_file), model_max_length=64)
+    image_processor = SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=64,  # the zero-shot pipeline pads SigLIP text to 64 tokens
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
+    config = SiglipConfig(text_config=text, vision_config=vision)
+    _seed("siglip")
+    SiglipModel(config).eval().save_pretrained(out)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Whisper
+# --------------------------------------------------------------------------------------------
+
+# Whisper's special tokens follow the text vocabulary in this order (as in the real checkpoints;
+# the transformers tokenizer, its timestamp logic and CTranslate2 all rely on it).
+_WHISPER_TASK_TOKENS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+_WHISPER_TIMESTAMPS = tuple("<|%.2f|>" % (i * 0.02) for i in range(1501))  # <|0.00|> .. <|30.00|>
+
+
+def _whisper_tokenizer():
+    """Byte-level BPE trained locally, then Whisper's special and timestamp tokens after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AddedToken, WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+    # <|endoftext|> (unk/bos/eos) is added right after the text vocabulary by the constructor.
+    tokenizer = WhisperTokenizer(vocab=model["vocab"], merges=merges)
+    specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), *_WHISPER_TASK_TOKENS]
+    tokenizer.add_special_tokens({"extra_special_tokens": specials}, replace_extra_special_tokens=True)
+    # Timestamps are ordinary (non-special) added tokens, as on the Hub.
+    tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in _WHISPER_TIMESTAMPS])
+    tokenizer.model_max_length = 448
+    return tokenizer
+
+
+def _whisper_generation_config(tokenizer):
+    from transformers import GenerationConfig
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    ids = tokenizer.convert_tokens_to_ids
+    eot, sot = tokenizer.eos_token_id, ids("<|startoftranscript|>")
+    no_timestamps = ids("<|notimestamps|>")
+    # Non-timestamp specials other than <|endoftext|> never make sense as output.
+    suppress = [i for i in range(eot + 1, no_timestamps + 1)]
+    return GenerationConfig(
+        decoder_start_token_id=sot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        lang_to_id={f"<|{code}|>": ids(f"<|{code}|>") for code in LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=no_timestamps,
+        prev_sot_token_id=ids("<|startofprev|>"),
+        is_multilingual=True,
+        max_initial_timestamp_index=50,
+        return_timestamps=False,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[ids("Ġ"), eot],
+        alignment_heads=[[LAYERS - 1, h] for h in range(HEADS)],
+        max_length=448,
+        max_new_tokens=16,
+    )
+
+
+def _prefer_whisper_word_tokens(model, tokenizer) -> None:
+    """Random init tweak (see module docstring): word tokens score about +5, the rest about -5."""
+    import torch
+
+    decoder = model.model.decoder
+    n_words = tokenizer.eos_token_id  # ids below <|endoftext|> are the text vocabulary
+    with torch.no_grad():
+        decoder.layer_norm.bias.zero_()
+        decoder.layer_norm.bias[0] = 100.0
+        column = decoder.embed_tokens.weight[:, 0]
+        column[:n_words] = 0.05
+        column[n_words:] = -0.05
+
+
+def _build_whisper(out: Path) -> None:
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
+
+    tokenizer = _whisper_tokenizer()
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+    generation_config = _whisper_generation_config(tokenizer)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=HIDDEN,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,  # 30 s = 3000 mel frames, halved by the second conv
+        max_target_positions=448,
+        decoder_start_token_id=generation_config.decoder_start_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    _seed("whisper")
+    model = WhisperForConditionalGeneration(config).eval()
+    _prefer_whisper_word_tokens(model, tokenizer)
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out)
+
+
+def _build_whisper_ct2(out: Path, whisper_dir: Path) -> None:
+    """Convert the tiny transformers Whisper into a CTranslate2 folder for faster-whisper.
+
+    CTranslate2 treats a Whisper vocabulary of any size other than 51865 as English-only, so
+    faster-whisper runs this model with language "en" (other languages fall back to "en")."""
+    from ctranslate2.converters import TransformersConverter
+
+    converter = TransformersConverter(
+        str(whisper_dir),
+        copy_files=["tokenizer.json", "preprocessor_config.json"],
+        low_cpu_mem_usage=False,
+    )
+    converter.convert(str(out), quantization="float32", force=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion
+# --------------------------------------------------------------------------------------------
+
+
+def _build_stable_diffusion(out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _clip_tokenizer()
+    _seed("stable-diffusion")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer)))
+    # Two VAE levels -> scale factor 2: 64x64 images <-> 32x32 latents.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with torch.no_grad():
+        pipe.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Building, caching and locking
+# --------------------------------------------------------------------------------------------
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "blip-caption": _build_blip_caption,
+    "blip-vqa": _build_blip_vqa,
+    "vilt-vqa": _build_vilt_vqa,
+    "clip": _build_clip,
+    "siglip": _build_siglip,
+    "whisper": _build_whisper,
+    # Built from the finished sibling "whisper" folder (see _DEPENDENCIES).
+    "whisper-ct2": lambda out: _build_whisper_ct2(out, out.parent / "whisper"),
+    "stable-diffusion": _build_stable_diffusion,
+}
+
+
+def tiny_model_dir(target_dir: Path, name: str) -> Path:
+    """The folder that holds (or will hold) tiny model ``name`` under ``target_dir``."""
+    if name not in TINY_MODELS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    return Path(target_dir) / name
+
+
+def _with_dependencies(names: Iterable[str]) -> list[str]:
+    wanted = set()
+    for name in names:
+        tiny_model_dir(Path("."), name)  # validates the name
+        wanted.add(name)
+        wanted.update(_DEPENDENCIES.get(name, ()))
+    return [name for name in TINY_MODELS if name in wanted]  # dependencies come first in TINY_MODELS
+
+
+@contextlib.contextmanager
+def _build_lock(target_dir: Path) -> Iterator[None]:
+    with open(target_dir / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_marker(target_dir: Path) -> int | None:
+    try:
+        return int((target_dir / MARKER_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(target_dir: Path) -> None:
+    tmp = target_dir / f"{MARKER_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(f"{TINY_BUILDER_VERSION}\n")
+    os.replace(tmp, target_dir / MARKER_FILE)
+
+
+def _remove_leftovers(target_dir: Path) -> None:
+    """Delete temporary folders left by a build that crashed (we hold the lock, so none is live)."""
+    for path in target_dir.glob(".*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _build_one(target_dir: Path, name: str) -> None:
+    """Build into a temporary sibling folder, then swap it into place."""
+    final = tiny_model_dir(target_dir, name)
+    tmp = target_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _BUILDERS[name](tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside
+        old = target_dir / f".{name}.old.tmp-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def build_tiny_models(target_dir: Path, force: bool = False, names: Iterable[str] | None = None) -> dict[str, Path]:
+    """Build (once) every tiny checkpoint under target_dir/<name>; return name -> folder.
+
+    ``names`` limits the build to some models (plus what they are made from, e.g. "whisper" for
+    "whisper-ct2").  Folders built by the current TINY_BUILDER_VERSION are kept unless ``force``;
+    after a version change every model folder is rebuilt.  Safe to call from several processes.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    target_dir = Path(target_dir)
+    requested = list(TINY_MODELS) if names is None else list(dict.fromkeys(names))
+    to_build = _with_dependencies(requested)
+    target_dir.mkdir(parents=True, exist_ok=True)
+
+    with _build_lock(target_dir):
+        _remove_leftovers(target_dir)
+        if _read_marker(target_dir) != TINY_BUILDER_VERSION:
+            # Folders from other builder versions must not survive under the new marker.
+            (target_dir / MARKER_FILE).unlink(missing_ok=True)
+            for name in TINY_MODELS:
+                shutil.rmtree(tiny_model_dir(target_dir, name), ignore_errors=True)
+        for name in to_build:
+            if force or not tiny_model_dir(target_dir, name).is_dir():
+                _build_one(target_dir, name)
+        _write_marker(target_dir)
+
+    return {name: tiny_model_dir(target_dir, name) for name in requested}
+
+
+if __name__ == "__main__":  # python -m mmdemo.tiny [target_dir]
+    import sys
+    import time
+
+    start = time.perf_counter()
+    folders = build_tiny_models(Path(sys.argv[1] if len(sys.argv) > 1 else "mmdemo-data/tiny"), force="--force" in sys.argv)
+    for model_name, folder in folders.items():
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"{model_name:18s} {size / 1e6:6.2f} MB  {folder}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
