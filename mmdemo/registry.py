@@ -107,8 +107,8 @@ def device_total_bytes(device: str) -> int:
 
 def measure_bytes(bundle: Any) -> int:
     """Bytes of parameters and buffers held by the torch modules inside a loaded bundle."""
-    if hasattr(bundle, "memory_bytes") and not callable(bundle.memory_bytes):
-        return int(bundle.memory_bytes)
+    if isinstance(getattr(bundle, "memory_bytes", None), int):  # backends without torch tensors
+        return bundle.memory_bytes
     import torch
 
     seen: set[int] = set()

@@ -166,34 +166,38 @@ def _blip_config(tokenizer):
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=HIDDEN, image_text_hidden_size=HIDDEN)
 
 
-def _discourage_blip_special_tokens(model, tokenizer) -> None:
-    """Random init tweak: special tokens get a very negative LM-head bias, so the random decoder
-    writes word tokens (and never stops early on [SEP]; generation runs to max_length)."""
+def _prefer_blip_word_tokens(model, tokenizer) -> None:
+    """Random init tweak (see module docstring): special tokens get a very negative LM-head bias
+    and "##" word pieces a negative one, so the random decoder writes whole words and never stops
+    early on [SEP].  BLIP's generate() ignores the saved generation config (it uses its text
+    decoder's), so callers should pass max_new_tokens."""
     import torch
 
+    pieces = [i for token, i in tokenizer.get_vocab().items() if token.startswith("##")]
     with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -20.0
+        bias = model.text_decoder.cls.predictions.bias
+        bias[pieces] = -5.0
+        bias[tokenizer.all_special_ids] = -20.0
 
 
-def _build_blip(out: Path, model_cls_name: str, max_length: int) -> None:
+def _build_blip(out: Path, model_cls_name: str) -> None:
     import transformers
 
     processor = _blip_processor()
     tokenizer = processor.tokenizer
     _seed(model_cls_name)
     model = getattr(transformers, model_cls_name)(_blip_config(tokenizer)).eval()
-    _discourage_blip_special_tokens(model, tokenizer)
-    model.generation_config.max_length = max_length
+    _prefer_blip_word_tokens(model, tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
 
 def _build_blip_caption(out: Path) -> None:
-    _build_blip(out, "BlipForConditionalGeneration", max_length=12)
+    _build_blip(out, "BlipForConditionalGeneration")
 
 
 def _build_blip_vqa(out: Path) -> None:
-    _build_blip(out, "BlipForQuestionAnswering", max_length=6)
+    _build_blip(out, "BlipForQuestionAnswering")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +294,7 @@ def _sentencepiece_model(path: Path, vocab_size: int) -> None:
         eos_id=1,
         unk_id=2,
         bos_id=-1,
+        normalization_rule_name="identity",  # SiglipTokenizer lowercases/cleans text itself
         num_threads=1,
         minloglevel=2,
     )
@@ -313,6 +318,7 @@ def _build_siglip(out: Path) -> None:
         num_attention_heads=HEADS,
         max_position_embeddings=64,  # the zero-shot pipeline pads SigLIP text to 64 tokens
         pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
     )
     vision = dict(
@@ -389,23 +395,28 @@ def _whisper_generation_config(tokenizer):
         suppress_tokens=suppress,
         begin_suppress_tokens=[ids("Ġ"), eot],
         alignment_heads=[[LAYERS - 1, h] for h in range(HEADS)],
-        max_length=448,
         max_new_tokens=16,
+        no_repeat_ngram_size=1,  # the random model would otherwise repeat one word
     )
 
 
 def _prefer_whisper_word_tokens(model, tokenizer) -> None:
-    """Random init tweak (see module docstring): word tokens score about +5, the rest about -5."""
+    """Random init tweak (see module docstring): whole words (" cat") score about +5, other text
+    tokens about 0, special and timestamp tokens about -5."""
     import torch
 
     decoder = model.model.decoder
-    n_words = tokenizer.eos_token_id  # ids below <|endoftext|> are the text vocabulary
+    eot = tokenizer.eos_token_id  # ids below <|endoftext|> are the text vocabulary
+    shift = torch.full((len(tokenizer),), -0.05)
+    for token_id in range(eot):
+        text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)])
+        shift[token_id] = 0.05 if text[:1] == " " and text[1:].isalpha() and text.isascii() else 0.0
     with torch.no_grad():
+        # The normalised hidden state's coordinate 0 lies within +-sqrt(d_model), far below 100,
+        # so every logit gets about 100 * shift added.
         decoder.layer_norm.bias.zero_()
         decoder.layer_norm.bias[0] = 100.0
-        column = decoder.embed_tokens.weight[:, 0]
-        column[:n_words] = 0.05
-        column[n_words:] = -0.05
+        decoder.embed_tokens.weight[:, 0] = shift
 
 
 def _build_whisper(out: Path) -> None:
@@ -437,6 +448,9 @@ def _build_whisper(out: Path) -> None:
     model.generation_config = generation_config
     model.save_pretrained(out)
     WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out)
+    # transformers 5 folds the feature extractor into processor_config.json; faster-whisper (and
+    # older loaders) read preprocessor_config.json, so write that too.
+    feature_extractor.save_pretrained(out)
 
 
 def _build_whisper_ct2(out: Path, whisper_dir: Path) -> None:

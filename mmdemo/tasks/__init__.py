@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -36,7 +37,20 @@ def get_task(task: str) -> Task:
 
 def load_model(spec: ModelSpec, location: str, placement: Placement) -> Any:
     """The registry's loader: the task of ``spec`` knows how to load its kinds."""
+    _quiet_libraries()
     return get_task(spec.task).load(spec, location, placement)
+
+
+@functools.cache
+def _quiet_libraries() -> None:
+    """No progress bars or advisory warnings from the model libraries in a server's logs."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def limits_for(registry: ModelRegistry) -> MediaLimits:
@@ -63,10 +77,8 @@ def run(registry: ModelRegistry, task: str, model_id: str | None = None, **input
     Raises ``InvalidInputError`` subclasses for bad input and model errors from ``mmdemo.errors``.
     """
     spec, request = prepare(registry, task, model_id, inputs)
-    runner = TASK_RUNNERS[task]
-    started = time.perf_counter()
-    result, placement = registry.call(spec.id, lambda model: (runner.predict(model, request), model.placement), task)
-    return _with_provenance(result, spec, placement, time.perf_counter() - started)
+    result, placement, seconds = registry.call(spec.id, _timed(TASK_RUNNERS[task].predict, request), task)
+    return _with_provenance(result, spec, placement, seconds)
 
 
 def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,13 +86,19 @@ def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: l
     prepared = [prepare(registry, task, model_id, inputs) for inputs in batch]
     spec = prepared[0][0]
     requests = [request for _, request in prepared]
-    runner = TASK_RUNNERS[task]
-    started = time.perf_counter()
-    results, placement = registry.call(
-        spec.id, lambda model: (runner.predict_batch(model, requests), model.placement), task
-    )
-    seconds = time.perf_counter() - started
+    results, placement, seconds = registry.call(spec.id, _timed(TASK_RUNNERS[task].predict_batch, requests), task)
     return [_with_provenance(result, spec, placement, seconds) for result in results]
+
+
+def _timed(predict: Any, request: Any) -> Any:
+    """A registry call body that also reports the model's placement and the inference time."""
+
+    def body(model: Any) -> tuple[Any, Placement, float]:
+        started = time.perf_counter()
+        result = predict(model, request)
+        return result, model.placement, time.perf_counter() - started
+
+    return body
 
 
 def _with_provenance(result: dict[str, Any], spec: ModelSpec, placement: Placement, seconds: float) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class TextToImageTask(Task):
         kwargs.pop("trust_remote_code")  # diffusers loads no remote code unless a custom pipeline is named
         if spec.variant and placement.dtype != "float32" and spec.source_scheme == "hf-hub":
             kwargs["variant"] = spec.variant
-        pipeline = AutoPipelineForText2Image.from_pretrained(location, torch_dtype=placement.torch_dtype, **kwargs)
+        pipeline = AutoPipelineForText2Image.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
         pipeline = pipeline.to(placement.device)
         pipeline.set_progress_bar_config(disable=True)
         # The pipelines check sizes against 8 and the VAE's own downscaling factor.

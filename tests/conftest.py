@@ -1,0 +1,74 @@
+"""Shared fixtures: one set of tiny checkpoints per test session, settings and registries on tmp dirs.
+
+Tiers: the default run uses the tiny random checkpoints of the real architectures (no network, no
+GPU). ``--run-slow`` adds full-size model tests, ``--run-gpu`` CUDA tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mmdemo.catalog import load_catalog  # noqa: E402
+from mmdemo.config import Settings  # noqa: E402
+from mmdemo.registry import ModelRegistry  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow (full-size models)")
+    parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu")):
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"needs {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory whose tiny checkpoints are built once for the whole session."""
+    from mmdemo.tiny import build_tiny_models
+
+    data_dir = tmp_path_factory.mktemp("mmdemo-data")
+    build_tiny_models(Settings(profile="tiny", data_dir=data_dir).tiny_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_data_dir: Path) -> Settings:
+    return Settings(profile="tiny", data_dir=tiny_data_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_registry(tiny_settings: Settings) -> ModelRegistry:
+    """One registry for read-only task tests (models stay loaded across tests, as in the app)."""
+    return ModelRegistry.from_settings(tiny_settings)
+
+
+@pytest.fixture
+def fresh_registry(tiny_settings: Settings):
+    """A registry of its own, for tests that load, evict or swap models."""
+    def make(**changes) -> ModelRegistry:
+        settings = tiny_settings.replace(**changes)
+        return ModelRegistry(load_catalog("tiny", settings.catalog), settings)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory: pytest.TempPathFactory):
+    """Folder of synthesised media files (see tests/media_samples.py)."""
+    return tmp_path_factory.mktemp("samples")
