@@ -152,7 +152,11 @@ def _read_upload(
     """
     limit = limits.max_upload_bytes
 
-    def too_big(size: int) -> MMDemoError:
+    def too_big(size: int | None) -> MMDemoError:
+        if size is None:
+            return too_large(
+                f"The {what} file is larger than the limit for uploads ({_fmt_bytes(limit)})."
+            )
         return too_large(
             f"The {what} file is {_fmt_bytes(size)}; the limit for uploads is {_fmt_bytes(limit)}."
         )
@@ -183,6 +187,8 @@ def _read_upload(
         if data is None:
             data = b""
         data = bytes(data)
+        if len(data) > limit:
+            raise too_big(_stream_size(source, len(data)))
     else:
         return None
     if len(data) > limit:
@@ -190,6 +196,19 @@ def _read_upload(
     if not data:
         raise invalid(f"The {what} file is empty (0 bytes).")
     return data
+
+
+def _stream_size(stream: Any, already_read: int) -> int | None:
+    """Best guess of a stream's full size after ``already_read`` bytes were read; None if unknown."""
+    try:
+        if not stream.seekable():
+            return None
+        here = stream.tell()
+        end = stream.seek(0, io.SEEK_END)
+        stream.seek(here)
+        return max(end, already_read)
+    except Exception:
+        return None
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -218,7 +237,7 @@ def _bomb_error(exc: BaseException, limits: MediaLimits) -> ImageTooLargeError:
     if match:
         return ImageTooLargeError(
             f"The image has {_fmt_megapixels(int(match.group(1)))}; "
-            f"the limit is {_fmt_megapixels(limits.max_image_pixels)}."
+            f"the limit is {_fmt_megapixels(limit)}."
         )
     return ImageTooLargeError(
         f"The image has more pixels than we can safely open (over {_fmt_megapixels(limit)})."
@@ -685,8 +704,10 @@ def _decode_with_pyav(data: bytes, target_rate: int | None, limits: MediaLimits)
 
     container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     try:
-        if not container.streams.audio:
-            raise InvalidAudioError("The file has no sound track.")
+        if not container.streams.audio:  # a picture, a silent video, text taken for ANSI art...
+            raise InvalidAudioError(
+                f"The file has no sound in it: it is not audio we can read ({_AUDIO_FORMATS_TEXT})."
+            )
         stream = container.streams.audio[0]
         duration = None
         if stream.duration and stream.time_base:

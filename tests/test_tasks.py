@@ -1,0 +1,272 @@
+"""Every task through ``mmdemo.tasks.run`` on the tiny real architectures: results, options, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from mmdemo.errors import (
+    AudioTooLongError,
+    ImageTooLargeError,
+    InvalidAudioError,
+    InvalidImageError,
+    InvalidInputError,
+    TaskMismatchError,
+    UnknownModelError,
+)
+from mmdemo.tasks import run, run_batch
+from mmdemo.tasks.zero_shot import parse_labels
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def speech_like(seconds: float, rate: int = 16_000, channels: int = 1) -> np.ndarray:
+    """A tone mix with an amplitude envelope, a stand-in for speech that is not silent."""
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    signal += 0.1 * np.sin(2 * np.pi * 660 * t)
+    signal = signal.astype(np.float32)
+    return np.stack([signal] * channels, axis=1) if channels > 1 else signal
+
+
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+# --- captioning ---------------------------------------------------------------------------------
+
+
+def test_caption_returns_text(shared_registry, photo):
+    result = run(shared_registry, "image-to-text", "tiny-blip-caption", image=photo, max_new_tokens=8)
+    assert isinstance(result["text"], str) and result["text"]
+    assert result["model"]["id"] == "tiny-blip-caption"
+
+
+def test_caption_default_model_and_beams(shared_registry, photo):
+    greedy = run(shared_registry, "image-to-text", image=photo, max_new_tokens=6)
+    beams = run(shared_registry, "image-to-text", image=photo, max_new_tokens=6, num_beams=3)
+    assert greedy["model"]["id"] == beams["model"]["id"] == "tiny-blip-caption"
+    assert isinstance(beams["text"], str)
+
+
+def test_caption_batch_matches_single_calls(shared_registry, photo):
+    other = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    singles = [run(shared_registry, "image-to-text", "tiny-blip-caption", image=img)["text"] for img in (photo, other)]
+    batch = run_batch(shared_registry, "image-to-text", "tiny-blip-caption", [{"image": photo}, {"image": other}])
+    assert [r["text"] for r in batch] == singles
+
+
+def test_caption_refuses_bad_images(shared_registry, tmp_path):
+    with pytest.raises(InvalidImageError, match="not an image"):
+        run(shared_registry, "image-to-text", image=b"definitely not a png")
+    truncated = io.BytesIO()
+    Image.new("RGB", (200, 200), "red").save(truncated, format="JPEG")
+    with pytest.raises(InvalidImageError):
+        run(shared_registry, "image-to-text", image=truncated.getvalue()[:300])
+    with pytest.raises(ImageTooLargeError, match="limit"):
+        bomb = io.BytesIO()
+        Image.new("1", (10_000, 5_000)).save(bomb, format="PNG")  # 50 MP, a few KB compressed
+        run(shared_registry, "image-to-text", image=bomb.getvalue())
+
+
+def test_caption_normalises_odd_image_modes(shared_registry):
+    for image in (Image.new("RGBA", (30, 30), (0, 0, 0, 0)), Image.new("I;16", (30, 30), 40000),
+                  Image.new("CMYK", (30, 30)), Image.new("P", (30, 30)), Image.new("L", (30, 30))):
+        assert isinstance(run(shared_registry, "image-to-text", image=image)["text"], str)
+
+
+def test_caption_settings_are_validated(shared_registry, photo):
+    with pytest.raises(InvalidInputError, match="between 1 and 200"):
+        run(shared_registry, "image-to-text", image=photo, max_new_tokens=0)
+    with pytest.raises(InvalidInputError, match="does not take: colour"):
+        run(shared_registry, "image-to-text", image=photo, colour="red")
+
+
+# --- VQA ------------------------------------------------------------------------------------------
+
+
+def test_vilt_vqa_gives_top_answers_with_scores(shared_registry, photo):
+    result = run(shared_registry, "visual-question-answering", "tiny-vilt-vqa", image=photo,
+                 question="What color is the car?", top_k=3)
+    assert len(result["answers"]) == 3
+    scores = [a["score"] for a in result["answers"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert result["answer"] == result["answers"][0]["answer"]
+
+
+def test_blip_vqa_generates_an_answer(shared_registry, photo):
+    result = run(shared_registry, "visual-question-answering", "tiny-blip-vqa", image=photo, question="what is it?")
+    assert isinstance(result["answer"], str) and result["answers"] == []
+
+
+@pytest.mark.parametrize("question", ["", "   ", None])
+def test_vqa_refuses_empty_question(shared_registry, photo, question):
+    with pytest.raises(InvalidInputError, match="question"):
+        run(shared_registry, "visual-question-answering", image=photo, question=question)
+
+
+# --- zero-shot ------------------------------------------------------------------------------------
+
+
+def test_zero_shot_sorted_softmax_scores(shared_registry, photo):
+    result = run(shared_registry, "zero-shot-image-classification", "tiny-clip", image=photo,
+                 labels="cat, dog\nbird, Cat ,  dog")
+    labels = [item["label"] for item in result["labels"]]
+    assert sorted(labels) == ["bird", "cat", "dog"]
+    scores = [item["score"] for item in result["labels"]]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(scores) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_zero_shot_multi_label_uses_sigmoid_on_siglip(shared_registry, photo):
+    result = run(shared_registry, "zero-shot-image-classification", "tiny-siglip", image=photo,
+                 labels=["cat", "dog", "car"], multi_label=True)
+    assert result["multi_label"] is True
+    scores = [item["score"] for item in result["labels"]]
+    assert all(0 < s < 1 for s in scores)
+    assert sum(scores) != pytest.approx(1.0, abs=1e-3)
+
+
+def test_zero_shot_multi_label_on_clip_is_refused(shared_registry, photo):
+    with pytest.raises(InvalidInputError, match="SigLIP"):
+        run(shared_registry, "zero-shot-image-classification", "tiny-clip", image=photo, labels="a,b",
+            multi_label=True)
+
+
+def test_zero_shot_batch_matches_single_and_caches_labels(shared_registry, photo):
+    other = photo.rotate(90)
+    single = [run(shared_registry, "zero-shot-image-classification", "tiny-clip", image=img, labels="x,y,z")
+              for img in (photo, other)]
+    batch = run_batch(shared_registry, "zero-shot-image-classification", "tiny-clip",
+                      [{"image": photo, "labels": "x,y,z"}, {"image": other, "labels": "x,y,z"}])
+    for one, batched in zip(single, batch):
+        assert [i["label"] for i in one["labels"]] == [i["label"] for i in batched["labels"]]
+        for a, b in zip(one["labels"], batched["labels"]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+    cache = shared_registry.call("tiny-clip", lambda bundle: dict(bundle.text_cache))
+    assert (("x", "y", "z"), "a photo of a {}.") in cache
+
+
+@pytest.mark.parametrize("labels", ["", " , ,\n", [], None])
+def test_zero_shot_refuses_empty_labels(shared_registry, photo, labels):
+    with pytest.raises(InvalidInputError, match="at least one label"):
+        run(shared_registry, "zero-shot-image-classification", image=photo, labels=labels)
+
+
+def test_zero_shot_template_needs_a_placeholder(shared_registry, photo):
+    with pytest.raises(InvalidInputError, match="exactly once"):
+        run(shared_registry, "zero-shot-image-classification", image=photo, labels="a", template="a photo")
+
+
+def test_parse_labels_keeps_order_and_odd_characters():
+    assert parse_labels("Ünïcode, emoji 🐱,  multiple   spaces ,ÜNÏCODE") == ("Ünïcode", "emoji 🐱", "multiple spaces")
+    with pytest.raises(InvalidInputError, match="limit is 100"):
+        parse_labels([f"label {i}" for i in range(101)])
+
+
+# --- text-to-image --------------------------------------------------------------------------------
+
+
+def test_text_to_image_is_reproducible_with_a_seed(shared_registry):
+    steps = []
+    first = run(shared_registry, "text-to-image", prompt="a red bicycle", seed=42, steps=3,
+                progress=lambda done, total: steps.append((done, total)))
+    again = run(shared_registry, "text-to-image", prompt="a red bicycle", seed=42, steps=3)
+    other = run(shared_registry, "text-to-image", prompt="a red bicycle", seed=43, steps=3)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert first["seed"] == 42 and first["images"][0].size == (64, 64)
+    assert np.array_equal(np.asarray(first["images"][0]), np.asarray(again["images"][0]))
+    assert not np.array_equal(np.asarray(first["images"][0]), np.asarray(other["images"][0]))
+
+
+def test_text_to_image_random_seed_is_reported_and_reusable(shared_registry):
+    result = run(shared_registry, "text-to-image", prompt="a cat", num_images=2, steps=2, width=64, height=72)
+    assert len(result["images"]) == 2 and result["images"][0].size == (64, 72)
+    replay = run(shared_registry, "text-to-image", prompt="a cat", num_images=2, steps=2, width=64, height=72,
+                 seed=result["seed"])
+    assert np.array_equal(np.asarray(result["images"][1]), np.asarray(replay["images"][1]))
+
+
+def test_text_to_image_warns_when_prompt_is_truncated(shared_registry):
+    result = run(shared_registry, "text-to-image", prompt=" ".join(["word"] * 200), steps=1, seed=1)
+    assert any("cut off" in warning for warning in result["warnings"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prompt": ""}, "enter a prompt"),
+    ({"prompt": "x", "width": 100}, "multiples of 8"),
+    ({"prompt": "x", "steps": 0}, "between 1 and 150"),
+    ({"prompt": "x", "guidance": float("nan")}, "guidance"),
+    ({"prompt": "x", "num_images": 9}, "between 1 and 8"),
+    ({"prompt": "x", "width": 4096, "height": 4096}, "between 64 and 2048"),
+])
+def test_text_to_image_refuses_bad_settings(shared_registry, changes, message):
+    with pytest.raises(InvalidInputError, match=message):
+        run(shared_registry, "text-to-image", **changes)
+
+
+# --- speech recognition ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", ["tiny-whisper", "tiny-faster-whisper"])
+def test_transcribe_any_rate_stereo_file(shared_registry, model_id):
+    audio = wav_bytes(speech_like(3, rate=44_100, channels=2), 44_100)
+    result = run(shared_registry, "automatic-speech-recognition", model_id, audio=audio, language="en")
+    assert isinstance(result["text"], str) and result["language"] == "en"
+
+
+@pytest.mark.parametrize("model_id", ["tiny-whisper", "tiny-faster-whisper"])
+def test_transcribe_long_audio_in_chunks_with_timestamps(shared_registry, model_id):
+    samples = speech_like(70)
+    result = run(shared_registry, "automatic-speech-recognition", model_id, audio=(16_000, samples),
+                 language="en", timestamps=True)
+    assert isinstance(result["chunks"], list)
+    for chunk in result["chunks"]:
+        assert set(chunk) == {"start", "end", "text"}
+
+
+def test_transcribe_numpy_input_and_translate(shared_registry):
+    samples = (speech_like(2, rate=8_000) * 32767).astype(np.int16)  # as gradio's microphone gives it
+    result = run(shared_registry, "automatic-speech-recognition", "tiny-whisper", audio=(8_000, samples),
+                 translate=True)
+    assert isinstance(result["text"], str)
+
+
+def test_transcribe_refuses_bad_audio(shared_registry):
+    with pytest.raises(InvalidAudioError):
+        run(shared_registry, "automatic-speech-recognition", audio=wav_bytes(np.zeros(0, np.float32), 16_000))
+    with pytest.raises(InvalidAudioError, match="silen"):
+        run(shared_registry, "automatic-speech-recognition", audio=wav_bytes(np.zeros(16_000, np.float32), 16_000))
+    with pytest.raises(InvalidAudioError):
+        run(shared_registry, "automatic-speech-recognition", audio=b"RIFF....WAVEfmt garbage")
+    with pytest.raises(InvalidInputError, match="Language 'klingon'"):
+        run(shared_registry, "automatic-speech-recognition", audio=(16_000, speech_like(1)), language="klingon")
+
+
+def test_transcribe_refuses_audio_over_the_limit(fresh_registry):
+    registry = fresh_registry(max_audio_seconds=5)
+    with pytest.raises(AudioTooLongError):
+        run(registry, "automatic-speech-recognition", audio=wav_bytes(speech_like(6), 16_000))
+    assert registry.status()["loaded"] == []  # refused before any model was loaded
+
+
+# --- catalog rules through the task layer ---------------------------------------------------------
+
+
+def test_model_must_serve_the_task(shared_registry, photo):
+    with pytest.raises(TaskMismatchError, match="serves image-to-text"):
+        run(shared_registry, "visual-question-answering", "tiny-blip-caption", image=photo, question="q")
+    with pytest.raises(UnknownModelError):
+        run(shared_registry, "image-to-text", "Salesforce/blip-image-captioning-base", image=photo)
+    with pytest.raises(InvalidInputError, match="Unknown task"):
+        run(shared_registry, "image-segmentation", image=photo)
