@@ -189,3 +189,28 @@ def test_python_dash_m_and_tiny_profile_make_no_network_request(tiny_data_dir, t
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "NETWORK REQUEST" not in completed.stdout + completed.stderr
     assert json.loads(completed.stdout)["model"]["id"] == "tiny-whisper"
+
+
+def test_user_catalog_serves_local_transformers_and_ctranslate2_folders(capsys, tiny_data_dir, tmp_path):
+    """A user's own checkpoints (saved with save_pretrained, or a CTranslate2 Whisper folder) run through
+    the same CLI path as built-in models."""
+    tiny = Settings(profile="tiny", data_dir=tiny_data_dir).tiny_dir
+    catalog = tmp_path / "mine.toml"
+    catalog.write_text(
+        f'[models.my-blip]\ntask = "image-to-text"\nkind = "blip"\nsource = "local-dir:{tiny / "blip-caption"}"\n\n'
+        f'[models.my-ct2-whisper]\ntask = "automatic-speech-recognition"\nkind = "faster-whisper"\n'
+        f'source = "local-dir:{tiny / "whisper-ct2"}"\n'
+    )
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), "green").save(image)
+    common = ["--profile", "tiny", "--data-dir", str(tiny_data_dir), "--catalog", str(catalog), "--json"]
+    assert main(["predict", "caption", "--model", "my-blip", "--input", str(image), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["source"].startswith("local-dir:")
+
+    import numpy as np
+    import soundfile as sf
+
+    audio = tmp_path / "tone.flac"
+    sf.write(audio, 0.3 * np.sin(2 * np.pi * 440 * np.arange(24000) / 24000), 24000)
+    assert main(["predict", "asr", "--model", "my-ct2-whisper", "--input", str(audio), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["backend"] == "ctranslate2"
