@@ -3,46 +3,52 @@
 The demo normally runs BLIP, ViLT, CLIP, SigLIP, Whisper (transformers and faster-whisper) and
 Stable Diffusion checkpoints from the Hugging Face Hub.  For tests and offline development this
 module builds the *same architectures* at toy size (hidden size 32, 2 layers, 32x32 images, a
-vocabulary of a few hundred tokens trained on a small local corpus) in a few seconds, and saves them
-with ``save_pretrained`` so that the ordinary loading code (``from_pretrained(folder)``,
-``AutoPipelineForText2Image.from_pretrained(folder)``, ``faster_whisper.WhisperModel(folder)``)
-works on them unchanged.  Nothing here touches the network.
+vocabulary of a few hundred tokens learnt from a small local corpus) in a few seconds and saves
+them with ``save_pretrained``, so the ordinary loading code (``from_pretrained(folder)``,
+``pipeline(task, model=folder)``, ``AutoPipelineForText2Image.from_pretrained(folder)``,
+``faster_whisper.WhisperModel(folder)``) works on them unchanged.  Nothing here touches the network.
 
-Layout (``build_tiny_models(target_dir)``)::
+Layout (``build_tiny_models(target_dir)``, about 4 MB)::
 
     target_dir/
       .tiny-version        TINY_BUILDER_VERSION of the builders that made the folders below
       .build.lock          fcntl lock held while building
       blip-caption/  blip-vqa/  vilt-vqa/  clip/  siglip/  whisper/  whisper-ct2/  stable-diffusion/
 
-The weights are random, so outputs are meaningless but deterministic (each model is built after
-seeding torch).  Two small, documented tweaks of the random initialisation make the text decoders
-emit ordinary word tokens instead of special tokens:
+Builds are reproducible: torch is seeded before each model and the tokenizers are learnt with a
+deterministic byte-pair encoding, so the same builder version writes byte-identical files.
 
-* BLIP: the LM head's output bias is very negative for special tokens ([PAD], [SEP], [DEC], ...).
-* Whisper: its output projection is tied to the token embeddings and has no bias, so the decoder's
-  final layer-norm bias gets one large coordinate and the matching embedding column is +/- small:
-  word tokens then score about +5 and special/timestamp tokens about -5.  This way one saved
-  generation config works with ``return_timestamps`` both False and True (a ``suppress_tokens``
-  list covering the timestamp tokens would break ``return_timestamps=True``, whose first token must
-  be a timestamp).  ``<|endoftext|>`` is also low, so generation runs to ``max_new_tokens``
-  (16 by default in the saved generation config; faster-whisper uses its own limit of 224 per
-  30 s window, still fast at this size).
+The weights are random, so outputs are meaningless.  Two documented tweaks of the random
+initialisation make the text decoders write ordinary words instead of special tokens:
+
+* BLIP: the LM head's output bias is -20 for special tokens ([PAD], [SEP], [DEC], ...) and -5 for
+  "##" pieces, digits and punctuation.  [SEP] never wins, so generation runs to the length limit.
+* Whisper: the output projection is tied to the token embeddings and has no bias, so the decoder's
+  final layer-norm bias gets one large coordinate and the matching embedding column a small value:
+  whole words (" cat") then score about +5, other text tokens about 0, special and timestamp
+  tokens (and <|endoftext|>) about -5.  One saved generation config thus serves
+  ``return_timestamps`` False and True alike; a ``suppress_tokens`` list covering the timestamp
+  tokens would break ``return_timestamps=True``, whose first token must be a timestamp.  The
+  saved config also limits generation to 16 new tokens and sets ``no_repeat_ngram_size=1``.
+  Caveats of a random model: with ``return_timestamps=True`` only the opening timestamp is
+  predicted, so chunks come back as ``(start, None)``, and as ``(None, None)`` once the pipeline
+  merges 30 s chunks of long audio; faster-whisper runs to its own limit (224 tokens per 30 s
+  window) with temperature fallback, still well under a second for 5 s of audio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import string
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-TINY_BUILDER_VERSION: int = 1
+TINY_BUILDER_VERSION: int = 2  # bump whenever a builder changes what it writes
 
 TINY_MODELS: tuple[str, ...] = (
     "blip-caption",
@@ -112,9 +118,73 @@ def _corpus() -> list[str]:
     return [*_SENTENCES, " ".join(printable), "".join(printable), *(s.upper() for s in _SENTENCES[:4])]
 
 
-def _train_tokenizer(tokenizer, vocab_size: int):
-    """Train a new vocabulary for an (empty) transformers tokenizer on the local corpus."""
-    return tokenizer.train_new_from_iterator(_corpus(), vocab_size=vocab_size)
+def _learn_subwords(
+    tokenizer, vocab_size: int, alphabet: Iterable[str] = ()
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Learn a subword vocabulary for an (empty) transformers tokenizer from the local corpus.
+
+    Plain byte-pair encoding on the words that the tokenizer's own normaliser and pre-tokeniser
+    make of the corpus, honouring its WordPiece "##" prefix or BPE "</w>" suffix.  Returns the
+    tokens (alphabet first) and the merges in order.  Ties are broken alphabetically, so the same
+    corpus always gives the same vocabulary (the ``tokenizers`` trainers break ties in hash
+    order, which changes from run to run)."""
+    backend = tokenizer.backend_tokenizer
+    prefix = getattr(backend.model, "continuing_subword_prefix", None) or ""
+    suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in _corpus():
+        text = backend.normalizer.normalize_str(text) if backend.normalizer else text
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+            symbols = [word[0], *(prefix + ch for ch in word[1:])]
+            symbols[-1] += suffix
+            words[tuple(symbols)] += 1
+
+    tokens = sorted({*alphabet, *(symbol for word in words for symbol in word)})
+    known, merges = set(tokens), []
+    while len(tokens) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=pairs.__getitem__)  # most frequent, then alphabetical
+        merged = best[0] + best[1].removeprefix(prefix)
+        merges.append(best)
+        if merged not in known:
+            known.add(merged)
+            tokens.append(merged)
+        merged_words: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            merged_words[_merge_pair(word, best, merged)] += count
+        words = merged_words
+    return tokens, merges
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str], merged: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def _train_tokenizer(tokenizer_cls, vocab_size: int, **init_kwargs):
+    """A WordPiece (BERT) or BPE (CLIP) tokenizer of ``tokenizer_cls`` with a vocabulary of about
+    ``vocab_size`` learnt from the local corpus; its special tokens come first."""
+    from tokenizers.models import BPE
+
+    empty = tokenizer_cls(**init_kwargs)
+    specials = list(dict.fromkeys(empty.all_special_tokens))
+    tokens, merges = _learn_subwords(empty, vocab_size - len(specials))
+    vocab = {token: i for i, token in enumerate([*specials, *(t for t in tokens if t not in specials)])}
+    if isinstance(empty.backend_tokenizer.model, BPE):
+        return tokenizer_cls(vocab=vocab, merges=merges, **init_kwargs)
+    return tokenizer_cls(vocab=vocab, **init_kwargs)
 
 
 def _seed(name: str) -> None:
@@ -131,10 +201,10 @@ def _seed(name: str) -> None:
 def _blip_processor():
     from transformers import BertTokenizer, BlipImageProcessor, BlipProcessor
 
-    tokenizer = _train_tokenizer(BertTokenizer(), vocab_size=400)
+    tokenizer = _train_tokenizer(BertTokenizer, vocab_size=400)
     # BLIP's text decoder starts from a [DEC] token; [ENC] is used by its text encoder.
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "extra_special_tokens": ["[ENC]"]})
-    tokenizer.model_max_length = 64
+    tokenizer.model_max_length = 512
     image_processor = BlipImageProcessor(size={"height": IMAGE, "width": IMAGE})
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -149,7 +219,7 @@ def _blip_config(tokenizer):
         intermediate_size=FFN,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        max_position_embeddings=64,
+        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         sep_token_id=tokenizer.sep_token_id,
         eos_token_id=tokenizer.sep_token_id,
@@ -163,20 +233,21 @@ def _blip_config(tokenizer):
         image_size=IMAGE,
         patch_size=PATCH,
     )
-    return BlipConfig(text_config=text, vision_config=vision, projection_dim=HIDDEN, image_text_hidden_size=HIDDEN)
+    return BlipConfig(
+        text_config=text, vision_config=vision, projection_dim=HIDDEN, image_text_hidden_size=HIDDEN
+    )
 
 
 def _prefer_blip_word_tokens(model, tokenizer) -> None:
-    """Random init tweak (see module docstring): special tokens get a very negative LM-head bias
-    and "##" word pieces a negative one, so the random decoder writes whole words and never stops
-    early on [SEP].  BLIP's generate() ignores the saved generation config (it uses its text
-    decoder's), so callers should pass max_new_tokens."""
+    """Random init tweak (see module docstring): the LM-head output bias is very negative for
+    special tokens and negative for "##" pieces, digits and punctuation, so the random decoder
+    writes whole words and never stops early on [SEP]: it runs to the length limit."""
     import torch
 
-    pieces = [i for token, i in tokenizer.get_vocab().items() if token.startswith("##")]
+    not_words = [i for token, i in tokenizer.get_vocab().items() if not token.isalpha()]
     with torch.no_grad():
         bias = model.text_decoder.cls.predictions.bias
-        bias[pieces] = -5.0
+        bias[not_words] = -5.0
         bias[tokenizer.all_special_ids] = -20.0
 
 
@@ -188,6 +259,9 @@ def _build_blip(out: Path, model_cls_name: str) -> None:
     _seed(model_cls_name)
     model = getattr(transformers, model_cls_name)(_blip_config(tokenizer)).eval()
     _prefer_blip_word_tokens(model, tokenizer)
+    # BLIP's generate() does not read this config (its text decoder keeps its own: max_length 20),
+    # but pipelines do: with it set they no longer add their default of 256 new tokens.
+    model.generation_config.max_new_tokens = 20
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -206,10 +280,15 @@ def _build_blip_vqa(out: Path) -> None:
 
 
 def _build_vilt_vqa(out: Path) -> None:
-    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+    from transformers import (
+        BertTokenizer,
+        ViltConfig,
+        ViltForQuestionAnswering,
+        ViltImageProcessor,
+        ViltProcessor,
+    )
 
-    tokenizer = _train_tokenizer(BertTokenizer(), vocab_size=400)
-    tokenizer.model_max_length = 40
+    tokenizer = _train_tokenizer(BertTokenizer, vocab_size=400, model_max_length=40)
     image_processor = ViltImageProcessor(size={"shortest_edge": IMAGE}, size_divisor=PATCH)
     processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
     id2label = dict(enumerate(VQA_ANSWERS))
@@ -239,9 +318,7 @@ def _build_vilt_vqa(out: Path) -> None:
 def _clip_tokenizer():
     from transformers import CLIPTokenizer
 
-    tokenizer = _train_tokenizer(CLIPTokenizer(), vocab_size=400)
-    tokenizer.model_max_length = 77
-    return tokenizer
+    return _train_tokenizer(CLIPTokenizer, vocab_size=400, model_max_length=77)
 
 
 def _clip_text_config(tokenizer) -> dict:
@@ -273,7 +350,9 @@ def _build_clip(out: Path) -> None:
         image_size=IMAGE,
         patch_size=PATCH,
     )
-    config = CLIPConfig(text_config=_clip_text_config(tokenizer), vision_config=vision, projection_dim=HIDDEN)
+    config = CLIPConfig(
+        text_config=_clip_text_config(tokenizer), vision_config=vision, projection_dim=HIDDEN
+    )
     _seed("clip")
     CLIPModel(config).eval().save_pretrained(out)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
@@ -281,11 +360,14 @@ def _build_clip(out: Path) -> None:
 
 def _sentencepiece_model(path: Path, vocab_size: int) -> None:
     """Train a sentencepiece model on the local corpus (the SigLIP tokenizer is sentencepiece only)."""
+    import io
+
     import sentencepiece as spm
 
+    model = io.BytesIO()  # not model_prefix: the file would record its (temporary) path
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus()),
-        model_prefix=str(path.with_suffix("")),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type="unigram",
         character_coverage=1.0,
@@ -298,12 +380,19 @@ def _sentencepiece_model(path: Path, vocab_size: int) -> None:
         num_threads=1,
         minloglevel=2,
     )
+    path.write_bytes(model.getvalue())
 
 
 def _build_siglip(out: Path) -> None:
     import tempfile
 
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers import (
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+        SiglipTokenizer,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         spm_file = Path(tmp) / "spiece.model"
@@ -341,33 +430,35 @@ def _build_siglip(out: Path) -> None:
 
 # Whisper's special tokens follow the text vocabulary in this order (as in the real checkpoints;
 # the transformers tokenizer, its timestamp logic and CTranslate2 all rely on it).
-_WHISPER_TASK_TOKENS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+_WHISPER_TASK_TOKENS = (
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
 _WHISPER_TIMESTAMPS = tuple("<|%.2f|>" % (i * 0.02) for i in range(1501))  # <|0.00|> .. <|30.00|>
 
 
 def _whisper_tokenizer():
-    """Byte-level BPE trained locally, then Whisper's special and timestamp tokens after it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE learnt locally, then Whisper's special and timestamp tokens after it."""
+    from tokenizers import pre_tokenizers
     from transformers import AddedToken, WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-
+    # All 256 byte symbols, as in GPT-2/Whisper, so any text can be encoded.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens, merges = _learn_subwords(WhisperTokenizer(), 400, alphabet=alphabet)
     # <|endoftext|> (unk/bos/eos) is added right after the text vocabulary by the constructor.
-    tokenizer = WhisperTokenizer(vocab=model["vocab"], merges=merges)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges, model_max_length=448)
     specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), *_WHISPER_TASK_TOKENS]
     tokenizer.add_special_tokens({"extra_special_tokens": specials}, replace_extra_special_tokens=True)
     # Timestamps are ordinary (non-special) added tokens, as on the Hub.
-    tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in _WHISPER_TIMESTAMPS])
-    tokenizer.model_max_length = 448
+    tokenizer.add_tokens(
+        [AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in _WHISPER_TIMESTAMPS]
+    )
     return tokenizer
 
 
@@ -395,7 +486,10 @@ def _whisper_generation_config(tokenizer):
         suppress_tokens=suppress,
         begin_suppress_tokens=[ids("Ġ"), eot],
         alignment_heads=[[LAYERS - 1, h] for h in range(HEADS)],
-        max_new_tokens=16,
+        # Whisper's generate() reads max_length as the number of new tokens (it adds the prompt).
+        # Saved like this (not as max_new_tokens, not the default 20) the ASR pipeline keeps it
+        # instead of adding its own max_new_tokens=256, and generate() warns about nothing.
+        max_length=16,
         no_repeat_ngram_size=1,  # the random model would otherwise repeat one word
     )
 
@@ -420,10 +514,17 @@ def _prefer_whisper_word_tokens(model, tokenizer) -> None:
 
 
 def _build_whisper(out: Path) -> None:
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
 
     tokenizer = _whisper_tokenizer()
-    feature_extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400
+    )
     generation_config = _whisper_generation_config(tokenizer)
     config = WhisperConfig(
         vocab_size=len(tokenizer),
@@ -441,6 +542,8 @@ def _build_whisper(out: Path) -> None:
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
+        suppress_tokens=generation_config.suppress_tokens,  # the defaults are ids of the real vocabulary
+        begin_suppress_tokens=generation_config.begin_suppress_tokens,
     )
     _seed("whisper")
     model = WhisperForConditionalGeneration(config).eval()
@@ -474,27 +577,31 @@ def _build_whisper_ct2(out: Path, whisper_dir: Path) -> None:
 
 
 def _build_stable_diffusion(out: Path) -> None:
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _clip_tokenizer()
     _seed("stable-diffusion")
     text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer)))
-    # Two VAE levels -> scale factor 2: 64x64 images <-> 32x32 latents.
+    # Four VAE levels -> scale factor 8, as in the real model: 64x64 images <-> 8x8 latents.
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
         sample_size=64,
     )
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=8,  # latent size; the pipeline's default image size is 8 * 8 = 64
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
@@ -502,7 +609,7 @@ def _build_stable_diffusion(out: Path) -> None:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=HIDDEN,
-        attention_head_dim=4,
+        attention_head_dim=8,
         norm_num_groups=4,
     )
     scheduler = EulerDiscreteScheduler(
@@ -518,8 +625,7 @@ def _build_stable_diffusion(out: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    with torch.no_grad():
-        pipe.save_pretrained(out)
+    pipe.save_pretrained(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +687,10 @@ def _write_marker(target_dir: Path) -> None:
 def _remove_leftovers(target_dir: Path) -> None:
     """Delete temporary folders left by a build that crashed (we hold the lock, so none is live)."""
     for path in target_dir.glob(".*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _build_one(target_dir: Path, name: str) -> None:
@@ -603,7 +712,9 @@ def _build_one(target_dir: Path, name: str) -> None:
         os.replace(tmp, final)
 
 
-def build_tiny_models(target_dir: Path, force: bool = False, names: Iterable[str] | None = None) -> dict[str, Path]:
+def build_tiny_models(
+    target_dir: Path, force: bool = False, names: Iterable[str] | None = None
+) -> dict[str, Path]:
     """Build (once) every tiny checkpoint under target_dir/<name>; return name -> folder.
 
     ``names`` limits the build to some models (plus what they are made from, e.g. "whisper" for
@@ -632,13 +743,22 @@ def build_tiny_models(target_dir: Path, force: bool = False, names: Iterable[str
     return {name: tiny_model_dir(target_dir, name) for name in requested}
 
 
-if __name__ == "__main__":  # python -m mmdemo.tiny [target_dir]
-    import sys
+def _main() -> None:
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(description="Build the tiny offline checkpoints.")
+    parser.add_argument("--target-dir", type=Path, default=Path("mmdemo-data/tiny-models"))
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("names", nargs="*", help=f"models to build (default: {' '.join(TINY_MODELS)})")
+    args = parser.parse_args()
     start = time.perf_counter()
-    folders = build_tiny_models(Path(sys.argv[1] if len(sys.argv) > 1 else "mmdemo-data/tiny"), force="--force" in sys.argv)
-    for model_name, folder in folders.items():
+    folders = build_tiny_models(args.target_dir, force=args.force, names=args.names or None)
+    for name, folder in folders.items():
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        print(f"{model_name:18s} {size / 1e6:6.2f} MB  {folder}")
+        print(f"{name:18s} {size / 1e6:6.2f} MB  {folder}")
     print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":  # python -m mmdemo.tiny [--target-dir DIR] [--force] [names...]
+    _main()

@@ -6,6 +6,7 @@ model sees it; audio longer than 30 s is transcribed in 30 s chunks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -114,6 +115,8 @@ def _load_faster_whisper(spec: ModelSpec, location: str, placement: Placement) -
     if device == "cpu" and compute_type != "float32":
         compute_type = "int8"  # CTranslate2's fast CPU path
     kwargs: dict[str, Any] = {"device": device, "compute_type": compute_type}
+    if device == "cpu":
+        kwargs["cpu_threads"] = os.cpu_count() or 1  # its default of 4 oversubscribes small machines
     if device == "cuda" and ":" in placement.device:
         kwargs["device_index"] = int(placement.device.split(":")[1])
     if spec.source_scheme == "hf-hub" and spec.revision:
