@@ -5,6 +5,7 @@
     mmdemo predict image-to-text --input cat.jpg --json
     mmdemo predict text-to-image --prompt "a red bicycle" --seed 7 --out bike.png
     mmdemo build-tiny
+    mmdemo export --task caption --format datasets --out ./captions
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -43,6 +44,7 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument("--device", help="auto, cuda, cuda:N, mps or cpu (MMDEMO_DEVICE)")
     group.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (MMDEMO_DTYPE)")
     group.add_argument("--memory-budget", help="e.g. 20GiB, or 0.8 of device memory (MMDEMO_MEMORY_BUDGET)")
+    group.add_argument("--database-url", help="feedback store; default SQLite in the data dir (MMDEMO_DATABASE_URL)")
     group.add_argument("-v", "--verbose", action="store_true", help="log what the registry does")
     return parent
 
@@ -91,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="where to write generated images (PNG)")
     predict.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    export = commands.add_parser("export", parents=[common], help="export feedback as a fine-tuning dataset")
+    export.add_argument("--task", required=True, help="task id or alias: caption, vqa, zero-shot, asr, text-to-image")
+    export.add_argument("--format", choices=["datasets", "parquet", "jsonl"], default="datasets")
+    export.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
+    export.add_argument("--only", choices=["corrected", "approved", "all"], default="approved",
+                        help="corrected; approved: corrected or thumbs up (default); all")
+    export.add_argument("--since", help="only feedback saved on or after this date (YYYY-MM-DD)")
+    export.add_argument("--val-fraction", type=float, default=0.1, help="share of inputs for validation")
+    export.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repo (token: HF_TOKEN)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
     build = commands.add_parser("build-tiny", parents=[common], help="build the offline tiny checkpoints")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     return parser
@@ -98,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     names = ("profile", "data_dir", "catalog", "device", "dtype", "memory_budget", "host", "port", "preload",
-             "root_path", "concurrency", "max_queue", "max_batch", "auth_file")
+             "root_path", "concurrency", "max_queue", "max_batch", "auth_file", "database_url")
     return Settings.from_env(**{name: getattr(args, name, None) for name in names})
 
 
@@ -237,7 +251,19 @@ def cmd_build_tiny(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from .feedback import FeedbackStore, export_dataset
+
+    task = TASK_ALIASES.get(args.task, args.task)
+    with FeedbackStore.from_settings(settings) as store:
+        summary = export_dataset(store, task, args.out, format=args.format, only=args.only, since=args.since,
+                                 val_fraction=args.val_fraction, seed=args.seed, push_to_hub=args.push_to_hub,
+                                 overwrite=args.overwrite)
+    print(summary.describe())
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
 
 if __name__ == "__main__":
     raise SystemExit(main())

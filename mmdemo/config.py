@@ -51,6 +51,9 @@ class Settings:
     max_queue: int = 64
     max_batch: int = 8
     auth_file: Path | None = None
+    # feedback store
+    database_url: str | None = field(default=None, repr=False)  # SQLAlchemy URL; None: SQLite in data_dir
+    feedback_ttl_days: float = 30.0      # how long a shown result accepts feedback; 0: forever
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -83,6 +86,10 @@ class Settings:
     @property
     def tiny_dir(self) -> Path:
         return self.data_dir / "tiny-models"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,0 +1,51 @@
+"""Feedback: record what the models produced, keep what people say about it, export it as datasets.
+
+* :class:`FeedbackStore` (``store.py``): outputs, feedback records and their media, over SQLite
+  (default, in the data directory) or PostgreSQL (``MMDEMO_DATABASE_URL``).
+* :func:`export_dataset` (``export.py``): feedback of one task as a fine-tuning dataset
+  (``datasets``, Parquet or JSON Lines), with a train/validation split and a dataset card.
+* ``schemas.py``: per task, the inputs, the correction and the exported columns.
+* ``migrations.py``: the named, ordered schema migrations applied at start-up.
+"""
+
+from .errors import (
+    ExpiredOutputError,
+    InvalidFeedbackError,
+    InvalidMediaRefError,
+    NothingToExportError,
+    PermissionDeniedError,
+    RecordNotFoundError,
+    StoreError,
+    UnknownOutputError,
+    UnknownTaskError,
+)
+from .export import FORMATS, ExportSummary, export_archive, export_dataset
+from .records import FeedbackRecord, OutputRecord, SavedFeedback
+from .schemas import TASKS, anonymous_annotator, split_request
+from .store import ADMIN_ROLE, ONLY_CHOICES, Deleted, FeedbackStore
+
+__all__ = [
+    "ADMIN_ROLE",
+    "Deleted",
+    "ExpiredOutputError",
+    "ExportSummary",
+    "FORMATS",
+    "FeedbackRecord",
+    "FeedbackStore",
+    "InvalidFeedbackError",
+    "InvalidMediaRefError",
+    "NothingToExportError",
+    "ONLY_CHOICES",
+    "OutputRecord",
+    "PermissionDeniedError",
+    "RecordNotFoundError",
+    "SavedFeedback",
+    "StoreError",
+    "TASKS",
+    "UnknownOutputError",
+    "UnknownTaskError",
+    "anonymous_annotator",
+    "export_archive",
+    "export_dataset",
+    "split_request",
+]

@@ -1,0 +1,58 @@
+"""Errors of the feedback store and the exporter, each with a message written for a person.
+
+Bad requests (an unknown task, an empty correction, an expired output id...) subclass
+:class:`~mmdemo.errors.InvalidInputError`, so the UI and the CLI treat them like any other bad input
+(the CLI exits with status 2). Failures of the store itself subclass :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidInputError, MMDemoError
+
+__all__ = [
+    "ExpiredOutputError",
+    "InvalidFeedbackError",
+    "InvalidMediaRefError",
+    "NothingToExportError",
+    "PermissionDeniedError",
+    "RecordNotFoundError",
+    "StoreError",
+    "UnknownOutputError",
+    "UnknownTaskError",
+]
+
+
+class UnknownTaskError(InvalidInputError):
+    """The task id is not one of the tasks feedback can be given on."""
+
+
+class InvalidFeedbackError(InvalidInputError):
+    """A rating, correction, comment or annotator that the store refuses (wrong shape, empty, too long)."""
+
+
+class UnknownOutputError(InvalidInputError):
+    """No model output has this id (mistyped, never recorded, or deleted)."""
+
+
+class ExpiredOutputError(UnknownOutputError):
+    """The output is older than the store keeps outputs open for feedback."""
+
+
+class InvalidMediaRefError(InvalidInputError):
+    """A media reference that is not a content hash of the expected form (it could name any path)."""
+
+
+class NothingToExportError(InvalidInputError):
+    """No feedback record matches the export's task and filters."""
+
+
+class RecordNotFoundError(MMDemoError):
+    """No feedback record (or output) has this id."""
+
+
+class PermissionDeniedError(MMDemoError):
+    """The action needs a role the caller does not have (deleting records is for admins)."""
+
+
+class StoreError(MMDemoError):
+    """The store could not do its job (database unreachable, disk full, schema newer than this app)."""

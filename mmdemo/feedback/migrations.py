@@ -1,0 +1,153 @@
+"""Named, ordered schema migrations, applied when the store opens.
+
+Each migration is a name and a function of a connection. :func:`migrate` applies the ones the
+``schema_migrations`` table does not list yet, in order, each in its own transaction together with
+the row that records it, so a crash leaves either all of a migration or none of it.
+
+Several app replicas may start at once: on PostgreSQL they queue on an advisory lock, on SQLite on
+the write lock (``BEGIN IMMEDIATE``); whoever comes second finds the work done.
+
+A migration is history: never edit one that has shipped. To change the schema, append a new
+migration here and change :mod:`mmdemo.feedback.tables` to match.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    insert,
+    select,
+    text,
+)
+
+from .database import Database
+from .errors import StoreError
+from .tables import schema_migrations
+
+log = logging.getLogger(__name__)
+
+_ADVISORY_LOCK_KEY = 0x6D6D64656D6F0001  # "mmdemo" + 1: one key for this app's migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def _0001_initial(conn: Connection) -> None:
+    """Media, outputs, the media each output used or made, and feedback."""
+    m = MetaData()
+    json_value = JSON(none_as_null=True)
+    timestamp = DateTime(timezone=True)
+    Table("media", m,
+          Column("ref", String(80), primary_key=True),
+          Column("kind", String(8), nullable=False),
+          Column("size", BigInteger, nullable=False),
+          Column("created_at", timestamp, nullable=False),
+          Column("last_used_at", timestamp, nullable=False))
+    Table("outputs", m,
+          Column("id", String(32), primary_key=True),
+          Column("task", String(64), nullable=False),
+          Column("model_id", String(300)),
+          Column("model_revision", String(100)),
+          Column("backend", String(64)),
+          Column("model_info", json_value, nullable=False),
+          Column("settings", json_value, nullable=False),
+          Column("inputs", json_value, nullable=False),
+          Column("output", json_value, nullable=False),
+          Column("input_key", String(64), nullable=False),
+          Column("session", String(200)),
+          Column("app_version", String(32), nullable=False),
+          Column("created_at", timestamp, nullable=False),
+          Column("expires_at", timestamp),
+          Index("ix_outputs_task_created", "task", "created_at"),
+          Index("ix_outputs_expires_at", "expires_at"))
+    Table("output_media", m,
+          Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), primary_key=True),
+          Column("role", String(8), primary_key=True),
+          Column("position", Integer, primary_key=True),
+          Column("media_ref", String(80), ForeignKey("media.ref"), nullable=False),
+          Index("ix_output_media_ref", "media_ref"))
+    Table("feedback", m,
+          Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+          Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+          Column("annotator", String(200), nullable=False),
+          Column("thumbs", SmallInteger),
+          Column("correction", json_value),
+          Column("comment", Text),
+          Column("app_version", String(32), nullable=False),
+          Column("created_at", timestamp, nullable=False),
+          Column("updated_at", timestamp, nullable=False),
+          UniqueConstraint("output_id", "annotator", name="uq_feedback_output_annotator"),
+          Index("ix_feedback_updated_at", "updated_at"))
+    m.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_initial", _0001_initial),
+)
+
+def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not applied yet, in order; return the names applied now.
+
+    Raises :class:`StoreError` if the database has migrations this code does not know (it was
+    upgraded by a newer mmdemo), rather than run on a schema it does not understand.
+    """
+    names = [m.name for m in migrations]
+    if len(set(names)) != len(names):
+        raise ValueError("migration names must be unique")
+    applied_now: list[str] = []
+    with db.translate_errors(), db.engine.connect() as lock_conn:
+        if not db.is_sqlite:
+            lock_conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+            lock_conn.commit()
+        try:
+            for migration in migrations:
+                with db.write() as conn:
+                    schema_migrations.create(conn, checkfirst=True)
+                    done = set(conn.execute(select(schema_migrations.c.name)).scalars())
+                    unknown = sorted(done - set(names))
+                    if unknown:
+                        raise StoreError(
+                            f"The feedback database ({db.describe()}) was migrated by a newer mmdemo "
+                            f"({', '.join(unknown)}); upgrade mmdemo to use it."
+                        )
+                    if migration.name in done:
+                        continue
+                    log.info("applying migration %s", migration.name)
+                    migration.apply(conn)
+                    conn.execute(insert(schema_migrations).values(
+                        name=migration.name, applied_at=datetime.now(timezone.utc)))
+                applied_now.append(migration.name)
+        finally:
+            if not db.is_sqlite:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+                lock_conn.commit()
+    return applied_now
+
+
+def applied_migrations(db: Database) -> list[str]:
+    """Names of the migrations the database lists, in order."""
+    with db.read() as conn:
+        if not db.engine.dialect.has_table(conn, "schema_migrations"):
+            return []
+        return sorted(conn.execute(select(schema_migrations.c.name)).scalars())

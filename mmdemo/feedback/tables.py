@@ -1,0 +1,98 @@
+"""The store's tables as the code queries them: the schema after every migration has run.
+
+Changing a table means adding a migration in :mod:`mmdemo.feedback.migrations` *and* changing it
+here; ``tests/test_feedback_store.py`` checks that the two agree.
+
+* ``media``: one row per stored file (content ref), whoever uses it.
+* ``outputs``: a model's result as the app showed it, with its inputs and provenance.
+* ``output_media``: which media an output used (``input``) or made (``output``), in order.
+* ``feedback``: a person's rating / correction / comment on an output; one per (output, annotator).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+JSONValue = JSON(none_as_null=True)
+Timestamp = DateTime(timezone=True)
+RecordId = BigInteger().with_variant(Integer, "sqlite")  # SQLite: the rowid itself
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("applied_at", Timestamp, nullable=False),
+)
+
+media = Table(
+    "media",
+    metadata,
+    Column("ref", String(80), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("last_used_at", Timestamp, nullable=False),
+)
+
+outputs = Table(
+    "outputs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task", String(64), nullable=False),
+    Column("model_id", String(300)),
+    Column("model_revision", String(100)),
+    Column("backend", String(64)),
+    Column("model_info", JSONValue, nullable=False),
+    Column("settings", JSONValue, nullable=False),
+    Column("inputs", JSONValue, nullable=False),
+    Column("output", JSONValue, nullable=False),
+    Column("input_key", String(64), nullable=False),
+    Column("session", String(200)),
+    Column("app_version", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp),
+    Index("ix_outputs_task_created", "task", "created_at"),
+    Index("ix_outputs_expires_at", "expires_at"),
+)
+
+output_media = Table(
+    "output_media",
+    metadata,
+    Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), primary_key=True),
+    Column("role", String(8), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("media_ref", String(80), ForeignKey("media.ref"), nullable=False),
+    Index("ix_output_media_ref", "media_ref"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", RecordId, primary_key=True, autoincrement=True),
+    Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+    Column("annotator", String(200), nullable=False),
+    Column("thumbs", SmallInteger),
+    Column("correction", JSONValue),
+    Column("comment", Text),
+    Column("app_version", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    UniqueConstraint("output_id", "annotator", name="uq_feedback_output_annotator"),
+    Index("ix_feedback_updated_at", "updated_at"),
+)
