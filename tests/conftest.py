@@ -72,3 +72,67 @@ def fresh_registry(tiny_settings: Settings):
 def samples(tmp_path_factory: pytest.TempPathFactory):
     """Folder of synthesised media files (see tests/media_samples.py)."""
     return tmp_path_factory.mktemp("samples")
+
+
+# --- the web app: tests/test_app_api.py, tests/test_browser.py, tests/test_auth.py ---------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launch_app(tiny_settings: Settings):
+    """Launch the tiny-profile app on a free port: ``launch_app(**settings_changes)`` returns a namespace
+    with ``url``, ``settings``, ``registry`` and ``demo``; every app closes at the end of the session."""
+    from types import SimpleNamespace
+
+    from mmdemo.server import build_app, launch
+
+    apps = []
+
+    def start(**changes) -> SimpleNamespace:
+        settings = tiny_settings.replace(port=_free_port(), **changes)
+        registry = ModelRegistry.from_settings(settings)
+        demo = build_app(settings, registry)
+        _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
+        apps.append(demo)
+        return SimpleNamespace(url=url, settings=settings, registry=registry, demo=demo)
+
+    yield start
+    for demo in apps:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def broken_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user catalog adding ``broken-caption``: a captioner whose folder holds no model."""
+    folder = tmp_path_factory.mktemp("broken-model")
+    (folder / "config.json").write_text("{ this is not json")
+    catalog = folder.parent / "broken-catalog.toml"
+    catalog.write_text(
+        '[models.broken-caption]\ntask = "image-to-text"\nkind = "blip"\n'
+        f'source = "local-dir:{folder}"\ndescription = "A captioner whose files are damaged."\n'
+    )
+    return catalog
+
+
+@pytest.fixture(scope="session")
+def tiny_app(launch_app, broken_catalog: Path):
+    """One tiny-profile app for the API and browser tests (with the broken model in its catalog)."""
+    return launch_app(catalog=broken_catalog, max_batch=4)
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright: Debian's chromium, no network of its own (never `playwright install`)."""
+    return {
+        **browser_type_launch_args,
+        "executable_path": "/usr/bin/chromium",
+        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"],
+    }

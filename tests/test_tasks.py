@@ -137,10 +137,11 @@ def test_zero_shot_multi_label_uses_sigmoid_on_siglip(shared_registry, photo):
     assert sum(scores) != pytest.approx(1.0, abs=1e-3)
 
 
-def test_zero_shot_multi_label_on_clip_is_refused(shared_registry, photo):
+def test_zero_shot_multi_label_on_clip_is_refused_before_loading(fresh_registry, photo):
+    registry = fresh_registry()
     with pytest.raises(InvalidInputError, match="SigLIP"):
-        run(shared_registry, "zero-shot-image-classification", "tiny-clip", image=photo, labels="a,b",
-            multi_label=True)
+        run(registry, "zero-shot-image-classification", "tiny-clip", image=photo, labels="a,b", multi_label=True)
+    assert registry.status()["loaded"] == []
 
 
 def test_zero_shot_batch_matches_single_and_caches_labels(shared_registry, photo):
@@ -258,6 +259,17 @@ def test_transcribe_refuses_audio_over_the_limit(fresh_registry):
     with pytest.raises(AudioTooLongError):
         run(registry, "automatic-speech-recognition", audio=wav_bytes(speech_like(6), 16_000))
     assert registry.status()["loaded"] == []  # refused before any model was loaded
+
+
+@pytest.mark.parametrize("task, inputs, error", [
+    ("image-to-text", {}, InvalidImageError),
+    ("visual-question-answering", {"image": None, "question": "q"}, InvalidImageError),
+    ("zero-shot-image-classification", {"labels": "a"}, InvalidImageError),
+    ("automatic-speech-recognition", {"audio": None}, InvalidAudioError),
+])
+def test_missing_media_is_a_readable_error(shared_registry, task, inputs, error):
+    with pytest.raises(error, match="No (image|audio)"):
+        run(shared_registry, task, **inputs)
 
 
 # --- catalog rules through the task layer ---------------------------------------------------------

@@ -67,7 +67,7 @@ def prepare(registry: ModelRegistry, task: str, model_id: str | None, inputs: di
     runner = get_task(task)
     spec = registry.catalog.get(model_id, task) if model_id else registry.catalog.default_for(task)
     merged = {**spec.defaults, **{k: v for k, v in inputs.items() if v is not None}}
-    return spec, runner.prepare(merged, limits_for(registry))
+    return spec, runner.prepare(merged, limits_for(registry), spec)
 
 
 def run(registry: ModelRegistry, task: str, model_id: str | None = None, **inputs: Any) -> dict[str, Any]:

@@ -25,8 +25,8 @@ class Task(ABC):
     Request: ClassVar[type]
     batchable: ClassVar[bool] = False
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> Any:
-        """Validate and decode ``inputs`` into this task's request dataclass."""
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> Any:
+        """Validate and decode ``inputs`` for the model of ``spec`` into this task's request dataclass."""
         return self.Request(**self._known_fields(inputs))
 
     @abstractmethod
@@ -42,11 +42,15 @@ class Task(ABC):
         return [self.predict(model, request) for request in requests]
 
     def _known_fields(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        names = {f.name for f in dataclasses.fields(self.Request)}
-        unknown = sorted(set(inputs) - names)
+        """``inputs`` checked against the request's fields; a missing required one (the media) is None,
+        so that its loader says what is missing."""
+        fields = dataclasses.fields(self.Request)
+        unknown = sorted(set(inputs) - {f.name for f in fields})
         if unknown:
             raise InvalidInputError(f"{self.task} does not take: {', '.join(unknown)}.")
-        return dict(inputs)
+        required = {f.name: None for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        return {**required, **inputs}
 
 
 def require_text(value: Any, what: str, max_chars: int = 2000) -> str:

@@ -34,7 +34,7 @@ class CaptionTask(Task):
     Request = CaptionRequest
     batchable = True
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> CaptionRequest:
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> CaptionRequest:
         request = CaptionRequest(**self._known_fields(inputs))
         return replace(
             request,

@@ -42,7 +42,7 @@ class SpeechTask(Task):
     task = "automatic-speech-recognition"
     Request = SpeechRequest
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> SpeechRequest:
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> SpeechRequest:
         request = SpeechRequest(**self._known_fields(inputs))
         language = (request.language or "").strip().lower()
         return replace(

@@ -40,7 +40,7 @@ class TextToImageTask(Task):
     task = "text-to-image"
     Request = TextToImageRequest
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> TextToImageRequest:
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> TextToImageRequest:
         request = TextToImageRequest(**self._known_fields(inputs))
         seed = request.seed
         if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0):

@@ -26,7 +26,7 @@ class VqaTask(Task):
     task = "visual-question-answering"
     Request = VqaRequest
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> VqaRequest:
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> VqaRequest:
         request = VqaRequest(**self._known_fields(inputs))
         return replace(
             request,

@@ -24,6 +24,7 @@ from .bundle import TransformersBundle, move_inputs
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
 TEXT_CACHE_SIZE = 64
+MULTI_LABEL_KINDS = frozenset({"siglip"})  # trained with a per-pair sigmoid loss
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,16 @@ class ZeroShotTask(Task):
     Request = ZeroShotRequest
     batchable = True
 
-    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits) -> ZeroShotRequest:
+    def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> ZeroShotRequest:
         request = ZeroShotRequest(**self._known_fields(inputs))
         template = require_text(request.template, "a prompt template", max_chars=200)
         if template.count("{}") != 1:
             raise InvalidInputError('The template must contain "{}" exactly once, where the label goes.')
+        if request.multi_label and spec.kind not in MULTI_LABEL_KINDS:
+            raise InvalidInputError(
+                f"Multi-label scores need a sigmoid-trained model such as SigLIP; {spec.id} only ranks labels "
+                "against each other (single-label)."
+            )
         return replace(
             request,
             labels=parse_labels(request.labels),
@@ -97,12 +103,6 @@ class ZeroShotTask(Task):
         """One image forward pass for the whole batch; label embeddings come from the cache."""
         import torch
 
-        for request in requests:
-            if request.multi_label and model.kind != "siglip":
-                raise InvalidInputError(
-                    "Multi-label scores need a sigmoid-trained model such as SigLIP; this CLIP model "
-                    "only ranks labels against each other (single-label)."
-                )
         pixels = move_inputs(model.processor(images=[r.image for r in requests], return_tensors="pt"), model)
         with torch.inference_mode():
             image_embeds = _normalise(_features(model.model.get_image_features(**pixels)))

@@ -1,0 +1,173 @@
+"""Throughput of the app's queue batching: 16 concurrent gradio_client clients on /caption and /zero_shot,
+the same load against the same app with batching on (max batch 8) and off (max batch 1), side by side.
+
+    python bench/batching.py                      # tiny models, then mid-size models (several minutes on CPU)
+    python bench/batching.py --sizes tiny --clients 16 --requests 8
+
+"mid" models are built here from the real configurations of BLIP base (Salesforce/blip-image-
+captioning-base: ViT-B/16 at 384 px, BERT-base decoder) and CLIP ViT-B/32 (openai/clip-vit-base-patch32),
+with random weights (the Hub is not needed), and registered through a user catalog file, as a user's
+own model would be. Their tokenizers come from the tiny checkpoints (the architecture and the compute
+per request are those of the real models; the vocabularies are small, the LM head keeps its real size).
+
+Every loop is bounded: requests per client, and --max-seconds per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+from mmdemo.config import Settings  # noqa: E402
+from mmdemo.server import build_app, launch  # noqa: E402
+from mmdemo.tiny import build_tiny_models  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = [ROOT / "assets" / name for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+LABELS = "cat, dog, cup of coffee, astronaut, rocket, bicycle, tree, car"
+MODELS = {"tiny": ("tiny-blip-caption", "tiny-clip"), "mid": ("bench-blip-base", "bench-clip-b32")}
+
+
+def build_mid_models(tiny_dir: Path, out: Path) -> Path:
+    """BLIP base and CLIP ViT-B/32 at their real sizes, random weights; returns a catalog file."""
+    import torch
+    from transformers import AutoProcessor, BlipConfig, BlipForConditionalGeneration, CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    blip_dir, clip_dir = out / "blip-base", out / "clip-b32"
+    if not (blip_dir / "config.json").exists():
+        processor = AutoProcessor.from_pretrained(tiny_dir / "blip-caption")
+        processor.image_processor.size = {"height": 384, "width": 384}
+        tokenizer = processor.tokenizer
+        ids = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                   eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = BlipForConditionalGeneration(BlipConfig(text_config=ids)).eval()  # base sizes by default
+        with torch.no_grad():  # random weights would stop at once or emit ids past the small vocabulary
+            bias = model.text_decoder.cls.predictions.bias
+            bias[len(tokenizer):] = -1e4
+            bias[tokenizer.all_special_ids] = -20.0
+        model.save_pretrained(blip_dir)
+        processor.save_pretrained(blip_dir)
+    if not (clip_dir / "config.json").exists():
+        processor = AutoProcessor.from_pretrained(tiny_dir / "clip")
+        processor.image_processor.size = {"shortest_edge": 224}
+        processor.image_processor.crop_size = {"height": 224, "width": 224}
+        tokenizer = processor.tokenizer
+        text = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+        CLIPModel(CLIPConfig(text_config=text)).eval().save_pretrained(clip_dir)  # ViT-B/32 by default
+        processor.save_pretrained(clip_dir)
+    catalog = out / "bench-catalog.toml"
+    catalog.write_text(
+        f'[models.bench-blip-base]\ntask = "image-to-text"\nkind = "blip"\nsource = "local-dir:{blip_dir}"\n'
+        'params_m = 247\ndescription = "BLIP base architecture, random weights (benchmark)"\n\n'
+        f'[models.bench-clip-b32]\ntask = "zero-shot-image-classification"\nkind = "clip"\n'
+        f'source = "local-dir:{clip_dir}"\nparams_m = 151\n'
+        'description = "CLIP ViT-B/32 architecture, random weights (benchmark)"\n'
+    )
+    return catalog
+
+
+def load(url: str, endpoint: str, model: str, clients: int, requests: int, max_seconds: float) -> dict:
+    """``clients`` threads, each with its own client, each sending ``requests`` calls one after another."""
+    handles = [Client(url, verbose=False) for _ in range(clients)]
+    deadline = time.monotonic() + max_seconds
+    batches: list[int] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one_client(index: int) -> int:
+        done = 0
+        for n in range(requests):
+            if time.monotonic() > deadline:
+                break
+            image = handle_file(IMAGES[(index + n) % len(IMAGES)])
+            started = time.perf_counter()
+            if endpoint == "/caption":
+                *_, details = handles[index].predict(image, model=model, api_name=endpoint)
+            else:
+                *_, details = handles[index].predict(image, labels=LABELS, model=model, api_name=endpoint)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                batches.append(details["batch"])
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(one_client, range(clients)))
+    seconds = time.perf_counter() - started
+    return {"requests": total, "seconds": seconds, "throughput": total / seconds,
+            "mean_batch": statistics.mean(batches) if batches else 0.0,
+            "p50_latency": statistics.median(latencies) if latencies else 0.0}
+
+
+def measure(settings: Settings, size: str, max_batch: int, args: argparse.Namespace) -> dict[str, dict]:
+    """One app with ``max_batch``; each endpoint warmed up (model loaded), then loaded by the clients."""
+    settings = settings.replace(max_batch=max_batch, max_queue=max(64, args.clients * 2))
+    demo = build_app(settings)
+    _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
+    caption_model, zero_shot_model = MODELS[size]
+    results = {}
+    try:
+        warm = Client(url, verbose=False)
+        warm.predict(handle_file(IMAGES[0]), model=caption_model, api_name="/caption")
+        warm.predict(handle_file(IMAGES[0]), labels=LABELS, model=zero_shot_model, api_name="/zero_shot")
+        requests = args.requests if size == "tiny" else max(1, args.requests // 4)
+        for endpoint, model in (("/caption", caption_model), ("/zero_shot", zero_shot_model)):
+            results[endpoint] = load(url, endpoint, model, args.clients, requests, args.max_seconds)
+    finally:
+        demo.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,mid", help="tiny, mid or both (comma separated)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=8, help="per client (mid models: a quarter of it)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=300, help="bound of each measurement")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="mmdemo-bench-") as tmp:
+        base = Settings(profile="tiny", data_dir=Path(tmp) / "data", device="cpu")
+        build_tiny_models(base.tiny_dir)
+        rows = []
+        for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+            settings = base
+            if size == "mid":
+                settings = base.replace(catalog=build_mid_models(base.tiny_dir, Path(tmp) / "mid"))
+            on = measure(settings, size, args.max_batch, args)
+            off = measure(settings, size, 1, args)
+            for endpoint in on:
+                rows.append((size, endpoint, on[endpoint], off[endpoint]))
+    import torch
+
+    from mmdemo.ui.common import model_concurrency
+
+    print(f"\n{args.clients} concurrent clients; device cpu ({torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} cores); model calls at once: {model_concurrency(base)}")
+    print(f"{'models':<6} {'endpoint':<11} {'batched req/s':>13} {'mean batch':>10} {'unbatched req/s':>15} "
+          f"{'ratio':>6}  {'p50 latency on/off (s)':>22}")
+    for size, endpoint, on, off in rows:
+        ratio = on["throughput"] / off["throughput"] if off["throughput"] else float("nan")
+        print(f"{size:<6} {endpoint:<11} {on['throughput']:>13.2f} {on['mean_batch']:>10.1f} "
+              f"{off['throughput']:>15.2f} {ratio:>5.2f}x  {on['p50_latency']:>10.2f} / {off['p50_latency']:<9.2f}"
+              f"  ({on['requests']} / {off['requests']} requests)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

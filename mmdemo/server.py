@@ -1,0 +1,112 @@
+"""Build and serve the web app (``python app.py`` / ``mmdemo serve``).
+
+>>> demo = build_app(Settings(profile="tiny"))        # nothing is loaded yet
+>>> launch(demo, settings, prevent_thread_lock=True)   # what serve() does, for tests
+
+Configuration comes from :class:`~mmdemo.config.Settings` (flags and ``MMDEMO_*`` variables): host,
+port, root path, model concurrency, queue size, batch size, login file, models to preload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .auth import AuthFile
+from .config import Settings, apply_environment
+from .errors import MMDemoError
+from .registry import ModelRegistry
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings, registry: ModelRegistry | None = None, *,
+              auth: AuthFile | None = None) -> "gr.Blocks":
+    """The app over ``registry`` (a new one for ``settings`` by default), its queue configured.
+
+    Loads no model and does not import torch. ``auth`` defaults to ``settings.auth_file``'s users.
+    """
+    apply_environment(settings)  # before gradio is imported: it reads GRADIO_ANALYTICS_ENABLED then
+    from .ui.app import build_blocks
+    from .ui.common import AppContext
+
+    if auth is None and settings.auth_file is not None:
+        auth = AuthFile.load(settings.auth_file)
+    return build_blocks(AppContext.create(settings, registry, auth))
+
+
+def listen_address(settings: Settings, environ: dict[str, str] | None = None) -> tuple[str, int]:
+    """``settings``' host and port. Where only gradio's own variables are set (a Hugging Face Space sets
+    GRADIO_SERVER_NAME=0.0.0.0), those apply."""
+    environ = dict(os.environ if environ is None else environ)
+    host, port = settings.host, settings.port
+    if "MMDEMO_HOST" not in environ and environ.get("GRADIO_SERVER_NAME") and host == Settings.host:
+        host = environ["GRADIO_SERVER_NAME"]
+    if "MMDEMO_PORT" not in environ and environ.get("GRADIO_SERVER_PORT") and port == Settings.port:
+        port = int(environ["GRADIO_SERVER_PORT"])
+    return host, port
+
+
+def launch_options(settings: Settings, auth: AuthFile | None = None) -> dict[str, Any]:
+    """``Blocks.launch`` keyword arguments for ``settings`` (theme and CSS go to launch in gradio 6).
+
+    ``auth`` defaults to ``settings.auth_file``'s users, as in :func:`build_app`.
+    """
+    from .ui.app import CSS, theme
+    from .ui.common import ASSETS_DIR
+
+    if auth is None and settings.auth_file is not None:
+        auth = AuthFile.load(settings.auth_file)
+    host, port = listen_address(settings)
+    return dict(
+        server_name=host,
+        server_port=port,
+        root_path=settings.root_path or None,
+        auth=auth.check if auth is not None else None,
+        auth_message="Sign in to mmdemo." if auth is not None else None,
+        max_file_size=settings.max_upload_bytes,
+        allowed_paths=[str(ASSETS_DIR)],
+        theme=theme(),
+        css=CSS,
+        ssr_mode=False,  # no Node server next to Python
+        run_history=False,  # gradio 6 would keep every run (inputs included) in the browser
+        show_error=False,  # handlers turn errors into readable messages themselves
+    )
+
+
+def launch(demo: "gr.Blocks", settings: Settings, auth: AuthFile | None = None, **overrides: Any) -> tuple:
+    """``demo.launch`` with ``settings``' options; ``overrides`` win (e.g. ``prevent_thread_lock=True``)."""
+    return demo.launch(**{**launch_options(settings, auth), **overrides})
+
+
+def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str]) -> threading.Thread:
+    """Load models while the page is already up; a failure is logged and shown in the Models panel."""
+
+    def work() -> None:
+        for model_id in model_ids:
+            try:
+                registry.preload([model_id])
+            except MMDemoError as exc:
+                log.error("preloading %s failed: %s", model_id, exc)
+
+    thread = threading.Thread(target=work, name="mmdemo-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(settings: Settings) -> None:
+    """Build the app and serve it until interrupted; models in ``settings.preload`` load meanwhile."""
+    apply_environment(settings)
+    auth = AuthFile.load(settings.auth_file) if settings.auth_file is not None else None
+    registry = ModelRegistry.from_settings(settings)
+    for model_id in settings.preload:
+        registry.catalog.get(model_id)  # an unknown id fails now, not in the background
+    demo = build_app(settings, registry, auth=auth)
+    if settings.preload:
+        preload_in_background(registry, settings.preload)
+    launch(demo, settings, auth)

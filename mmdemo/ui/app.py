@@ -1,0 +1,48 @@
+"""The whole app: five task tabs and the Models panel over one registry, in one queue group."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import caption, classify, create, models_panel, transcribe, vqa
+from .common import AppContext
+
+TABS = (caption, vqa, create, classify, transcribe)
+
+# gradio 6 takes theme and CSS at launch(). System fonts: the default theme would fetch web fonts
+# from Google, and no request may leave the machine.
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+CSS = """
+.mmdemo-footer { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+.mmdemo-note { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+"""
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Default(primary_hue="indigo", font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+
+
+def header(ctx: AppContext) -> str:
+    text = ("# mmdemo\nTry multimodal models: caption a photo, ask about it, create images, classify with "
+            "your own labels, transcribe speech. Models load on first use; the line under each output "
+            "says which model and device answered, and how long it took.")
+    if ctx.settings.profile == "tiny":
+        text += ("\n\n**Tiny profile:** offline, randomly initialised models of the real architectures, for "
+                 "testing. Their outputs are nonsense.")
+    return text
+
+
+def build_blocks(ctx: AppContext) -> gr.Blocks:
+    """All tabs in one Blocks, its queue configured (bounded, shared model concurrency)."""
+    with gr.Blocks(title="mmdemo", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(header(ctx))
+        with gr.Tabs():
+            for tab in TABS:
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):
+                    tab.build(ctx)
+            with gr.Tab(models_panel.TITLE, id="models", elem_id="tab-models") as models_tab:
+                panel = models_panel.build(ctx)
+        models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",
+                          api_visibility="private")
+    return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)

@@ -1,0 +1,474 @@
+"""What every tab shares: the app context, the model picker, the output area, event wiring, messages.
+
+A tab module describes its endpoint with two small functions and lets :func:`connect` do the rest:
+
+* ``request(image, question, model, ...)``: the endpoint's inputs, in order and by name (the names
+  are the API's parameter names) -> ``(model_id, task_inputs)`` for ``mmdemo.tasks``;
+* ``present(result)``: a task result -> the values of the tab's own output components.
+
+:func:`connect` wires the button to one queued, validated event in the shared model queue group, with
+the API name, batching where the task batches, a loading note and readable errors. Every tab builds
+the part under its outputs with :func:`output_area`; that is where a feedback row will go.
+
+Nothing here imports torch: handlers only call ``mmdemo.tasks`` and the registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+import gradio.queueing
+
+from .. import tasks
+from ..auth import AuthFile
+from ..config import Settings
+from ..errors import (
+    AudioTooLongError,
+    ImageTooLargeError,
+    InvalidAudioError,
+    InvalidImageError,
+    InvalidInputError,
+    MMDemoError,
+    ModelLoadError,
+    TaskMismatchError,
+    UnknownModelError,
+)
+from ..registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+MODEL_QUEUE = "models"  # concurrency id shared by every event that runs a model
+ADMIN_QUEUE = "admin"  # preload/unload from the Models panel: one at a time, beside the model queue
+UNEXPECTED = ("Something went wrong on the server while handling this request (it has been logged). "
+              "Please try again, or try another model.")
+OUTPUT_RETENTION_SECONDS = 3600  # generated files older than this are deleted when new ones are written
+
+Request = Callable[..., tuple[str | None, dict[str, Any]]]
+Present = Callable[[dict[str, Any]], tuple[Any, ...]]
+
+
+# --- the app context ---------------------------------------------------------------------------------
+
+
+def model_concurrency(settings: Settings) -> int:
+    """Model calls run at once: ``settings.concurrency``, or when 0: 1 on a GPU, 2 on CPU.
+
+    Decided without importing torch (seconds at start-up): an explicit device says it; for ``auto``
+    an NVIDIA driver or Apple silicon counts as a GPU. The registry still picks the real device.
+    """
+    if settings.concurrency > 0:
+        return settings.concurrency
+    if settings.device != "auto":
+        return 2 if settings.device == "cpu" else 1
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    nvidia = not hidden and (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists())
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    return 1 if nvidia or apple else 2
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class AppContext:
+    """What the tabs share: settings, the registry (the only owner of models), login and limits."""
+
+    settings: Settings
+    registry: ModelRegistry
+    auth: AuthFile | None = None
+    concurrency: int = field(init=False)
+    _output_dir: Path | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.concurrency = model_concurrency(self.settings)
+
+    @classmethod
+    def create(cls, settings: Settings, registry: ModelRegistry | None = None,
+               auth: AuthFile | None = None) -> "AppContext":
+        return cls(settings, registry or ModelRegistry.from_settings(settings), auth)
+
+    # -- who may manage models --
+
+    @property
+    def open_admin(self) -> bool:
+        """Without a login, models may be managed only while the app is reachable from this machine
+        alone: it listens on a loopback address and is not served under a proxy's root path."""
+        from ..server import listen_address
+
+        host, _ = listen_address(self.settings)
+        return self.auth is None and is_loopback(host) and not self.settings.root_path
+
+    def role_of(self, request: gr.Request | None) -> str | None:
+        if self.auth is None:
+            return "admin" if self.open_admin else None
+        return self.auth.role_of(getattr(request, "username", None))
+
+    def require_admin(self, request: gr.Request | None) -> None:
+        if self.role_of(request) == "admin":
+            return
+        if self.auth is None:
+            raise gr.Error("Managing models is switched off: this app has no login and is reachable from "
+                           "other machines. Start it with an auth file (MMDEMO_AUTH_FILE) and sign in as an "
+                           "admin.", title="Not allowed", print_exception=False)
+        name = getattr(request, "username", None) or "not signed in"
+        raise gr.Error(f"Only admins can load or unload models ({name} is not an admin).",
+                       title="Not allowed", print_exception=False)
+
+    # -- files the app writes --
+
+    def output_path(self, stem: str, suffix: str = ".png") -> Path:
+        """A new file path for generated output; files older than an hour are removed first."""
+        if self._output_dir is None:
+            self._output_dir = Path(tempfile.mkdtemp(prefix="mmdemo-outputs-"))
+        cutoff = time.time() - OUTPUT_RETENTION_SECONDS
+        for old in self._output_dir.iterdir():
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        return self._output_dir / f"{stem}-{os.urandom(4).hex()}{suffix}"
+
+
+# --- messages ----------------------------------------------------------------------------------------
+
+
+def error_title(exc: MMDemoError) -> str:
+    if isinstance(exc, InvalidInputError):
+        return "Please check the input"
+    if isinstance(exc, ModelLoadError):
+        return "The model could not be loaded"
+    if isinstance(exc, UnknownModelError):
+        return "Unknown model"
+    return "The model could not answer"
+
+
+def readable_errors(fn: Callable) -> Callable:
+    """Turn mmdemo's errors into ``gr.Error`` with their message; anything else into a generic
+    message (the traceback goes to the log, not to the person)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MMDemoError as exc:
+            raise gr.Error(str(exc), title=error_title(exc), print_exception=False) from None
+        except Exception:
+            log.exception("unexpected error in %s", getattr(fn, "__qualname__", fn))
+            raise gr.Error(UNEXPECTED, title="Something went wrong", print_exception=False) from None
+
+    return wrapper
+
+
+def blamed_input(exc: MMDemoError, media: str | None, text: str) -> str:
+    """The input a validation message is shown on: the media, the model, or the tab's main text."""
+    if media and isinstance(exc, (InvalidImageError, ImageTooLargeError, InvalidAudioError, AudioTooLongError)):
+        return media
+    if isinstance(exc, (UnknownModelError, TaskMismatchError)):
+        return "model"
+    return text
+
+
+# --- inputs and outputs ------------------------------------------------------------------------------
+
+
+NO_MEDIA = {
+    "image": (InvalidImageError, "Please add an image: upload one, take one with the webcam or paste one."),
+    "audio": (InvalidAudioError, "Please add some speech: record it with the microphone or upload a file."),
+}
+
+
+def media_source(value: Any, kind: str) -> Any:
+    """The file behind an image or audio input sent unprocessed: its path (or a data URL's bytes)."""
+    if isinstance(value, dict):
+        if value.get("path"):
+            return value["path"]
+        url = value.get("url") or ""
+        if url.startswith("data:") and "," in url:
+            try:
+                return base64.b64decode(url.split(",", 1)[1], validate=False)
+            except (binascii.Error, ValueError):
+                raise NO_MEDIA[kind][0]("The uploaded data is not valid base64.") from None
+        value = None
+    if value is None:
+        error, message = NO_MEDIA[kind]
+        raise error(message)
+    return value
+
+
+def model_note(ctx: AppContext, model_id: str | None) -> str:
+    """One line under a model dropdown: what the model is and whether it is loaded."""
+    if not model_id or model_id not in ctx.registry.catalog:
+        return ""
+    spec = ctx.registry.catalog.get(model_id)
+    status = ctx.registry.status()
+    loaded = {entry["id"]: entry for entry in status["loaded"]}
+    if model_id in loaded:
+        entry = loaded[model_id]
+        state = f"Loaded on {entry['device']} ({entry['dtype']}, {format_bytes(entry['memory_bytes'])})."
+    elif model_id in status["loading"]:
+        state = "Loading..."
+    elif model_id in status["errors"]:
+        state = f"The last attempt to load it failed: {status['errors'][model_id]}"
+    else:
+        state = "Not loaded yet: the first request loads it, which can take a while."
+    return f"{spec.description}  \n*{state}*"
+
+
+def loading_note(ctx: AppContext, model_id: str | None) -> Any:
+    """Shown when a request starts: says that the model is being loaded, if it is not loaded yet."""
+    if model_id and model_id in ctx.registry.catalog and not ctx.registry.is_loaded(model_id):
+        return f"*Loading {model_id} (first use); the answer follows once it is loaded...*"
+    return gr.skip()
+
+
+def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Markdown]:
+    """The model dropdown of a tab, filled from the catalog, and its note line."""
+    specs = ctx.registry.catalog.for_task(task)
+    model = gr.Dropdown(
+        choices=[spec.id for spec in specs], value=specs[0].id if specs else None, label=label,
+        interactive=True,
+    )
+    note = gr.Markdown(elem_classes="mmdemo-note")
+    # No triggers: on page load and whenever the dropdown changes.
+    gr.on(None, functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False,
+          show_progress="hidden", api_visibility="private")
+    return model, note
+
+
+@dataclass
+class OutputArea:
+    """The part under every tab's outputs: the provenance line and the raw result.
+
+    Built once for all tabs here, so that what goes under every output (the feedback row of the next
+    issue, with the ``output_id`` of the result) is added in one place.
+    """
+
+    footer: gr.Markdown
+    details: gr.JSON
+
+    @property
+    def components(self) -> list[gr.components.Component]:
+        return [self.footer, self.details]
+
+    @staticmethod
+    def values(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return footer_line(result), json_safe(result)
+
+
+def output_area() -> OutputArea:
+    """The provenance line and the raw result, under a tab's own outputs (the labels name these
+    outputs in the API: ``answered_by``, ``details``)."""
+    footer = gr.Markdown(label="Answered by", show_label=False, elem_classes="mmdemo-footer")
+    with gr.Accordion("Details (JSON)", open=False):
+        details = gr.JSON(label="Details", show_label=False)
+    return OutputArea(footer, details)
+
+
+def footer_line(result: dict[str, Any]) -> str:
+    """'model · device (dtype) · time', and the batch size when the request was batched."""
+    model = result.get("model", {})
+    parts = [f"**{model.get('id', '?')}**", f"{model.get('device', '?')} ({model.get('dtype', '?')})",
+             format_seconds(result.get("seconds", 0.0))]
+    if result.get("batch", 1) > 1:
+        parts.append(f"batched with {result['batch'] - 1} other request{'s' if result['batch'] > 2 else ''}")
+    return " · ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def json_safe(result: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(result, default=str))
+
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+
+
+def asset(name: str) -> str | None:
+    """The path of an example file in the repository's ``assets/``, or None where it is missing
+    (an install without the repository)."""
+    path = ASSETS_DIR / name
+    return str(path) if path.is_file() else None
+
+
+def examples(rows: Sequence[Sequence[Any]], inputs: Sequence[gr.components.Component]) -> gr.Examples | None:
+    """Ready examples for a tab; rows with a missing asset (None) are left out."""
+    ready = [list(row) for row in rows if all(value is not None for value in row)]
+    if not ready:
+        return None
+    return gr.Examples(ready, inputs=list(inputs), label="Examples", cache_examples=False)
+
+
+# --- wiring ------------------------------------------------------------------------------------------
+
+
+def run_grouped(ctx: AppContext, task: str, requests: list[tuple[str | None, dict[str, Any]]]) -> list[dict]:
+    """Run a batch formed by the queue: one ``run_batch`` call per model, results in request order."""
+    groups: dict[str | None, list[int]] = {}
+    for index, (model_id, _) in enumerate(requests):
+        groups.setdefault(model_id, []).append(index)
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    for model_id, indices in groups.items():
+        outputs = tasks.run_batch(ctx.registry, task, model_id, [requests[i][1] for i in indices])
+        for index, result in zip(indices, outputs):
+            result["batch"] = len(indices)
+            results[index] = result
+    return results
+
+
+def input_validator(ctx: AppContext, task: str, request: Request, media: str | None, text: str) -> Callable:
+    """Checks one request before it joins the queue (``tasks.prepare``: decoding, limits, model id), so
+    that bad input never waits in line, never holds a model and never fails a batch it would join.
+    The message is shown on the input it concerns (and raised by gradio_client as ValidationError)."""
+    names = list(inspect.signature(request).parameters)
+
+    def validate(*values: Any) -> list[dict[str, Any]]:
+        try:
+            model_id, inputs = request(*values)
+            tasks.prepare(ctx.registry, task, model_id, inputs)
+        except MMDemoError as exc:
+            blamed = blamed_input(exc, media, text)
+            return [gr.validate(name != blamed, str(exc) if name == blamed else "") for name in names]
+        except Exception:  # noqa: BLE001 - the handler will meet it again and report it
+            log.exception("validating a %s request failed", task)
+        return [gr.validate(True, "") for _ in names]
+
+    return validate
+
+
+def connect(
+    ctx: AppContext,
+    *,
+    task: str,
+    button: gr.Button,
+    request: Request,
+    inputs: Sequence[gr.components.Component],
+    present: Present,
+    outputs: Sequence[gr.components.Component],
+    area: OutputArea,
+    api_name: str,
+    model: gr.Dropdown,
+    note: gr.Markdown,
+    media: str | None,
+    text: str,
+    batch: bool = False,
+    step_progress: bool = False,
+    triggers: Sequence[Any] = (),
+) -> Any:
+    """Wire ``button`` (and ``triggers``) to the task: the endpoint ``/api_name``, in the shared model
+    queue group, validated before queueing, batched if ``batch``, with a loading note and readable errors.
+
+    ``inputs`` are the components behind ``request``'s parameters, in the same order.
+    """
+    names = list(inspect.signature(request).parameters)
+    if len(names) != len(inputs):
+        raise ValueError(f"{api_name}: request takes {names} but {len(inputs)} inputs were given")
+
+    if batch:
+        def handler(*columns: list[Any]) -> list[list[Any]]:
+            results = run_grouped(ctx, task, [request(*values) for values in zip(*columns)])
+            rows = [(*present(result), *area.values(result)) for result in results]
+            return [list(column) for column in zip(*rows)]
+        parameters = list(inspect.signature(request).parameters.values())
+    else:
+        def handler(*values: Any) -> tuple[Any, ...]:
+            progress = values[-1]
+            model_id, task_inputs = request(*values[:-1])
+            if model_id and not ctx.registry.is_loaded(model_id):
+                progress(0, desc=f"Loading {model_id}")
+            if step_progress:
+                task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")
+            result = tasks.run(ctx.registry, task, model_id, **task_inputs)
+            return (*present(result), *area.values(result))
+        parameters = [*inspect.signature(request).parameters.values(),
+                      inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
+    # gradio reads parameter names (the API's) and special arguments (progress) from the signature.
+    handler.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    handler.__name__ = handler.__qualname__ = api_name
+
+    validate = input_validator(ctx, task, request, media, text)
+    main = dict(
+        fn=readable_errors(handler),
+        inputs=list(inputs),
+        outputs=[*outputs, *area.components],
+        api_name=api_name,
+        validator=validate,
+        preprocess=False,  # the media layer decodes uploads itself, with its limits and messages
+        concurrency_id=MODEL_QUEUE,
+        concurrency_limit=ctx.concurrency,
+        batch=batch,
+        max_batch_size=max(1, ctx.settings.max_batch),
+    )
+    if batch:
+        # A batched call cannot report progress, so a quick step before it says when the model is loading
+        # (for requests that pass validation: a refused one leaves no stale note).
+        def show_loading(*values: Any) -> Any:
+            if all(check["is_valid"] for check in validate(*values)):
+                return loading_note(ctx, values[names.index("model")])
+            return gr.skip()
+
+        start = gr.on([button.click, *triggers], show_loading, inputs=list(inputs), outputs=[note], queue=False,
+                      preprocess=False, show_progress="hidden", api_visibility="private")
+        event = start.then(**main)
+    else:
+        event = gr.on([button.click, *triggers], **main)
+    event.then(functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False,
+               show_progress="hidden", api_visibility="private")
+    return event
+
+
+def standalone(build: Callable[[AppContext], SimpleNamespace], ctx: AppContext, title: str) -> gr.Blocks:
+    """One tab as its own app (for tests and for working on a single tab); queue configured."""
+    with gr.Blocks(title=title) as demo:
+        build(ctx)
+    return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)
+
+
+# --- gradio compatibility -------------------------------------------------------------------------------
+
+
+def _validate_single_requests() -> None:
+    """gradio 6.31 runs an event's validator with the event's ``batch`` flag, although it always
+    validates a single request (at queue join); for a batched event with several inputs the validator
+    then fails before it is called. Validators see one request: build them unbatched."""
+    original = gradio.queueing.create_validator_fn
+    if getattr(original, "mmdemo_single_request", False):
+        return
+
+    def create_validator_fn(fn: Any) -> Any:
+        validator = original(fn)
+        validator.batch = False
+        return validator
+
+    create_validator_fn.mmdemo_single_request = True  # type: ignore[attr-defined]
+    gradio.queueing.create_validator_fn = create_validator_fn
+
+
+_validate_single_requests()

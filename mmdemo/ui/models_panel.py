@@ -1,0 +1,92 @@
+"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload.
+
+API: ``/models_status`` (anyone), ``/preload_model`` and ``/unload_model`` (admins).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from .common import ADMIN_QUEUE, AppContext, format_bytes, readable_errors, standalone
+
+TITLE = "Models"
+HEADERS = ["model", "task", "state", "device", "dtype", "memory", "calls", "idle (s)"]
+
+
+def status_rows(ctx: AppContext) -> list[list[Any]]:
+    """One row per catalog model, loaded or not."""
+    status = ctx.registry.status()
+    loaded = {entry["id"]: entry for entry in status["loaded"]}
+    rows = []
+    for spec in ctx.registry.catalog:
+        entry = loaded.get(spec.id)
+        if entry is not None:
+            state = "in use" if entry["in_use"] else "loaded"
+            rows.append([spec.id, spec.task, state, entry["device"], entry["dtype"],
+                         format_bytes(entry["memory_bytes"]), entry["calls"], entry["idle_seconds"]])
+            continue
+        state = "loading" if spec.id in status["loading"] else "failed" if spec.id in status["errors"] else "not loaded"
+        rows.append([spec.id, spec.task, state, "", "", "", 0, ""])
+    return rows
+
+
+def summary(ctx: AppContext) -> str:
+    status = ctx.registry.status()
+    budget = format_bytes(status["budget_bytes"]) if status["budget_bytes"] else "not set yet"
+    lines = [f"**Device:** {status['device']} · **memory budget:** {budget} · "
+             f"**used:** {format_bytes(status['used_bytes'])} · **model calls at once:** {ctx.concurrency} · "
+             f"**batch size:** up to {ctx.settings.max_batch} · **queue:** up to {ctx.settings.max_queue}"]
+    for model_id, error in status["errors"].items():
+        lines.append(f"- **{model_id}** failed to load: {error}")
+    if ctx.auth is None and ctx.open_admin:
+        lines.append("*No login is configured and the app only listens on this machine, so everyone here "
+                     "can preload and unload models. Set MMDEMO_AUTH_FILE to require an admin login.*")
+    elif ctx.auth is None:
+        lines.append("*Preload and unload are switched off: no login is configured and the app is reachable "
+                     "from other machines. Set MMDEMO_AUTH_FILE and sign in as an admin to manage models.*")
+    else:
+        lines.append("*Preload and unload need a user with the admin role.*")
+    return "\n\n".join(lines)
+
+
+def build(ctx: AppContext) -> SimpleNamespace:
+    def refresh() -> tuple[str, list[list[Any]]]:
+        return summary(ctx), status_rows(ctx)
+
+    @readable_errors
+    def preload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
+        ctx.require_admin(request)
+        ctx.registry.preload([model])
+        return f"{model} is loaded.", *refresh()
+
+    @readable_errors
+    def unload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
+        ctx.require_admin(request)
+        done = ctx.registry.unload(model)
+        return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh()
+
+    ids = [spec.id for spec in ctx.registry.catalog]
+    info = gr.Markdown()
+    table = gr.Dataframe(headers=HEADERS, label="Catalog and registry", interactive=False, wrap=True)
+    with gr.Row():
+        model = gr.Dropdown(ids, value=ids[0] if ids else None, label="Model", scale=3)
+        preload = gr.Button("Preload", variant="primary", scale=1)
+        unload = gr.Button("Unload", variant="stop", scale=1)
+        refresh_button = gr.Button("Refresh", scale=1)
+    message = gr.Markdown()
+
+    # On page load (no triggers, no inputs), on the Refresh button, and after each action:
+    gr.on(None, refresh, None, [info, table], queue=False, show_progress="hidden", api_visibility="private")
+    refresh_button.click(refresh, None, [info, table], api_name="models_status", queue=False)
+    admin = dict(concurrency_id=ADMIN_QUEUE, concurrency_limit=1)
+    preload.click(preload_model, model, [message, info, table], api_name="preload_model", **admin)
+    unload.click(unload_model, model, [message, info, table], api_name="unload_model", **admin)
+    return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
+                           refresh=refresh, refresh_button=refresh_button, message=message)
+
+
+def demo(ctx: AppContext) -> gr.Blocks:
+    return standalone(build, ctx, f"mmdemo · {TITLE}")

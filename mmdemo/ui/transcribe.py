@@ -1,0 +1,57 @@
+"""Transcribe tab (speech recognition): a recording or an audio file -> the transcript and, when asked,
+timestamped segments. API: ``/transcribe``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+
+from .common import AppContext, asset, connect, examples, media_source, model_picker, output_area, standalone
+
+TASK = "automatic-speech-recognition"
+TITLE = "Transcribe"
+# Whisper's commonest languages first; any other code can be typed in.
+LANGUAGES = ["auto", "en", "de", "es", "fr", "it", "pt", "nl", "pl", "ru", "uk", "tr", "ar", "hi", "zh", "ja", "ko"]
+SEGMENT_HEADERS = ["start (s)", "end (s)", "text"]
+
+
+def request(audio: Any, model: str, language: str, translate: bool, timestamps: bool) -> tuple[str, dict[str, Any]]:
+    """The inputs of ``/transcribe``, in order; ``audio`` is a file, ``language`` a code or "auto"."""
+    return model, dict(audio=media_source(audio, "audio"), language=language, translate=translate,
+                       timestamps=timestamps)
+
+
+def present(result: dict[str, Any]) -> tuple[str, list[list[Any]]]:
+    return result["text"], [[chunk["start"], chunk["end"], chunk["text"]] for chunk in result.get("chunks", [])]
+
+
+def build(ctx: AppContext) -> SimpleNamespace:
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
+            model, note = model_picker(ctx, TASK)
+            with gr.Row():
+                language = gr.Dropdown(LANGUAGES, value="auto", allow_custom_value=True,
+                                       label="Language (auto: detect)")
+                translate = gr.Checkbox(False, label="Translate into English")
+                timestamps = gr.Checkbox(False, label="Timestamps")
+            button = gr.Button("Transcribe", variant="primary")
+        with gr.Column():
+            transcript = gr.Textbox("", label="Transcript", lines=5, interactive=False, buttons=["copy"])
+            with gr.Accordion("Segments (tick Timestamps)", open=True):
+                segments = gr.Dataframe(headers=SEGMENT_HEADERS, label="Segments", show_label=False,
+                                        interactive=False, wrap=True)
+            area = output_area()
+    examples([[asset("speech.wav")]], inputs=[audio])
+    event = connect(ctx, task=TASK, button=button, request=request,
+                    inputs=[audio, model, language, translate, timestamps], present=present,
+                    outputs=[transcript, segments], area=area, api_name="transcribe", model=model, note=note,
+                    media="audio", text="language")
+    return SimpleNamespace(audio=audio, model=model, button=button, transcript=transcript, segments=segments,
+                           area=area, event=event)
+
+
+def demo(ctx: AppContext) -> gr.Blocks:
+    return standalone(build, ctx, f"mmdemo · {TITLE}")
