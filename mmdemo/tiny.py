@@ -74,6 +74,8 @@ HEADS = 2
 FFN = 37
 IMAGE = 32
 PATCH = 8
+# Every tiny transformer (vision towers, text encoders/decoders) has these sizes.
+TINY_TRANSFORMER = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
 
 # Answers the tiny ViLT "knows" (a few of the commonest VQA answers).
 VQA_ANSWERS = (
@@ -213,26 +215,16 @@ def _blip_config(tokenizer):
     from transformers import BlipConfig
 
     text = dict(
+        TINY_TRANSFORMER,
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
         encoder_hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         sep_token_id=tokenizer.sep_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
+    vision = dict(TINY_TRANSFORMER, image_size=IMAGE, patch_size=PATCH)
     return BlipConfig(
         text_config=text, vision_config=vision, projection_dim=HIDDEN, image_text_hidden_size=HIDDEN
     )
@@ -342,14 +334,7 @@ def _build_clip(out: Path) -> None:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
     )
-    vision = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
+    vision = dict(TINY_TRANSFORMER, image_size=IMAGE, patch_size=PATCH)
     config = CLIPConfig(
         text_config=_clip_text_config(tokenizer), vision_config=vision, projection_dim=HIDDEN
     )
@@ -400,24 +385,14 @@ def _build_siglip(out: Path) -> None:
         tokenizer = SiglipTokenizer(vocab_file=str(spm_file), model_max_length=64)
     image_processor = SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE})
     text = dict(
+        TINY_TRANSFORMER,
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
         max_position_embeddings=64,  # the zero-shot pipeline pads SigLIP text to 64 tokens
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
     )
-    vision = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
+    vision = dict(TINY_TRANSFORMER, image_size=IMAGE, patch_size=PATCH)
     config = SiglipConfig(text_config=text, vision_config=vision)
     _seed("siglip")
     SiglipModel(config).eval().save_pretrained(out)
