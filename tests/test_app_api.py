@@ -211,8 +211,10 @@ def test_a_model_that_fails_to_load_reports_it_and_only_its_calls_fail(client):
     assert client.predict(handle_file(CAT), labels="cat", api_name="/zero_shot")[0]  # another tab
 
 
-def test_model_specific_refusal_from_the_model_run_is_readable(client):
-    with pytest.raises(AppError, match="Multi-label scores need"):
+def test_model_specific_refusal_is_validated_before_queueing(client):
+    """Multi-label on a softmax model depends on the model, yet is refused per request before the queue
+    (so it never fails a batch it would have joined)."""
+    with pytest.raises(ValidationError, match="Multi-label scores need"):
         client.predict(handle_file(CAT), labels="cat, dog", model="tiny-clip", multi_label=True, api_name="/zero_shot")
 
 

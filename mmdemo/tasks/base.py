@@ -64,25 +64,27 @@ def require_text(value: Any, what: str, max_chars: int = 2000) -> str:
 
 
 def require_int(value: Any, what: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"The {what} must be a whole number, not {value!r}.") from None
-    if number != value and not isinstance(value, str) and float(value) != number:
-        raise InvalidInputError(f"The {what} must be a whole number, not {value!r}.")
-    if not low <= number <= high:
-        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {number}.")
-    return number
+    """A whole number in ``[low, high]`` (``3`` and ``3.0`` pass, ``3.5`` does not)."""
+    number = require_float(value, what, low, high)
+    if not number.is_integer():
+        raise InvalidInputError(f"The {what} must be a whole number, not {_shown(value)}.")
+    return int(number)
 
 
 def require_float(value: Any, what: str, low: float, high: float) -> float:
+    """A number in ``[low, high]``; NaN, infinity and text that is not a number are refused."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"The {what} must be a number, not {value!r}.") from None
-    if not low <= number <= high:  # also refuses NaN
-        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {number}.")
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInputError(f"The {what} must be a number, not {_shown(value)}.") from None
+    if not low <= number <= high:  # also refuses NaN and infinity
+        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {_shown(value)}.")
     return number
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_kwargs(spec: ModelSpec, placement: Placement) -> dict[str, Any]:
