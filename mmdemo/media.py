@@ -496,7 +496,7 @@ def encode_png(image: Image.Image) -> bytes:
         image = _to_rgb(image)
     clean = strip_image_metadata(image)
     buffer = io.BytesIO()
-    clean.save(buffer, format="PNG")
+    clean.save(buffer, format="PNG", compress_level=1)  # ~4x faster than the default, files ~20% larger
     return buffer.getvalue()
 
 

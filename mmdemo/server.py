@@ -4,7 +4,8 @@
 >>> launch(demo, settings, prevent_thread_lock=True)   # what serve() does, for tests
 
 Configuration comes from :class:`~mmdemo.config.Settings` (flags and ``MMDEMO_*`` variables): host,
-port, root path, model concurrency, queue size, batch size, login file, models to preload.
+port, root path, model concurrency, queue size, batch size, login file, models to preload, feedback
+database.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .registry import ModelRegistry
 if TYPE_CHECKING:
     import gradio as gr
 
+    from .ui.common import AppContext
+
 log = logging.getLogger(__name__)
 
 
@@ -29,15 +32,23 @@ def build_app(settings: Settings, registry: ModelRegistry | None = None, *,
               auth: AuthFile | None = None) -> "gr.Blocks":
     """The app over ``registry`` (a new one for ``settings`` by default), its queue configured.
 
-    Loads no model and does not import torch. ``auth`` defaults to ``settings.auth_file``'s users.
+    Loads no model, opens no feedback store (the first result does) and does not import torch.
+    ``auth`` defaults to ``settings.auth_file``'s users.
     """
-    apply_environment(settings)  # before gradio is imported: it reads GRADIO_ANALYTICS_ENABLED then
     from .ui.app import build_blocks
+
+    return build_blocks(app_context(settings, registry, auth))
+
+
+def app_context(settings: Settings, registry: ModelRegistry | None = None,
+                auth: AuthFile | None = None) -> "AppContext":
+    """What the app's tabs share (see :func:`build_app` for the arguments)."""
+    apply_environment(settings)  # before gradio is imported: it reads GRADIO_ANALYTICS_ENABLED then
     from .ui.common import AppContext
 
     if auth is None and settings.auth_file is not None:
         auth = AuthFile.load(settings.auth_file)
-    return build_blocks(AppContext.create(settings, registry, auth))
+    return AppContext.create(settings, registry, auth)
 
 
 def listen_address(settings: Settings, environ: dict[str, str] | None = None) -> tuple[str, int]:
@@ -99,14 +110,37 @@ def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str]) -> 
     return thread
 
 
+def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
+    """Open the feedback store while the page is already up, then once: forget the outputs whose
+    feedback window closed without feedback, and remove media files no output refers to."""
+
+    def work() -> None:
+        try:
+            purged = ctx.store.purge_expired_outputs()
+            swept = ctx.store.sweep_media()
+        except Exception:  # noqa: BLE001 - logged; the app runs on, its feedback rows say when the store fails
+            log.exception("tidying the feedback store failed")
+            return
+        log.info("feedback store: %d expired outputs purged, %d unused media files removed", purged, len(swept))
+
+    thread = threading.Thread(target=work, name="mmdemo-feedback-tidy", daemon=True)
+    thread.start()
+    return thread
+
+
 def serve(settings: Settings) -> None:
-    """Build the app and serve it until interrupted; models in ``settings.preload`` load meanwhile."""
+    """Build the app and serve it until interrupted; meanwhile models in ``settings.preload`` load and
+    the feedback store is opened and tidied."""
     apply_environment(settings)
+    from .ui.app import build_blocks
+
     auth = AuthFile.load(settings.auth_file) if settings.auth_file is not None else None
     registry = ModelRegistry.from_settings(settings)
     for model_id in settings.preload:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
-    demo = build_app(settings, registry, auth=auth)
+    ctx = app_context(settings, registry, auth)
+    demo = build_blocks(ctx)
     if settings.preload:
         preload_in_background(registry, settings.preload)
+    tidy_feedback_store_in_background(ctx)
     launch(demo, settings, auth)

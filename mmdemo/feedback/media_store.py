@@ -18,6 +18,7 @@ A file under its final name is therefore always complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -27,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from ..errors import AudioTooLongError, InvalidAudioError
 from ..media import DEFAULT_LIMITS, MediaLimits, encode_png, image_digest, load_audio, load_image
@@ -41,13 +42,20 @@ _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedMedia:
-    """Validated media, ready to be written: its ref, its kind and the exact bytes to store."""
+    """Validated media, ready to be written: its ref, its kind and how to make the exact bytes to store.
+
+    The bytes are made on first use only: media already stored (same ref) is never encoded again.
+    """
 
     ref: str
     kind: MediaKind
-    data: bytes
+    encode: Callable[[], bytes]
+
+    @functools.cached_property
+    def data(self) -> bytes:
+        return self.encode()
 
 
 def check_ref(ref: Any) -> str:
@@ -87,7 +95,7 @@ class MediaStore:
     def prepare_image(self, source: Any) -> PreparedMedia:
         """Decode, check and strip an image (anything :func:`load_image` takes); nothing is written."""
         image = load_image(source, self.limits)
-        return PreparedMedia(f"{image_digest(image)}.png", "image", encode_png(image))
+        return PreparedMedia(f"{image_digest(image)}.png", "image", functools.partial(encode_png, image))
 
     def prepare_audio(self, source: Any) -> PreparedMedia:
         """Check an audio upload and keep its bytes as they are; nothing is written.
@@ -122,7 +130,7 @@ class MediaStore:
     @staticmethod
     def _prepared_audio(data: bytes) -> PreparedMedia:
         ref = f"{hashlib.sha256(data).hexdigest()}.{sniff_audio_extension(data)}"
-        return PreparedMedia(ref, "audio", data)
+        return PreparedMedia(ref, "audio", lambda: data)
 
     # --- files -----------------------------------------------------------------------------------
 

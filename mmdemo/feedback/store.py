@@ -209,10 +209,10 @@ class FeedbackStore:
         def work(conn: Connection) -> None:
             for ref in sorted(all_media):
                 item = all_media[ref]
-                conn.execute(self._sql.upsert_media, {"b_ref": ref, "b_kind": item.kind, "b_size": len(item.data),
-                                                      "b_now": now})
                 if not self.media.exists(ref):  # deleted by an admin since step 2: write it again
                     self.media.write(item)
+                size = self.media.path_for(ref).stat().st_size
+                conn.execute(self._sql.upsert_media, {"b_ref": ref, "b_kind": item.kind, "b_size": size, "b_now": now})
             conn.execute(outputs.insert(), row)
             if links:
                 conn.execute(output_media.insert(), links)

@@ -1,4 +1,5 @@
-"""The whole app: five task tabs and the Models panel over one registry, in one queue group."""
+"""The whole app: five task tabs and the Models panel over one registry, in one queue group, and the
+``/feedback`` endpoint beside it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import gradio as gr
 
 from . import caption, classify, create, models_panel, transcribe, vqa
 from .common import AppContext
+from .feedback import feedback_api
 
 TABS = (caption, vqa, create, classify, transcribe)
 
@@ -16,6 +18,7 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"
 CSS = """
 .mmdemo-footer { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
 .mmdemo-note { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+.mmdemo-feedback { border-top: 1px solid var(--border-color-primary); padding-top: var(--spacing-lg); }
 """
 
 
@@ -26,7 +29,8 @@ def theme() -> gr.themes.Base:
 def header(ctx: AppContext) -> str:
     text = ("# mmdemo\nTry multimodal models: caption a photo, ask about it, create images, classify with "
             "your own labels, transcribe speech. Models load on first use; the line under each output "
-            "says which model and device answered, and how long it took.")
+            "says which model and device answered, and how long it took. Rate or correct a result under "
+            "it: your feedback becomes fine-tuning data.")
     if ctx.settings.profile == "tiny":
         text += ("\n\n**Tiny profile:** offline, randomly initialised models of the real architectures, for "
                  "testing. Their outputs are nonsense.")
@@ -45,4 +49,5 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
                 panel = models_panel.build(ctx)
         models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",
                           api_visibility="private")
+        feedback_api(ctx)
     return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)

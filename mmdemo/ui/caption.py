@@ -40,7 +40,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
             button = gr.Button("Caption", variant="primary")
         with gr.Column():
             caption = gr.Textbox("", label="Caption", lines=3, buttons=["copy"], interactive=False)
-            area = output_area()
+            area = output_area(ctx, TASK)
     examples([[asset("cat.jpg"), ""], [asset("coffee.jpg"), "a cup of"], [asset("astronaut.jpg"), ""],
               [asset("rocket.jpg"), ""]], inputs=[image, prefix])
     inputs = [image, prefix, model, max_new_tokens, num_beams, do_sample, temperature, top_p]

@@ -38,7 +38,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
             button = gr.Button("Classify", variant="primary")
         with gr.Column():
             scores = gr.Label(label="Scores", num_top_classes=None)
-            area = output_area()
+            area = output_area(ctx, TASK)
     examples([[asset("cat.jpg"), "cat, dog, cup of coffee, rocket"],
               [asset("coffee.jpg"), "coffee\ntea\nsoup"],
               [asset("astronaut.jpg"), "astronaut, scientist, pilot, farmer"]], inputs=[image, labels])

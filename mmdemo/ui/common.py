@@ -7,10 +7,12 @@ A tab module describes its endpoint with two small functions and lets :func:`con
 * ``present(result)``: a task result -> the values of the tab's own output components.
 
 :func:`connect` wires the button to one queued, validated event in the shared model queue group, with
-the API name, batching where the task batches, a loading note and readable errors. Every tab builds
-the part under its outputs with :func:`output_area`; that is where a feedback row will go.
+the API name, batching where the task batches, a loading note and readable errors. It records every
+result in the feedback store (the result's ``output_id`` goes into ``details``). Every tab builds the
+part under its outputs with :func:`output_area`: the provenance line, the feedback row of
+:mod:`.feedback` and the raw result.
 
-Nothing here imports torch: handlers only call ``mmdemo.tasks`` and the registry.
+Nothing here imports torch: handlers only call ``mmdemo.tasks``, the registry and the feedback store.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import gradio as gr
 import gradio.queueing
@@ -51,6 +55,10 @@ from ..errors import (
 )
 from ..registry import ModelRegistry
 
+if TYPE_CHECKING:
+    from ..feedback import FeedbackStore
+    from .feedback import FeedbackRow
+
 log = logging.getLogger(__name__)
 
 MODEL_QUEUE = "models"  # concurrency id shared by every event that runs a model
@@ -58,6 +66,7 @@ ADMIN_QUEUE = "admin"  # preload/unload from the Models panel: one at a time, be
 UNEXPECTED = ("Something went wrong on the server while handling this request (it has been logged). "
               "Please try again, or try another model.")
 OUTPUT_RETENTION_SECONDS = 3600  # generated files older than this are deleted when new ones are written
+STORE_RETRY_SECONDS = 30.0  # after the feedback store failed to open, calls wait this long before trying again
 
 Request = Callable[..., tuple[str | None, dict[str, Any]]]
 Present = Callable[[dict[str, Any]], tuple[Any, ...]]
@@ -93,13 +102,17 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class AppContext:
-    """What the tabs share: settings, the registry (the only owner of models), login and limits."""
+    """What the tabs share: settings, the registry (the only owner of models), the feedback store,
+    login and limits."""
 
     settings: Settings
     registry: ModelRegistry
     auth: AuthFile | None = None
     concurrency: int = field(init=False)
     _output_dir: Path | None = field(default=None, init=False, repr=False)
+    _store: "FeedbackStore | None" = field(default=None, init=False, repr=False)
+    _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _store_retry_at: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
@@ -109,7 +122,7 @@ class AppContext:
                auth: AuthFile | None = None) -> "AppContext":
         return cls(settings, registry or ModelRegistry.from_settings(settings), auth)
 
-    # -- who may manage models --
+    # -- who may do what --
 
     @property
     def open_admin(self) -> bool:
@@ -125,28 +138,89 @@ class AppContext:
             return "admin" if self.open_admin else None
         return self.auth.role_of(getattr(request, "username", None))
 
-    def require_admin(self, request: gr.Request | None) -> None:
+    def require_admin(self, request: gr.Request | None, action: str = "load or unload models") -> None:
+        """Raise a readable ``gr.Error`` unless the caller is an admin; ``action`` names what was refused."""
         if self.role_of(request) == "admin":
             return
         if self.auth is None:
-            raise gr.Error("Managing models is switched off: this app has no login and is reachable from "
-                           "other machines. Start it with an auth file (MMDEMO_AUTH_FILE) and sign in as an "
-                           "admin.", title="Not allowed", print_exception=False)
+            raise gr.Error(f"Only admins can {action}, and this app has no login and is reachable from other "
+                           "machines. Start it with an auth file (MMDEMO_AUTH_FILE) and sign in as an admin.",
+                           title="Not allowed", print_exception=False)
         name = getattr(request, "username", None) or "not signed in"
-        raise gr.Error(f"Only admins can load or unload models ({name} is not an admin).",
+        raise gr.Error(f"Only admins can {action} ({name} is not an admin).",
                        title="Not allowed", print_exception=False)
+
+    # -- feedback --
+
+    @property
+    def store(self) -> "FeedbackStore":
+        """The feedback store, opened on first use (its migrations run then).
+
+        Raises :class:`~mmdemo.feedback.StoreError` when it cannot be opened; the next attempt is made
+        after ``STORE_RETRY_SECONDS``, so that an unreachable database does not slow every request.
+        """
+        if self._store is not None:
+            return self._store
+        from ..feedback import FeedbackStore, StoreError
+
+        with self._store_lock:
+            if self._store is None:
+                if time.monotonic() < self._store_retry_at:
+                    raise StoreError("The feedback store is unavailable; see the server log.")
+                try:
+                    self._store = FeedbackStore.from_settings(self.settings)
+                except Exception:
+                    self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
+                    log.exception("opening the feedback store failed")
+                    raise StoreError("The feedback store could not be opened; see the server log.") from None
+        return self._store
+
+    def annotator_of(self, request: gr.Request | None) -> str | None:
+        """Who is asking: the login name, else a stable anonymous id of the browser or client session
+        (None when the request carries neither)."""
+        from ..feedback import anonymous_annotator
+
+        session = getattr(request, "session_hash", None)
+        return getattr(request, "username", None) or (anonymous_annotator(session) if session else None)
+
+    def record(self, task: str, task_inputs: dict[str, Any], result: dict[str, Any],
+               request: gr.Request | None) -> str | None:
+        """Record a result so that it can be rated; its ``output_id``, or None when recording failed.
+
+        A failure is logged and never fails the prediction: the feedback row then says that feedback is
+        unavailable for this result. ``request`` (who asked) may be None when unknown.
+        """
+        try:
+            return self.store.record_result(task, task_inputs, result, session=self.annotator_of(request))
+        except MMDemoError as exc:
+            log.warning("a %s result was not recorded for feedback: %s", task, exc)
+        except Exception:
+            log.exception("recording a %s result for feedback failed", task)
+        return None
 
     # -- files the app writes --
 
-    def output_path(self, stem: str, suffix: str = ".png") -> Path:
-        """A new file path for generated output; files older than an hour are removed first."""
+    def output_dir(self) -> Path:
+        """The folder of files the app hands out (generated images, exports); entries older than an hour
+        are removed first."""
         if self._output_dir is None:
             self._output_dir = Path(tempfile.mkdtemp(prefix="mmdemo-outputs-"))
         cutoff = time.time() - OUTPUT_RETENTION_SECONDS
         for old in self._output_dir.iterdir():
-            if old.stat().st_mtime < cutoff:
-                old.unlink(missing_ok=True)
-        return self._output_dir / f"{stem}-{os.urandom(4).hex()}{suffix}"
+            try:
+                if old.stat().st_mtime >= cutoff:
+                    continue
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+            except FileNotFoundError:  # removed by a concurrent call
+                pass
+        return self._output_dir
+
+    def output_path(self, stem: str, suffix: str = ".png") -> Path:
+        """A new file path for generated output in :meth:`output_dir`."""
+        return self.output_dir() / f"{stem}-{os.urandom(4).hex()}{suffix}"
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -259,17 +333,16 @@ def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.D
 
 @dataclass
 class OutputArea:
-    """The part under every tab's outputs: the provenance line and the raw result.
-
-    Built once for all tabs here, so that what goes under every output (the feedback row of the next
-    issue, with the ``output_id`` of the result) is added in one place.
-    """
+    """The part under every tab's outputs: the provenance line, the feedback row and the raw result
+    (whose ``output_id`` the feedback row saves against)."""
 
     footer: gr.Markdown
+    feedback: "FeedbackRow"
     details: gr.JSON
 
     @property
     def components(self) -> list[gr.components.Component]:
+        """The outputs of a task event (the feedback row is filled by a step after it)."""
         return [self.footer, self.details]
 
     @staticmethod
@@ -277,13 +350,17 @@ class OutputArea:
         return footer_line(result), json_safe(result)
 
 
-def output_area() -> OutputArea:
-    """The provenance line and the raw result, under a tab's own outputs (the labels name these
-    outputs in the API: ``answered_by``, ``details``)."""
+def output_area(ctx: AppContext, task: str) -> OutputArea:
+    """The provenance line, the feedback row for ``task`` and the raw result, under a tab's own outputs
+    (the labels name the task event's outputs in the API: ``answered_by``, ``details``)."""
+    from .feedback import feedback_row  # feedback builds on this module
+
     footer = gr.Markdown(label="Answered by", show_label=False, elem_classes="mmdemo-footer")
+    row = feedback_row(ctx, task)
     with gr.Accordion("Details (JSON)", open=False):
         details = gr.JSON(label="Details", show_label=False)
-    return OutputArea(footer, details)
+    row.connect(details)
+    return OutputArea(footer, row, details)
 
 
 def footer_line(result: dict[str, Any]) -> str:
@@ -301,7 +378,9 @@ def format_seconds(seconds: float) -> str:
 
 
 def format_bytes(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GiB"
+    return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
 
 
 def json_safe(result: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +463,7 @@ def connect(
 ) -> Any:
     """Wire ``button`` (and ``triggers``) to the task: the endpoint ``/api_name``, in the shared model
     queue group, validated before queueing, batched if ``batch``, with a loading note and readable errors.
+    Each result is recorded for feedback (``output_id`` in ``details``) and fills the feedback row.
 
     ``inputs`` are the components behind ``request``'s parameters, in the same order.
     """
@@ -391,26 +471,39 @@ def connect(
     if len(names) != len(inputs):
         raise ValueError(f"{api_name}: request takes {names} but {len(inputs)} inputs were given")
 
+    def finish(requests: list[tuple[str | None, dict[str, Any]]], results: list[dict[str, Any]],
+               caller: gr.Request | None) -> list[tuple[Any, ...]]:
+        """Record each result (before ``present``, which may replace its images), then the output values."""
+        for (_, task_inputs), result in zip(requests, results):
+            result["output_id"] = ctx.record(task, task_inputs, result, caller)
+        return [(*present(result), *area.values(result)) for result in results]
+
+    request_parameter = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
     if batch:
-        def handler(*columns: list[Any]) -> list[list[Any]]:
-            results = run_grouped(ctx, task, [request(*values) for values in zip(*columns)])
-            rows = [(*present(result), *area.values(result)) for result in results]
+        def handler(*values: Any) -> list[list[Any]]:
+            *columns, caller = values
+            requests = [request(*row) for row in zip(*columns)]
+            # gradio hands a batch the first request's gr.Request only: who asked is known for a batch of one
+            rows = finish(requests, run_grouped(ctx, task, requests), caller if len(requests) == 1 else None)
             return [list(column) for column in zip(*rows)]
-        parameters = list(inspect.signature(request).parameters.values())
+        parameters = [*inspect.signature(request).parameters.values(), request_parameter]
     else:
         def handler(*values: Any) -> tuple[Any, ...]:
-            progress = values[-1]
-            model_id, task_inputs = request(*values[:-1])
+            *values, progress, caller = values
+            model_id, task_inputs = request(*values)
             if model_id and not ctx.registry.is_loaded(model_id):
                 progress(0, desc=f"Loading {model_id}")
             if step_progress:
                 task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")
             result = tasks.run(ctx.registry, task, model_id, **task_inputs)
-            return (*present(result), *area.values(result))
+            return finish([(model_id, task_inputs)], [result], caller)[0]
         parameters = [*inspect.signature(request).parameters.values(),
-                      inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
-    # gradio reads parameter names (the API's) and special arguments (progress) from the signature.
+                      inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+                      request_parameter]
+    # gradio reads parameter names (the API's) and special arguments (progress, the request) from the
+    # signature and the annotations.
     handler.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    handler.__annotations__ = {"request": gr.Request}
     handler.__name__ = handler.__qualname__ = api_name
 
     validate = input_validator(ctx, task, request, media, text)
@@ -441,13 +534,17 @@ def connect(
         event = gr.on([button.click, *triggers], **main)
     event.then(functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False,
                show_progress="hidden", api_visibility="private")
+    area.feedback.follow(event)
     return event
 
 
 def standalone(build: Callable[[AppContext], SimpleNamespace], ctx: AppContext, title: str) -> gr.Blocks:
     """One tab as its own app (for tests and for working on a single tab); queue configured."""
+    from .feedback import feedback_api
+
     with gr.Blocks(title=title) as demo:
         build(ctx)
+        feedback_api(ctx)
     return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)
 
 

@@ -64,7 +64,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
             with gr.Row():
                 seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
                 reuse = gr.Button("Reuse this seed", size="sm")
-            area = output_area()
+            area = output_area(ctx, TASK)
     examples([["an astronaut riding a horse, oil painting", ""],
               ["a cozy cabin in snowy mountains at night, digital art", "blurry"],
               ["a cup of coffee on a wooden table, photograph", ""]], inputs=[prompt, negative_prompt])

@@ -1,6 +1,7 @@
-"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload.
+"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload and
+the feedback export (the same dataset as ``mmdemo export``, as a zip to download).
 
-API: ``/models_status`` (anyone), ``/preload_model`` and ``/unload_model`` (admins).
+API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model`` and ``/export_feedback`` (admins).
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ from typing import Any
 
 import gradio as gr
 
+from .. import tasks
 from .common import ADMIN_QUEUE, AppContext, format_bytes, readable_errors, standalone
 
 TITLE = "Models"
 HEADERS = ["model", "task", "state", "device", "dtype", "memory", "calls", "idle (s)"]
+EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
+# The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
+EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
+EXPORT_ONLY = [("approved: corrected or thumbs up", "approved"), ("corrected only", "corrected"),
+               ("all feedback", "all")]
 
 
 def status_rows(ctx: AppContext) -> list[list[Any]]:
@@ -43,12 +50,13 @@ def summary(ctx: AppContext) -> str:
         lines.append(f"- **{model_id}** failed to load: {error}")
     if ctx.auth is None and ctx.open_admin:
         lines.append("*No login is configured and the app only listens on this machine, so everyone here "
-                     "can preload and unload models. Set MMDEMO_AUTH_FILE to require an admin login.*")
+                     "can preload and unload models and export feedback. Set MMDEMO_AUTH_FILE to require an "
+                     "admin login.*")
     elif ctx.auth is None:
-        lines.append("*Preload and unload are switched off: no login is configured and the app is reachable "
-                     "from other machines. Set MMDEMO_AUTH_FILE and sign in as an admin to manage models.*")
+        lines.append("*Preload, unload and the feedback export are switched off: no login is configured and "
+                     "the app is reachable from other machines. Set MMDEMO_AUTH_FILE and sign in as an admin.*")
     else:
-        lines.append("*Preload and unload need a user with the admin role.*")
+        lines.append("*Preload, unload and the feedback export need a user with the admin role.*")
     return "\n\n".join(lines)
 
 
@@ -68,6 +76,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
         done = ctx.registry.unload(model)
         return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh()
 
+    @readable_errors
+    def export_feedback(task: str, format: str, only: str, request: gr.Request) -> tuple[str, str]:
+        ctx.require_admin(request, "export feedback")
+        from ..feedback import export_archive
+
+        archive = export_archive(ctx.store, task, ctx.output_dir(), format=format, only=only)
+        return str(archive), f"Exported {only} feedback on {task} as {format}: {format_bytes(archive.stat().st_size)}."
+
     ids = [spec.id for spec in ctx.registry.catalog]
     info = gr.Markdown()
     table = gr.Dataframe(headers=HEADERS, label="Catalog and registry", interactive=False, wrap=True)
@@ -77,6 +93,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
         unload = gr.Button("Unload", variant="stop", scale=1)
         refresh_button = gr.Button("Refresh", scale=1)
     message = gr.Markdown()
+    with gr.Accordion("Export feedback (admins)", open=False):
+        with gr.Row():
+            export_task = gr.Dropdown(list(tasks.TASK_RUNNERS), value=next(iter(tasks.TASK_RUNNERS)), label="Task")
+            export_format = gr.Dropdown(EXPORT_FORMATS, value="datasets", label="Format")
+            export_only = gr.Dropdown(EXPORT_ONLY, value="approved", label="Records")
+        export = gr.Button("Export")
+        archive = gr.File(label="Export (zip)", interactive=False)
+        export_message = gr.Markdown()
 
     # On page load (no triggers, no inputs), on the Refresh button, and after each action:
     gr.on(None, refresh, None, [info, table], queue=False, show_progress="hidden", api_visibility="private")
@@ -84,8 +108,11 @@ def build(ctx: AppContext) -> SimpleNamespace:
     admin = dict(concurrency_id=ADMIN_QUEUE, concurrency_limit=1)
     preload.click(preload_model, model, [message, info, table], api_name="preload_model", **admin)
     unload.click(unload_model, model, [message, info, table], api_name="unload_model", **admin)
+    export.click(export_feedback, [export_task, export_format, export_only], [archive, export_message],
+                 api_name="export_feedback", concurrency_id=EXPORT_QUEUE, concurrency_limit=1)
     return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
-                           refresh=refresh, refresh_button=refresh_button, message=message)
+                           refresh=refresh, refresh_button=refresh_button, message=message, export=export,
+                           archive=archive, export_message=export_message)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

@@ -43,7 +43,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
             with gr.Accordion("Segments (tick Timestamps)", open=True):
                 segments = gr.Dataframe(headers=SEGMENT_HEADERS, label="Segments", show_label=False,
                                         interactive=False, wrap=True)
-            area = output_area()
+            area = output_area(ctx, TASK)
     examples([[asset("speech.wav")]], inputs=[audio])
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[audio, model, language, translate, timestamps], present=present,

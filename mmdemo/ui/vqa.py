@@ -40,7 +40,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         with gr.Column():
             answer = gr.Textbox("", label="Answer", interactive=False, buttons=["copy"])
             top_answers = gr.Label(label="Top answers")
-            area = output_area()
+            area = output_area(ctx, TASK)
     examples([[asset("cat.jpg"), "What animal is this?"], [asset("coffee.jpg"), "What is in the cup?"],
               [asset("rocket.jpg"), "Is it day or night?"]], inputs=[image, question])
     event = connect(ctx, task=TASK, button=button, request=request,

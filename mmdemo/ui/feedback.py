@@ -1,0 +1,268 @@
+"""Feedback on every result: the row under each tab's outputs, and the ``/feedback`` endpoint.
+
+Every result a tab shows is recorded in the feedback store and carries its ``output_id`` in
+``details``. Under it, :func:`feedback_row` offers thumbs up / down, the correction the task needs
+and a comment; its buttons and ``/feedback`` (for scripts) both save through :func:`save_feedback`,
+one record per (output, annotator): saving again updates that record.
+
+=============================  ===============================================================
+caption, VQA, transcribe       the model's text, pre-filled, edited in place
+zero-shot                      the right label(s): chosen from the labels offered or typed
+text-to-image                  a 1-5 rating per image and, when several were made, the preferred one
+=============================  ===============================================================
+
+The store is imported on first use (it costs start-up time); nothing here imports torch.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from ..errors import MMDemoError
+from .common import UNEXPECTED, AppContext, readable_errors
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
+FEEDBACK_CONCURRENCY = 16  # saves at once (quick database writes; SQLite commits them in groups)
+MAX_IMAGES = 8  # text-to-image makes at most 8 images per request
+THUMBS = {"up": 1, "+1": 1, "1": 1, "down": -1, "-1": -1}
+UNAVAILABLE = ("*Feedback is unavailable for this result: it could not be recorded (the server log says "
+               "why).*")
+INTRO = ("**Is this right?** Rate it, or correct it and save: your feedback becomes fine-tuning data.")
+
+
+# --- saving: one path for the buttons and the API --------------------------------------------------
+
+
+def parse_thumbs(thumbs: Any) -> int | None:
+    """``"up"`` / ``"down"``, +1 / -1 (as numbers or text), or None / ``""`` for no rating."""
+    from ..feedback import InvalidFeedbackError
+
+    if thumbs is None or thumbs == "":
+        return None
+    if isinstance(thumbs, int) and not isinstance(thumbs, bool) and thumbs in (1, -1):
+        return thumbs
+    if isinstance(thumbs, str) and thumbs.strip().lower() in THUMBS:
+        return THUMBS[thumbs.strip().lower()]
+    raise InvalidFeedbackError(f'thumbs must be "up" or "down" (or 1 / -1), not {thumbs!r}.')
+
+
+def parse_correction(task: str, correction: str) -> Any:
+    """A correction sent as JSON text, in the form the store takes for ``task``: a list of labels for
+    zero-shot, ``{"image_ratings": [...], "preferred": i}`` for text-to-image; text for the others."""
+    from ..feedback import InvalidFeedbackError
+
+    if task not in ("zero-shot-image-classification", "text-to-image"):
+        return correction
+    try:
+        return json.loads(correction)
+    except ValueError:
+        if task == "text-to-image":
+            raise InvalidFeedbackError('A text-to-image correction is JSON: {"image_ratings": [1-5 or null per '
+                                       'image], "preferred": an image index or null}.') from None
+        return correction  # labels separated by commas, one of them starting with "["
+
+
+def save_feedback(ctx: AppContext, request: gr.Request | None, output_id: Any, thumbs: Any = None,
+                  correction: Any = None, comment: Any = None) -> Any:
+    """Save the caller's feedback on an output; the store's ``SavedFeedback`` (``.message``: "Saved #N").
+
+    The annotator is the login name, else the anonymous id of the caller's session. ``correction`` is
+    the task's form (text, list of labels, ratings dict) or JSON text of it. Raises the store's readable
+    errors: unknown or expired output, a bad rating, correction or comment, nothing to save.
+    """
+    store = ctx.store
+    annotator = ctx.annotator_of(request)
+    if isinstance(correction, str) and correction.lstrip()[:1] in ("[", "{"):
+        correction = parse_correction(store.get_output(output_id).task, correction)
+    return store.add_feedback(output_id, annotator=annotator, thumbs=parse_thumbs(thumbs), correction=correction,
+                              comment=comment)
+
+
+def feedback_api(ctx: AppContext) -> None:
+    """Register ``/feedback`` in the current Blocks, in a concurrency group of its own."""
+
+    def feedback(output_id: str, thumbs: str | int | None = None,
+                 correction: str | list[str] | dict | None = None, comment: str | None = None,
+                 request: gr.Request = None) -> tuple[str, int]:
+        """Save feedback on a result. output_id: from the result's details. thumbs: "up" or "down" (or 1 / -1).
+        correction: the corrected caption / answer / transcript; for zero-shot the right labels (a list, JSON
+        list or "a, b"); for text-to-image {"image_ratings": [1-5 or null per image], "preferred": index or
+        null} (or its JSON). comment: free text. Returns the message ("Saved #12") and the record id; saving
+        again (same output, same login or session) updates the same record."""
+        saved = save_feedback(ctx, request, output_id, thumbs, correction, comment)
+        return saved.message, saved.id
+
+    gr.api(readable_errors(feedback), api_name="feedback", concurrency_id=FEEDBACK_QUEUE,
+           concurrency_limit=FEEDBACK_CONCURRENCY)
+
+
+# --- corrections: one widget per task --------------------------------------------------------------
+
+
+class Correction:
+    """The correction widgets of one task: built under the output, filled from each result (the
+    ``details`` dict), read back on save (None: nothing was corrected)."""
+
+    components: list[gr.components.Component]
+
+    def fill(self, result: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def read(self, result: dict[str, Any], values: list[Any]) -> Any:
+        raise NotImplementedError
+
+
+class TextCorrection(Correction):
+    """The model's text, pre-filled and edited in place; unchanged text is no correction."""
+
+    def __init__(self, field: str, label: str, lines: int = 2):
+        self.field = field
+        self.components = [gr.Textbox("", label=label, lines=lines, interactive=True,
+                                      info="Pre-filled with the model's output: edit it, then save.")]
+
+    def fill(self, result: dict[str, Any]) -> list[Any]:
+        return [result.get(self.field) or ""]
+
+    def read(self, result: dict[str, Any], values: list[Any]) -> Any:
+        text = values[0] if isinstance(values[0], str) else ""
+        return None if text.strip() == (result.get(self.field) or "").strip() else text
+
+
+class LabelsCorrection(Correction):
+    """The right label(s), chosen among the labels offered or typed; pre-set to the model's top label."""
+
+    def __init__(self) -> None:
+        self.components = [gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                       label="Right label(s)", interactive=True,
+                                       info="Choose among the labels, or type another and press Enter.")]
+
+    @staticmethod
+    def offered(result: dict[str, Any]) -> list[str]:
+        return [item["label"] for item in result.get("labels") or []]
+
+    def fill(self, result: dict[str, Any]) -> list[Any]:
+        offered = self.offered(result)
+        return [gr.Dropdown(choices=offered, value=offered[:1])]
+
+    def read(self, result: dict[str, Any], values: list[Any]) -> Any:
+        chosen = [values[0]] if isinstance(values[0], str) else list(values[0] or [])
+        return None if chosen == self.offered(result)[:1] else chosen
+
+
+class ImageRatings(Correction):
+    """A 1-5 rating per generated image and, when there are several, the preferred one."""
+
+    def __init__(self) -> None:
+        with gr.Row():
+            self.ratings = [gr.Radio([1, 2, 3, 4, 5], value=None, label=f"Image {i + 1}: 1 (bad) to 5 (good)",
+                                     visible=False, min_width=200) for i in range(MAX_IMAGES)]
+        self.preferred = gr.Radio([], value=None, label="Preferred image", visible=False)
+        self.components = [*self.ratings, self.preferred]
+
+    def fill(self, result: dict[str, Any]) -> list[Any]:
+        count = len(result.get("images") or [])
+        return [*(gr.Radio(value=None, visible=i < count) for i in range(MAX_IMAGES)),
+                gr.Radio(choices=[(f"Image {i + 1}", i) for i in range(count)], value=None, visible=count > 1)]
+
+    def read(self, result: dict[str, Any], values: list[Any]) -> Any:
+        count = len(result.get("images") or [])
+        ratings, preferred = values[:count], values[-1]
+        if preferred is None and all(rating is None for rating in ratings):
+            return None
+        return {"image_ratings": ratings if any(r is not None for r in ratings) else None, "preferred": preferred}
+
+
+def correction_for(task: str) -> Correction:
+    """Build the correction widgets ``task`` needs (inside the current Blocks)."""
+    builders = {
+        "image-to-text": lambda: TextCorrection("text", "Correct caption"),
+        "visual-question-answering": lambda: TextCorrection("answer", "Right answer", lines=1),
+        "automatic-speech-recognition": lambda: TextCorrection("text", "Correct transcript", lines=4),
+        "zero-shot-image-classification": LabelsCorrection,
+        "text-to-image": ImageRatings,
+    }
+    return builders[task]()
+
+
+# --- the row -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeedbackRow:
+    """Thumbs, the task's correction, a comment, Save and a status line, for the result shown above.
+
+    The thumbs buttons save at once (with the correction and comment as they stand); Save saves the
+    correction and comment. Either way the status line says "Saved #N" or why nothing was saved.
+    """
+
+    ctx: AppContext
+    box: gr.Column
+    up: gr.Button
+    down: gr.Button
+    correction: Correction
+    comment: gr.Textbox
+    save: gr.Button
+    status: gr.Markdown
+    details: gr.JSON | None = None
+
+    def connect(self, details: gr.JSON) -> None:
+        """Wire the buttons; ``details`` holds the result (and its ``output_id``) they save against."""
+        self.details = details
+        inputs = {details, *self.correction.components, self.comment}
+        for button, thumbs in ((self.up, 1), (self.down, -1), (self.save, None)):
+            button.click(self.handler(thumbs), inputs, [self.status, self.up, self.down], queue=False,
+                         show_progress="minimal", api_visibility="private")
+
+    def follow(self, event: Any) -> None:
+        """After each result of ``event``: show the row, filled for that result."""
+        outputs = [self.box, *self.correction.components, self.comment, self.status, self.up, self.down]
+        event.success(self.fill, [self.details], outputs, queue=False, show_progress="hidden", api_visibility="private")
+
+    def fill(self, result: dict[str, Any] | None) -> list[Any]:
+        result = result or {}
+        return [gr.Column(visible=True), *self.correction.fill(result), "",
+                "" if result.get("output_id") else UNAVAILABLE, *self.thumbs_shown(None)]
+
+    @staticmethod
+    def thumbs_shown(thumbs: int | None) -> tuple[gr.Button, gr.Button]:
+        """The up / down buttons, the saved one highlighted."""
+        return (gr.Button(variant="primary" if thumbs == 1 else "secondary"),
+                gr.Button(variant="primary" if thumbs == -1 else "secondary"))
+
+    def handler(self, thumbs: int | None) -> Any:
+        def save(values: dict[gr.components.Component, Any], request: gr.Request) -> tuple[Any, ...]:
+            result = values[self.details] or {}
+            if not result.get("output_id"):
+                return "**Not saved:** this result was not recorded, so it cannot be rated.", gr.skip(), gr.skip()
+            try:
+                correction = self.correction.read(result, [values[c] for c in self.correction.components])
+                saved = save_feedback(self.ctx, request, result["output_id"], thumbs, correction,
+                                      values[self.comment])
+            except MMDemoError as exc:
+                return f"**Not saved:** {exc}", gr.skip(), gr.skip()
+            except Exception:
+                log.exception("saving feedback failed")
+                return f"**Not saved:** {UNEXPECTED}", gr.skip(), gr.skip()
+            message = f"✓ **{saved.message}**" + ("" if saved.created else " (updated)")
+            return (message, *self.thumbs_shown(thumbs)) if thumbs else (message, gr.skip(), gr.skip())
+
+        return save
+
+
+def feedback_row(ctx: AppContext, task: str) -> FeedbackRow:
+    """The feedback row for ``task``, hidden until a result is shown; wire it with ``connect``."""
+    with gr.Column(visible=False, elem_classes="mmdemo-feedback") as box:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            up = gr.Button("Thumbs up", size="sm", min_width=100)
+            down = gr.Button("Thumbs down", size="sm", min_width=100)
+        correction = correction_for(task)
+        comment = gr.Textbox("", label="Comment (optional)", lines=1)
+        save = gr.Button("Save feedback", size="sm")
+        status = gr.Markdown(elem_classes="mmdemo-feedback-status")
+    return FeedbackRow(ctx, box, up, down, correction, comment, save, status)

@@ -1,0 +1,133 @@
+"""Feedback as a person gives it, in a real browser: correct a caption, see "Saved #N", export from the
+Models panel and find the caption in the dataset; rate generated images; correct a zero-shot label."""
+
+from __future__ import annotations
+
+import re
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from mmdemo.feedback import FeedbackStore
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "assets" / "cat.jpg"
+SLOW = 60_000  # ms: the first call of a model loads it
+SAVED = re.compile(r"Saved #(\d+)")
+
+
+@pytest.fixture
+def app(page: Page, tiny_app) -> Page:
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.goto(tiny_app.url)
+    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
+    return page
+
+
+@pytest.fixture(scope="module")
+def store(tiny_app):
+    with FeedbackStore.from_settings(tiny_app.settings) as store:
+        yield store
+
+
+def open_tab(page: Page, name: str):
+    page.get_by_role("tab", name=name).click()
+    panel = page.locator(f"#tab-{name.lower()}")
+    expect(panel).to_be_visible()
+    return panel
+
+
+def field(panel, label: str):
+    """The text area or input of the component labelled exactly ``label`` (as in test_browser.py)."""
+    info = panel.page.get_by_test_id("block-info").get_by_text(label, exact=True)
+    return panel.locator("label").filter(has=info).locator("textarea, input").first
+
+
+def run(panel, button: str, model: str) -> None:
+    panel.get_by_role("button", name=button, exact=True).click()
+    expect(panel.locator(".prose.mmdemo-footer")).to_contain_text(model, timeout=SLOW)
+
+
+def saved_id(panel) -> int:
+    """Wait for the status line to say "Saved #N"; N."""
+    status = panel.locator(".prose.mmdemo-feedback-status")
+    expect(status).to_contain_text(SAVED)
+    return int(SAVED.search(status.inner_text()).group(1))
+
+
+def test_correct_a_caption_then_export_it_from_the_models_panel(app: Page, tmp_path: Path):
+    import datasets
+
+    panel = open_tab(app, "Caption")
+    panel.locator("input[type=file]").first.set_input_files(str(CAT))
+    run(panel, "Caption", "tiny-blip-caption")
+    box = field(panel, "Correct caption")
+    expect(box).to_have_value(field(panel, "Caption").input_value())  # pre-filled with the model's caption
+    box.fill("")
+    panel.get_by_role("button", name="Save feedback").click()
+    expect(panel.get_by_text("Not saved: The corrected caption is empty")).to_be_visible()  # never silent
+
+    caption = f"a tabby cat looking at the camera {uuid.uuid4().hex[:6]}"
+    box.fill(caption)
+    panel.get_by_role("button", name="Save feedback").click()
+    record_id = saved_id(panel)
+    panel.get_by_role("button", name="Thumbs up").click()  # the same record, updated
+    expect(panel.locator(".prose.mmdemo-feedback-status")).to_contain_text(f"Saved #{record_id} (updated)")
+
+    models = open_tab(app, "Models")
+    models.get_by_role("button", name="Export feedback (admins)").click()
+    models.get_by_label("Records").click()
+    app.get_by_role("option", name="corrected only").click()
+    models.get_by_role("button", name="Export", exact=True).click()
+    expect(models.get_by_text(re.compile("Exported corrected feedback on image-to-text"))).to_be_visible(timeout=SLOW)
+    with app.expect_download() as download:
+        models.get_by_test_id("download-link").click()
+    archive = tmp_path / "export.zip"
+    download.value.save_as(archive)
+    with zipfile.ZipFile(archive) as packed:
+        packed.extractall(tmp_path / "export")
+    exported = datasets.load_from_disk(str(tmp_path / "export"))
+    rows = [row for split in exported.values() for row in split.select_columns(["text", "record_id", "thumbs"])]
+    assert {"text": caption, "record_id": record_id, "thumbs": 1} in rows
+
+
+def test_rate_generated_images_and_choose_one(app: Page, store):
+    panel = open_tab(app, "Create")
+    field(panel, "Prompt").fill("a lighthouse at dusk")
+    panel.get_by_role("button", name=re.compile("Advanced settings")).click()
+    for setting in ("Number of images", "Denoising steps"):
+        number = panel.get_by_label(f"number input for {setting}")
+        number.fill("2")
+        number.press("Enter")  # commit it, as a person's Enter or Tab does
+        expect(number).to_have_value("2")
+    run(panel, "Create", "tiny-stable-diffusion")
+    panel.locator("fieldset").filter(has_text="Image 1: 1 (bad) to 5 (good)").get_by_label("4").check()
+    expect(panel.locator("fieldset").filter(has_text="Image 3")).to_have_count(0)  # two images, two ratings
+    panel.locator("fieldset").filter(has_text="Preferred image").get_by_label("Image 2").check()
+    panel.get_by_role("button", name="Save feedback").click()
+    record = store.get(saved_id(panel))
+    assert record.correction == {"image_ratings": [4, None], "preferred": 1} and record.task == "text-to-image"
+
+
+def test_correct_a_zero_shot_label(app: Page, store):
+    panel = open_tab(app, "Classify")
+    panel.locator("input[type=file]").first.set_input_files(str(CAT))
+    field(panel, "Labels (separated by commas or new lines)").fill("cat, dog, car")
+    run(panel, "Classify", "tiny-clip")
+    labels = panel.get_by_label("Right label(s)")
+    top = panel.locator(".token").first.inner_text().strip()  # pre-set to the model's top label
+    assert top in ("cat", "dog", "car")
+    panel.get_by_title("Clear").click()
+    labels.click()
+    app.get_by_role("option", name="dog").click()
+    labels.fill("tabby")
+    labels.press("Enter")  # a label that was not offered
+    field(panel, "Comment (optional)").fill("a tabby, not a dog")
+    panel.get_by_role("button", name="Thumbs down").click()
+    record = store.get(saved_id(panel))
+    assert (record.correction, record.thumbs, record.comment) == (["dog", "tabby"], -1, "a tabby, not a dog")
