@@ -6,6 +6,7 @@
     mmdemo predict text-to-image --prompt "a red bicycle" --seed 7 --out bike.png
     mmdemo build-tiny
     mmdemo export --task caption --format datasets --out ./captions
+    mmdemo delete --record 12
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     export.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repo (token: HF_TOKEN)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
+    delete = commands.add_parser(
+        "delete", parents=[common],
+        help="delete feedback records (data-subject requests): run on the server, with admin rights")
+    target = delete.add_mutually_exclusive_group(required=True)
+    target.add_argument("--record", type=int, action="append", help="feedback record id (repeatable)")
+    target.add_argument("--output", action="append", help="output id: the result and all feedback on it")
 
     build = commands.add_parser("build-tiny", parents=[common], help="build the offline tiny checkpoints")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -263,7 +271,22 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
+    """Whoever runs the command on the server holds the data directory: they act as an admin."""
+    from .feedback import ADMIN_ROLE, FeedbackStore
+
+    with FeedbackStore.from_settings(settings) as store:
+        for record_id in args.record or []:
+            deleted = store.delete_feedback(record_id, actor_role=ADMIN_ROLE)
+            print(f"deleted record #{record_id} ({len(deleted.media_refs)} media files no longer used)")
+        for output_id in args.output or []:
+            deleted = store.delete_output(output_id, actor_role=ADMIN_ROLE)
+            print(f"deleted output {output_id}: {len(deleted.feedback_ids)} records, "
+                  f"{len(deleted.media_refs)} media files")
+    return 0
+
+
+COMMANDS = {"delete": cmd_delete, "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -214,3 +214,25 @@ def test_user_catalog_serves_local_transformers_and_ctranslate2_folders(capsys, 
     sf.write(audio, 0.3 * np.sin(2 * np.pi * 440 * np.arange(24000) / 24000), 24000)
     assert main(["predict", "asr", "--model", "my-ct2-whisper", "--input", str(audio), *common]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["backend"] == "ctranslate2"
+
+
+def test_cli_delete_removes_a_record_and_its_unshared_media(capsys, tmp_path):
+    from mmdemo.feedback import FeedbackStore, RecordNotFoundError
+
+    settings = Settings(profile="tiny", data_dir=tmp_path)
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), "purple").save(image)
+    with FeedbackStore.from_settings(settings) as store:
+        output_id = store.record_result("image-to-text", {"image": str(image)},
+                                        {"text": "a purple square", "model": {"id": "tiny-blip-caption"}})
+        saved = store.add_feedback(output_id, annotator="alice", correction="a purple tile")
+        media_files = [p for p in (tmp_path / "media").rglob("*.png")]
+        assert len(media_files) == 1
+    assert main(["delete", "--data-dir", str(tmp_path), "--record", str(saved.id)]) == 0
+    assert f"deleted record #{saved.id}" in capsys.readouterr().out
+    with FeedbackStore.from_settings(settings) as store:
+        with pytest.raises(RecordNotFoundError):
+            store.get(saved.id)
+    assert not media_files[0].exists()
+    assert main(["delete", "--data-dir", str(tmp_path), "--record", str(saved.id)]) == 1
+    assert f"error: There is no feedback record #{saved.id}." in capsys.readouterr().err
