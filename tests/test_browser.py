@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import soundfile as sf
+from browser_util import set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -95,7 +96,7 @@ def test_create_shows_progress_and_the_seed_can_be_reused(app: Page):
     panel = open_tab(app, "Create")
     field(panel, "Prompt").fill("an astronaut riding a horse")
     panel.get_by_role("button", name=re.compile("Advanced settings")).click()
-    panel.get_by_label("number input for Denoising steps").fill("100")
+    set_number(panel.get_by_label("number input for Denoising steps"), "100")
     panel.get_by_role("button", name="Create", exact=True).click()
     expect(panel.get_by_text(re.compile(r"\d+/100 steps")).first).to_be_visible(timeout=SLOW)  # per-step progress
     expect(footer(panel)).to_contain_text("tiny-stable-diffusion · cpu", timeout=SLOW)

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from browser_util import set_number
 from playwright.sync_api import Page, expect
 
 from mmdemo.feedback import FeedbackStore
@@ -101,10 +102,7 @@ def test_rate_generated_images_and_choose_one(app: Page, store):
     field(panel, "Prompt").fill("a lighthouse at dusk")
     panel.get_by_role("button", name=re.compile("Advanced settings")).click()
     for setting in ("Number of images", "Denoising steps"):
-        number = panel.get_by_label(f"number input for {setting}")
-        number.fill("2")
-        number.press("Enter")  # commit it, as a person's Enter or Tab does
-        expect(number).to_have_value("2")
+        set_number(panel.get_by_label(f"number input for {setting}"), "2")
     run(panel, "Create", "tiny-stable-diffusion")
     panel.locator("fieldset").filter(has_text="Image 1: 1 (bad) to 5 (good)").get_by_label("4").check()
     expect(panel.locator("fieldset").filter(has_text="Image 3")).to_have_count(0)  # two images, two ratings

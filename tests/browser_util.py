@@ -1,0 +1,20 @@
+"""Helpers the browser tests share."""
+
+from __future__ import annotations
+
+from playwright.sync_api import expect
+
+
+def set_number(number, value: str, attempts: int = 5) -> None:
+    """Type ``value`` into a slider's number box and commit it with Enter. A slider in an accordion that
+    was just opened can still be mounting and put its default back over a value typed that instant, so
+    type again until the box keeps the value (as a person would see and retype it)."""
+    for _ in range(attempts):
+        number.fill(value)
+        number.press("Enter")
+        try:
+            expect(number).to_have_value(value, timeout=1500)
+            return
+        except AssertionError:
+            continue
+    expect(number).to_have_value(value)
