@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
+
+
+def open_tab(page: Page, name: str):
+    page.get_by_role("tab", name=name).click()
+    panel = page.locator(f"#tab-{name.lower()}")
+    expect(panel).to_be_visible()
+    return panel
+
+
+def field(panel, label: str):
+    """The text area or input of the component labelled exactly ``label``."""
+    info = panel.page.get_by_test_id("block-info").get_by_text(label, exact=True)
+    return panel.locator("label").filter(has=info).locator("textarea, input").first
 
 
 def set_number(number, value: str, attempts: int = 5) -> None:

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import soundfile as sf
-from browser_util import set_number
+from browser_util import field, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -33,13 +33,6 @@ def app(page: Page, tiny_app) -> Page:
     return page
 
 
-def open_tab(page: Page, name: str):
-    page.get_by_role("tab", name=name).click()
-    panel = page.locator(f"#tab-{name.lower()}")
-    expect(panel).to_be_visible()
-    return panel
-
-
 def footer(panel):
     """The 'model · device · time' line under the outputs."""
     return panel.locator(".prose.mmdemo-footer")
@@ -48,12 +41,6 @@ def footer(panel):
 def note(panel):
     """The line under the model dropdown."""
     return panel.locator(".prose.mmdemo-note")
-
-
-def field(panel, label: str):
-    """The text area or input of the component labelled exactly ``label``."""
-    info = panel.page.get_by_test_id("block-info").get_by_text(label, exact=True)
-    return panel.locator("label").filter(has=info).locator("textarea, input").first
 
 
 def upload(panel, path: Path) -> None:

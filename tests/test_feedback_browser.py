@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from browser_util import set_number
+from browser_util import field, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 from mmdemo.feedback import FeedbackStore
@@ -34,19 +34,6 @@ def app(page: Page, tiny_app) -> Page:
 def store(tiny_app):
     with FeedbackStore.from_settings(tiny_app.settings) as store:
         yield store
-
-
-def open_tab(page: Page, name: str):
-    page.get_by_role("tab", name=name).click()
-    panel = page.locator(f"#tab-{name.lower()}")
-    expect(panel).to_be_visible()
-    return panel
-
-
-def field(panel, label: str):
-    """The text area or input of the component labelled exactly ``label`` (as in test_browser.py)."""
-    info = panel.page.get_by_test_id("block-info").get_by_text(label, exact=True)
-    return panel.locator("label").filter(has=info).locator("textarea, input").first
 
 
 def run(panel, button: str, model: str) -> None:
