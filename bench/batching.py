@@ -140,10 +140,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="per client (mid models: a quarter of it)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=300, help="bound of each measurement")
+    parser.add_argument("--concurrency", type=int, default=0, help="model calls at once (0: the app's default)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mmdemo-bench-") as tmp:
-        base = Settings(profile="tiny", data_dir=Path(tmp) / "data", device="cpu")
+        base = Settings(profile="tiny", data_dir=Path(tmp) / "data", device="cpu", concurrency=args.concurrency)
         build_tiny_models(base.tiny_dir)
         rows = []
         for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
