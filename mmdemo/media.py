@@ -225,6 +225,21 @@ def _check_pixels(size: tuple[int, int], limits: MediaLimits) -> None:
         )
 
 
+def _load_pixels(img: Image.Image, limits: MediaLimits, damaged: str) -> None:
+    """Decode ``img``'s pixels within ``limits``: the size is checked from the header first, and
+    bombs and broken data become readable errors (``damaged`` is the message for the latter)."""
+    _check_pixels(img.size, limits)  # from the header, before a single pixel is decoded
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(exc, limits) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # "image file is truncated", broken data streams, CRC errors...
+        raise InvalidImageError(damaged) from exc
+    _check_pixels(img.size, limits)  # a few formats only know the final size after loading
+
+
 def _bomb_error(exc: BaseException, limits: MediaLimits) -> ImageTooLargeError:
     """Word PIL's own decompression-bomb refusal (raised inside Image.open) for a person."""
     limit = limits.max_image_pixels
@@ -407,19 +422,8 @@ def _open_image_bytes(data: bytes, limits: MediaLimits) -> Image.Image:
     except Exception as exc:  # PIL raises many types for mangled headers
         raise InvalidImageError(unreadable) from exc
     with opened as img:
-        _check_pixels(img.size, limits)  # from the header, before a single pixel is decoded
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb_error(exc, limits) from exc
-        except MemoryError:
-            raise
-        except Exception as exc:  # "image file is truncated", broken data streams, CRC errors...
-            raise InvalidImageError(
-                "The image file is damaged or incomplete (it may have been cut off during upload), "
-                "so it cannot be read."
-            ) from exc
-        _check_pixels(img.size, limits)  # a few formats only know the final size after loading
+        _load_pixels(img, limits, "The image file is damaged or incomplete (it may have been cut off during "
+                     "upload), so it cannot be read.")
         return _normalise(img)
 
 
@@ -440,17 +444,7 @@ def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image
     if source is None:
         raise InvalidImageError("No image was given.")
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, limits)
-        try:
-            source.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb_error(exc, limits) from exc
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise InvalidImageError(
-                "The image is damaged or incomplete, so it cannot be read."
-            ) from exc
+        _load_pixels(source, limits, "The image is damaged or incomplete, so it cannot be read.")
         return _normalise(source)
     if isinstance(source, np.ndarray):
         return _image_from_array(source, limits)
