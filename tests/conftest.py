@@ -95,7 +95,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def launch_app(tiny_settings: Settings):
     """Launch the tiny-profile app on a free port: ``launch_app(**settings_changes)`` returns a namespace
-    with ``url``, ``settings``, ``registry`` and ``demo``; every app closes at the end of the session."""
+    with ``url``, ``settings``, ``registry``, ``demo`` and ``flush_records``; every app closes at the end of the session."""
     from types import SimpleNamespace
 
     from mmdemo.server import build_app, launch
@@ -108,7 +108,9 @@ def launch_app(tiny_settings: Settings):
         demo = build_app(settings, registry)
         _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
         apps.append(demo)
-        return SimpleNamespace(url=url, settings=settings, registry=registry, demo=demo)
+        # Results are recorded in the background: flush_records() waits until every one so far is stored.
+        return SimpleNamespace(url=url, settings=settings, registry=registry, demo=demo,
+                               flush_records=demo.mmdemo_context.recorder.flush)
 
     yield start
     for demo in apps:

@@ -58,9 +58,10 @@ def details_of(client: Client, endpoint: str) -> dict:
 
 
 @pytest.mark.parametrize("endpoint", list(CALLS))
-def test_every_endpoint_result_carries_an_output_id_recorded_with_its_provenance(client, store, endpoint):
+def test_every_endpoint_result_carries_an_output_id_recorded_with_its_provenance(app, client, store, endpoint):
     details = details_of(client, endpoint)
     assert OUTPUT_ID.fullmatch(details["output_id"])
+    app.flush_records()  # results are recorded in the background, after the answer
     output = store.get_output(details["output_id"])
     assert output.task == CALLS[endpoint][0] and output.model_id == details["model"]["id"]
     assert output.backend == details["model"]["backend"] and output.app_version == mmdemo.__version__

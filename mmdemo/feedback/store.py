@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from sqlalchemy import Connection, Select, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -65,6 +65,11 @@ DEFAULT_OUTPUT_TTL_DAYS = 30.0
 ADMIN_ROLE = "admin"
 MAX_SETTINGS_BYTES = 64 * 1024
 _OUTPUT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def new_output_id() -> str:
+    """A new output id: 32 random hexadecimal digits."""
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class FeedbackStore:
         model: Mapping[str, Any] | None = None,
         settings: Mapping[str, Any] | None = None,
         session: str | None = None,
+        output_id: str | None = None,
     ) -> str:
         """Record a task's result as the app showed it; return its ``output_id`` (32 hex digits).
 
@@ -156,12 +162,16 @@ class FeedbackStore:
         ``output``: the task's result as :func:`mmdemo.tasks.run` returned it (text-to-image: with its
         PIL ``images``); its ``model`` entry is used when ``model`` is not given.
         ``settings``: the generation settings used. ``session``: who asked (annotator id).
+        ``output_id``: an id issued beforehand (:func:`new_output_id`), when the caller handed it out
+        before recording (the app records in the background); a new one by default.
 
         Raises :class:`~mmdemo.feedback.errors.UnknownTaskError` and other ``InvalidInputError``
         subclasses (oversized media, bad fields) before anything is written.
         """
         schema = schema_for(task)
         # 1. check everything, encode the media; nothing is written yet
+        if output_id is not None and not _OUTPUT_ID.fullmatch(str(output_id)):
+            raise InvalidInputError("An output id is 32 lowercase hexadecimal digits.")
         media_source, text_inputs = schema.clean_inputs(inputs)
         output_data, output_media_sources = schema.clean_output(output)
         model = model if model is not None else (output.get("model") or {})
@@ -182,7 +192,7 @@ class FeedbackStore:
             inputs_media.append(prepare(media_source))
         outputs_media = [self.media.prepare_image(image) for image in output_media_sources]
         all_media = {m.ref: m for m in (*inputs_media, *outputs_media)}
-        output_id = uuid.uuid4().hex
+        output_id = output_id or new_output_id()
         now = _now()
         row = {
             "id": output_id,
@@ -221,7 +231,8 @@ class FeedbackStore:
         return output_id
 
     def record_result(
-        self, task: str, request: Mapping[str, Any], result: Mapping[str, Any], *, session: str | None = None
+        self, task: str, request: Mapping[str, Any], result: Mapping[str, Any], *, session: str | None = None,
+        output_id: str | None = None,
     ) -> str:
         """:meth:`record_output` for a UI or API handler: ``request`` is the keyword inputs the task
         ran with (as passed to :func:`mmdemo.tasks.run`), ``result`` what it returned.
@@ -230,7 +241,8 @@ class FeedbackStore:
         >>> result["output_id"] = store.record_result("image-to-text", {"image": upload, "max_new_tokens": 30}, result)
         """
         inputs, settings = split_request(task, request)
-        return self.record_output(task, inputs=inputs, output=result, settings=settings, session=session)
+        return self.record_output(task, inputs=inputs, output=result, settings=settings, session=session,
+                                  output_id=output_id)
 
     def get_output(self, output_id: str) -> OutputRecord:
         """The recorded output, expired or not; :class:`UnknownOutputError` if there is none."""
@@ -248,6 +260,7 @@ class FeedbackStore:
         thumbs: int | None = None,
         correction: Any = None,
         comment: str | None = None,
+        on_saved: Callable[[Connection, SavedFeedback], None] | None = None,
     ) -> SavedFeedback:
         """Save ``annotator``'s feedback on an output; idempotent per (output, annotator).
 
@@ -256,6 +269,8 @@ class FeedbackStore:
         ``{"image_ratings": [1-5 or None per image], "preferred": index or None}``.
         ``comment``: free text (an empty one counts as none).
 
+        ``on_saved(conn, saved)`` runs inside the same transaction once the record is written (the
+        annotation queue marks the item done there); whatever it raises undoes the save.
         A second save by the same annotator updates the first record (same id, ``created=False``);
         fields left None keep what the earlier save gave. The record is on disk when this returns.
         Raises :class:`UnknownOutputError` / :class:`ExpiredOutputError` for an output that cannot be
@@ -284,9 +299,13 @@ class FeedbackStore:
                       "b_comment": comment, "b_app_version": self.app_version, "b_now": now}
             new_id = conn.execute(self._sql.insert_feedback, values).scalar()
             if new_id is not None:
-                return SavedFeedback(int(new_id), output_id, True)
-            record_id = conn.execute(self._sql.update_feedback, values).scalar_one()
-            return SavedFeedback(int(record_id), output_id, False)
+                saved = SavedFeedback(int(new_id), output_id, True)
+            else:
+                record_id = conn.execute(self._sql.update_feedback, values).scalar_one()
+                saved = SavedFeedback(int(record_id), output_id, False)
+            if on_saved is not None:
+                on_saved(conn, saved)
+            return saved
 
         try:
             return self.db.run_write(work)

@@ -50,4 +50,5 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
         models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",
                           api_visibility="private")
         feedback_api(ctx)
+    demo.mmdemo_context = ctx  # for tests and embedding apps: ctx.recorder.flush(), ctx.registry...
     return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)

@@ -57,6 +57,7 @@ from ..registry import ModelRegistry
 
 if TYPE_CHECKING:
     from ..feedback import FeedbackStore
+    from ..feedback.recorder import BackgroundRecorder
     from .feedback import FeedbackRow
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class AppContext:
     _store: "FeedbackStore | None" = field(default=None, init=False, repr=False)
     _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _store_retry_at: float = field(default=0.0, init=False, repr=False)
+    _recorder: "BackgroundRecorder | None" = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
@@ -183,15 +185,28 @@ class AppContext:
         session = getattr(request, "session_hash", None)
         return getattr(request, "username", None) or (anonymous_annotator(session) if session else None)
 
+    @property
+    def recorder(self) -> "BackgroundRecorder":
+        """Records results in the feedback store off the request's path (see :mod:`mmdemo.feedback.recorder`)."""
+        if self._recorder is None:
+            from ..feedback.recorder import BackgroundRecorder
+
+            with self._store_lock:
+                if self._recorder is None:
+                    self._recorder = BackgroundRecorder(lambda: self.store)
+        return self._recorder
+
     def record(self, task: str, task_inputs: dict[str, Any], result: dict[str, Any],
                request: gr.Request | None) -> str | None:
-        """Record a result so that it can be rated; its ``output_id``, or None when recording failed.
+        """Issue a result's ``output_id`` and record it in the background, so that it can be rated.
 
-        A failure is logged and never fails the prediction: the feedback row then says that feedback is
-        unavailable for this result. ``request`` (who asked) may be None when unknown.
+        A failure to record is logged and never fails the prediction; feedback on that id then says that
+        the result could not be recorded. None when not even an id could be issued. ``request`` (who
+        asked) may be None when unknown.
         """
         try:
-            return self.store.record_result(task, task_inputs, result, session=self.annotator_of(request))
+            self.store  # noqa: B018 - opened once (at start-up, in the background); unavailable: no id
+            return self.recorder.record(task, task_inputs, result, session=self.annotator_of(request))
         except MMDemoError as exc:
             log.warning("a %s result was not recorded for feedback: %s", task, exc)
         except Exception:

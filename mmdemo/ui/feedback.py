@@ -75,6 +75,7 @@ def save_feedback(ctx: AppContext, request: gr.Request | None, output_id: Any, t
     the task's form (text, list of labels, ratings dict) or JSON text of it. Raises the store's readable
     errors: unknown or expired output, a bad rating, correction or comment, nothing to save.
     """
+    ctx.recorder.wait(output_id)  # recorded in the background: a quick click may come first
     store = ctx.store
     annotator = ctx.annotator_of(request)
     if isinstance(correction, str) and correction.lstrip()[:1] in ("[", "{"):
