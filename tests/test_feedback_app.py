@@ -5,6 +5,7 @@ refused with a readable message, and admins (only) download the export."""
 from __future__ import annotations
 
 import re
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -277,3 +278,25 @@ def test_start_up_forgets_expired_results_nobody_rated(tiny_settings, tmp_path):
     with pytest.raises(UnknownOutputError):
         ctx.store.get_output(expired)
     ctx.store.close()
+
+
+def test_feedback_is_saved_while_the_model_queue_is_full(launch_app):
+    """Scripts rate results while others wait for models: /feedback never counts against the model queue."""
+    busy = launch_app(max_queue=2, concurrency=1)
+    client = Client(busy.url, verbose=False)
+    output_id = details_of(client, "/caption")["output_id"]
+    slow = dict(prompt="a red bicycle", steps=40, num_images=4)
+    jobs = [Client(busy.url, verbose=False).submit(**slow, api_name="/text_to_image") for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while len(busy.demo._queue) < 2:  # waiting (not running) events
+        assert time.monotonic() < deadline, "the model queue never filled"
+        time.sleep(0.05)
+    with pytest.raises(Exception, match="(?i)queue is full"):  # the model queue is full indeed...
+        client.predict(**CALLS["/caption"][1], api_name="/caption")
+    message, _ = client.predict(output_id, thumbs="up", api_name="/feedback")  # ...feedback still goes in
+    assert message.startswith("Saved #")
+    for job in jobs:
+        try:
+            job.result(timeout=120)
+        except Exception:  # noqa: BLE001 - some were refused by the full queue, which is the point
+            pass

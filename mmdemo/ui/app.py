@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import caption, classify, create, models_panel, transcribe, vqa
-from .common import AppContext
+from .common import AppContext, configure_queue
 from .feedback import feedback_api
 
 TABS = (caption, vqa, create, classify, transcribe)
@@ -51,4 +51,4 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
                           api_visibility="private")
         feedback_api(ctx)
     demo.mmdemo_context = ctx  # for tests and embedding apps: ctx.recorder.flush(), ctx.registry...
-    return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)
+    return configure_queue(demo, ctx)

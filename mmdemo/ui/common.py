@@ -560,7 +560,14 @@ def standalone(build: Callable[[AppContext], SimpleNamespace], ctx: AppContext, 
     with gr.Blocks(title=title) as demo:
         build(ctx)
         feedback_api(ctx)
-    return demo.queue(max_size=ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)
+    return configure_queue(demo, ctx)
+
+
+def configure_queue(demo: gr.Blocks, ctx: AppContext) -> gr.Blocks:
+    """The app's queue: at most ``max_queue`` requests wait for the models; quick events (feedback, admin)
+    have room beside them, so a full model queue never refuses a feedback save."""
+    demo.mmdemo_queue_limits = {MODEL_QUEUE: ctx.settings.max_queue}
+    return demo.queue(max_size=2 * ctx.settings.max_queue, default_concurrency_limit=ctx.concurrency)
 
 
 # --- gradio compatibility -------------------------------------------------------------------------------
@@ -583,4 +590,27 @@ def _validate_single_requests() -> None:
     gradio.queueing.create_validator_fn = create_validator_fn
 
 
+def _bound_queue_groups() -> None:
+    """gradio 6.31 bounds the length of all its queues together (``max_size``). This adds a bound per
+    concurrency group, read from ``blocks.mmdemo_queue_limits``: a request joining a full group is
+    refused as gradio refuses one when its queue is full."""
+    original = gradio.queueing.Queue.push
+    if getattr(original, "mmdemo_group_bounds", False):
+        return
+
+    async def push(self: Any, body: Any, request: Any, username: str | None) -> Any:
+        limits = getattr(self.blocks, "mmdemo_queue_limits", None)
+        if limits and body.fn_index is not None:
+            group = self.blocks.fns[body.fn_index].concurrency_id
+            waiting = self.event_queue_per_concurrency_id.get(group)
+            if group in limits and waiting is not None and len(waiting.queue) >= limits[group]:
+                return False, f"Queue is full. Max size is {limits[group]} and size is {len(waiting.queue)}.", \
+                    "queue_full"
+        return await original(self, body, request, username)
+
+    push.mmdemo_group_bounds = True  # type: ignore[attr-defined]
+    gradio.queueing.Queue.push = push
+
+
 _validate_single_requests()
+_bound_queue_groups()
