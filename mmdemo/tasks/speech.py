@@ -2,6 +2,12 @@
 
 Audio of any common format and rate is decoded, mixed to mono and resampled to 16 kHz before the
 model sees it; audio longer than 30 s is transcribed in 30 s chunks.
+
+Batching: the transformers backend runs requests with the same settings (language, translate,
+timestamps, chunked or not) through one pipeline call, whose ``generate`` sees several inputs (or
+chunks) at once. faster-whisper batches only the pieces of one file, never separate requests, so its
+batches run one request at a time. Each batched result says in ``batch`` how many requests shared its
+model calls.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class SpeechRequest:
     translate: bool = False  # translate into English instead of transcribing
     timestamps: bool = False
 
+    def settings_key(self) -> tuple:
+        return (self.language, self.translate, self.timestamps)
+
 
 @dataclass
 class WhisperBundle:
@@ -41,10 +50,13 @@ class WhisperBundle:
 class SpeechTask(Task):
     task = "automatic-speech-recognition"
     Request = SpeechRequest
+    batchable = True  # by the transformers backend; faster-whisper runs a batch one request at a time
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> SpeechRequest:
         request = SpeechRequest(**self._known_fields(inputs))
         language = (request.language or "").strip().lower()
+        if language not in ("", "auto"):
+            _require_whisper_language(language)
         return replace(
             request,
             audio=load_audio(request.audio, SAMPLING_RATE, limits),
@@ -62,6 +74,8 @@ class SpeechTask(Task):
         processor = WhisperProcessor.from_pretrained(location, **kwargs)
         model = WhisperForConditionalGeneration.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
         model = model.to(placement.device).eval()
+        if processor.tokenizer.pad_token is None:  # the pipeline batches only with one; Whisper's is <|endoftext|>
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token
         asr = pipeline(
             "automatic-speech-recognition",
             model=model,
@@ -75,36 +89,69 @@ class SpeechTask(Task):
         return WhisperBundle("transformers", asr, languages, placement)
 
     def predict(self, model: WhisperBundle, request: SpeechRequest) -> dict[str, Any]:
-        if request.language and model.languages and request.language not in model.languages:
-            raise InvalidInputError(
-                f"Language '{request.language}' is not known to this model. Use a code such as "
-                f"{', '.join(sorted(model.languages)[:8])}, or leave it empty to detect it."
-            )
+        result = self.predict_batch(model, [request])[0]
+        del result["batch"]
+        return result
+
+    def predict_batch(self, model: WhisperBundle, requests: list[SpeechRequest]) -> list[dict[str, Any]]:
+        """Each request's result as :meth:`predict` gives it, in the input order, with ``batch``: the
+        number of requests that shared its model calls (always 1 on faster-whisper)."""
+        for request in requests:
+            if request.language and model.languages and request.language not in model.languages:
+                raise InvalidInputError(
+                    f"Language '{request.language}' is not known to this model. Use a code such as "
+                    f"{', '.join(sorted(model.languages)[:8])}, or leave it empty to detect it."
+                )
         if model.backend == "ctranslate2":
-            return _transcribe_ctranslate2(model, request)
-        return _transcribe_transformers(model, request)
+            return [{**_transcribe_ctranslate2(model, request), "batch": 1} for request in requests]
+        return _transcribe_transformers(model, requests)
 
 
-def _transcribe_transformers(model: WhisperBundle, request: SpeechRequest) -> dict[str, Any]:
+def _require_whisper_language(language: str) -> None:
+    """Refuse a language code no Whisper knows, before queueing (so it never fails a batch it joins).
+    Whether the chosen model knows it (English-only checkpoints) is checked once it is loaded."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    if language not in LANGUAGES:
+        raise InvalidInputError(
+            f"Language '{language}' is not a Whisper language code. Use a code such as en, de, es or fr, "
+            "or leave it empty to detect it."
+        )
+
+
+def _transcribe_transformers(model: WhisperBundle, requests: list[SpeechRequest]) -> list[dict[str, Any]]:
+    """One pipeline call per group of requests that the pipeline would run with the same arguments (the
+    settings, and chunked or not): ``generate`` then sees the group's inputs, or their 30 s chunks,
+    together."""
     import torch
 
-    audio: Audio = request.audio
-    generate_kwargs: dict[str, Any] = {"task": "translate" if request.translate else "transcribe"}
-    if request.language:
-        generate_kwargs["language"] = request.language
-    call: dict[str, Any] = {"generate_kwargs": generate_kwargs, "return_timestamps": request.timestamps}
-    if audio.duration > CHUNK_SECONDS:
-        call["chunk_length_s"] = CHUNK_SECONDS
-    with torch.inference_mode():
-        output = model.model({"raw": audio.samples, "sampling_rate": audio.sampling_rate}, **call)
-    result: dict[str, Any] = {"text": output["text"].strip(), "language": request.language}
-    if request.timestamps:
-        result["chunks"] = [
-            {"start": _seconds(chunk["timestamp"][0]), "end": _seconds(chunk["timestamp"][1]),
-             "text": chunk["text"].strip()}
-            for chunk in output.get("chunks", [])
-        ]
-    return result
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault((request.settings_key(), request.audio.duration > CHUNK_SECONDS), []).append(index)
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    for (_, chunked), indices in groups.items():
+        first = requests[indices[0]]
+        generate_kwargs: dict[str, Any] = {"task": "translate" if first.translate else "transcribe"}
+        if first.language:
+            generate_kwargs["language"] = first.language
+        call: dict[str, Any] = {"generate_kwargs": generate_kwargs, "return_timestamps": first.timestamps,
+                                "batch_size": len(indices)}
+        if chunked:
+            call["chunk_length_s"] = CHUNK_SECONDS
+        audios = [{"raw": requests[i].audio.samples, "sampling_rate": requests[i].audio.sampling_rate}
+                  for i in indices]
+        with torch.inference_mode():
+            outputs = model.model(audios, **call)  # a list in, a list of outputs in the same order out
+        for index, output in zip(indices, outputs):
+            result: dict[str, Any] = {"text": output["text"].strip(), "language": first.language}
+            if first.timestamps:
+                result["chunks"] = [
+                    {"start": _seconds(chunk["timestamp"][0]), "end": _seconds(chunk["timestamp"][1]),
+                     "text": chunk["text"].strip()}
+                    for chunk in output.get("chunks", [])
+                ]
+            results[index] = {**result, "batch": len(indices)}
+    return results
 
 
 def _load_faster_whisper(spec: ModelSpec, location: str, placement: Placement) -> WhisperBundle:

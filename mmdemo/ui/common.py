@@ -432,7 +432,7 @@ def run_grouped(ctx: AppContext, task: str, requests: list[tuple[str | None, dic
     for model_id, indices in groups.items():
         outputs = tasks.run_batch(ctx.registry, task, model_id, [requests[i][1] for i in indices])
         for index, result in zip(indices, outputs):
-            result["batch"] = len(indices)
+            result.setdefault("batch", len(indices))  # a task may say its model calls were shared by fewer
             results[index] = result
     return results
 

@@ -1,5 +1,8 @@
 """Transcribe tab (speech recognition): a recording or an audio file -> the transcript and, when asked,
-timestamped segments. API: ``/transcribe``."""
+timestamped segments. API: ``/transcribe``.
+
+Requests waiting in the queue run as one batch: the transformers Whisper batches those with the same
+settings; faster-whisper runs them one by one (each result's ``batch`` says which happened)."""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[audio, model, language, translate, timestamps], present=present,
                     outputs=[transcript, segments], area=area, api_name="transcribe", model=model, note=note,
-                    media="audio", text="language")
+                    media="audio", text="language", batch=True)
     return SimpleNamespace(audio=audio, model=model, button=button, transcript=transcript, segments=segments,
                            area=area, event=event)
 
