@@ -13,17 +13,25 @@ adds entries or overrides built-in ones by id::
 Sources: ``hf-hub:ORG/NAME`` (with ``revision``), ``local-dir:PATH`` (a folder saved with
 ``save_pretrained``, or a CTranslate2 Whisper folder for ``kind = "faster-whisper"``) and
 ``tiny:NAME`` (a tiny offline checkpoint built under the data directory).
+
+Fine-tuned models (``mmdemo finetune``) join the catalog by themselves: every folder
+``<data_dir>/models/<id>/`` holding a ``mmdemo-model.json`` entry becomes a ``local-dir:`` model
+(see :func:`read_model_folders`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import CatalogError, UnknownModelError
+
+log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = (
     "image-to-text",
@@ -248,9 +256,49 @@ def read_catalog_file(path: Path) -> list[ModelSpec]:
     return specs
 
 
-def load_catalog(profile: str = "default", catalog_file: Path | None = None) -> Catalog:
-    """The built-in catalog of ``profile``, with a user catalog file's entries added or overriding."""
+MODEL_ENTRY_FILE = "mmdemo-model.json"  # a model folder's catalog entry (all ModelSpec fields but id and source)
+
+
+def read_model_folders(models_dir: Path) -> list[ModelSpec]:
+    """Catalog entries for the model folders under ``models_dir`` (fine-tuned checkpoints).
+
+    Each folder ``models_dir/<id>/`` with a ``mmdemo-model.json`` becomes the model ``<id>`` with
+    source ``local-dir:`` that folder. Hidden folders (checkpoints being written), links and folders
+    whose entry cannot be read are skipped (the last with a warning), so that one damaged folder
+    never keeps the app from starting.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    root = models_dir.resolve()
+    allowed = {f.name for f in dataclasses.fields(ModelSpec)} - {"id", "source", "revision"}
+    specs = []
+    for folder in sorted(models_dir.iterdir()):
+        entry_file = folder / MODEL_ENTRY_FILE
+        if folder.name.startswith(".") or folder.is_symlink() or not entry_file.is_file():
+            continue
+        try:
+            entry = json.loads(entry_file.read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or set(entry) - allowed:
+                raise CatalogError(f"expected a JSON object with keys among {sorted(allowed)}")
+            specs.append(ModelSpec(id=folder.name, source=f"local-dir:{root / folder.name}", **entry))
+        except (OSError, ValueError, TypeError, CatalogError) as exc:
+            log.warning("model folder %s skipped: %s", folder, exc)
+    return specs
+
+
+def load_catalog(profile: str = "default", catalog_file: Path | None = None,
+                 models_dir: Path | None = None) -> Catalog:
+    """The built-in catalog of ``profile``, then the model folders of ``models_dir`` (fine-tuned
+    checkpoints; they never shadow a built-in id), then a user catalog file's entries added or
+    overriding."""
     catalog = Catalog(BUILTIN_CATALOGS[profile])
+    if models_dir is not None:
+        for spec in read_model_folders(models_dir):
+            if spec.id in catalog:
+                log.warning("model folder %s skipped: '%s' is a built-in model id", spec.source_location, spec.id)
+                continue
+            catalog.register(spec)
     if catalog_file is not None:
         for spec in read_catalog_file(catalog_file):
             catalog.register(spec, override=True)

@@ -1,4 +1,5 @@
-"""The ``mmdemo`` command: serve the app, list models, run one prediction, build tiny checkpoints.
+"""The ``mmdemo`` command: serve the app, list models, run one prediction, build tiny checkpoints,
+export feedback, run annotation campaigns and fine-tune models on the feedback.
 
     mmdemo serve --profile tiny
     mmdemo models --json
@@ -7,6 +8,8 @@
     mmdemo build-tiny
     mmdemo export --task caption --format datasets --out ./captions
     mmdemo delete --record 12
+    mmdemo annotate create shelf --task caption && mmdemo annotate import ./photos --campaign shelf
+    mmdemo finetune --task caption --base blip-caption-base --name blip-ours
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -115,7 +118,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build-tiny", parents=[common], help="build the offline tiny checkpoints")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
+    add_annotate_parser(commands, common)
+    add_finetune_parser(commands, common)
     return parser
+
+
+def add_annotate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo annotate create|add|import|list|progress``: annotation campaigns (run on the server)."""
+    annotate = commands.add_parser("annotate", help="annotation campaigns: create, add items, import media, progress")
+    actions = annotate.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=[common], help="create a campaign")
+    create.add_argument("name")
+    create.add_argument("--task", required=True, help="task id or alias: caption, vqa, zero-shot, asr, text-to-image")
+    create.add_argument("--instructions", default="", help="what annotators should do (Markdown)")
+    create.add_argument("--labels-per-item", type=int, default=1, help="annotators who label each item (default 1)")
+    create.add_argument("--model", help="catalog model that pre-labels imported media")
+    create.add_argument("--lease-minutes", type=float, default=30.0,
+                        help="how long a batch item stays with an annotator before it returns to the pool")
+    add = actions.add_parser("add", parents=[common], help="add outputs already recorded in the store")
+    add.add_argument("campaign")
+    add.add_argument("--model", help="only this model's outputs")
+    add.add_argument("--since", help="only outputs recorded on or after this date (YYYY-MM-DD)")
+    add.add_argument("--include-rated", action="store_true", help="also outputs that already have feedback")
+    add.add_argument("--limit", type=int, help="at most this many")
+    imp = actions.add_parser("import", parents=[common], help="pre-label a folder of media with a model and add it")
+    imp.add_argument("folder", type=Path)
+    imp.add_argument("--campaign", required=True)
+    imp.add_argument("--model", help="catalog model id (default: the campaign's, else the task's first)")
+    imp.add_argument("--question", help="VQA: the question asked about every image")
+    imp.add_argument("--labels", help="zero-shot: the labels offered, comma separated")
+    imp.add_argument("--template", help='zero-shot prompt template, e.g. "a photo of a {}."')
+    imp.add_argument("--prefix", help="captioning: text the caption must start with")
+    imp.add_argument("--language", help="speech: language code, or auto")
+    for name, action in (("list", "list campaigns"), ("progress", "labels done per campaign and annotator")):
+        sub = actions.add_parser(name, parents=[common], help=action)
+        if name == "progress":
+            sub.add_argument("campaign")
+        sub.add_argument("--json", action="store_true", help="print JSON")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -152,7 +191,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from .catalog import load_catalog
 
-    catalog = load_catalog(settings.profile, settings.catalog)
+    catalog = load_catalog(settings.profile, settings.catalog, settings.models_dir)
     task = TASK_ALIASES.get(args.task, args.task) if args.task else None
     specs = [spec for spec in catalog if task is None or spec.task == task]
     if args.json:
@@ -287,6 +326,108 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"delete": cmd_delete, "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+
+
+def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
+    """Annotation campaigns. Whoever runs this on the server holds the data directory: an admin."""
+    from .feedback import AnnotationQueue, FeedbackStore
+
+    with FeedbackStore.from_settings(settings) as store:
+        queue = AnnotationQueue(store)
+        if args.action == "create":
+            task = TASK_ALIASES.get(args.task, args.task)
+            if args.model:
+                from .catalog import load_catalog
+
+                load_catalog(settings.profile, settings.catalog, settings.models_dir).get(args.model, task)  # known, and of this task
+            campaign = queue.create_campaign(args.name, task, instructions=args.instructions,
+                                             labels_per_item=args.labels_per_item, model=args.model,
+                                             lease_minutes=args.lease_minutes)
+            print(f"created campaign {campaign.name} (#{campaign.id}, {campaign.task}, "
+                  f"{campaign.labels_per_item} label(s) per item)")
+        elif args.action == "add":
+            added = queue.add_recorded(args.campaign, model=args.model, since=args.since,
+                                       without_feedback=not args.include_rated, limit=args.limit)
+            print(f"added {added} recorded output(s) to {args.campaign}")
+        elif args.action == "import":
+            from .registry import ModelRegistry
+
+            inputs = {"question": args.question, "labels": args.labels, "template": args.template,
+                      "prefix": args.prefix, "language": args.language}
+            summary = queue.import_folder(args.campaign, args.folder, ModelRegistry.from_settings(settings),
+                                          model=args.model, inputs=inputs)
+            print(summary.describe())
+        elif args.action == "list":
+            found = queue.campaigns()
+            if args.json:
+                print(json.dumps([c.to_dict() for c in found], indent=2))
+            for c in [] if args.json else found:
+                print(f"#{c.id:<4} {c.name:<30} {c.task:<31} {c.items:>6} items  {c.labels_per_item} label(s)/item")
+            if not found and not args.json:
+                print("no campaigns yet: mmdemo annotate create NAME --task TASK")
+        else:
+            progress = queue.progress(args.campaign)
+            print(json.dumps(progress.to_dict(), indent=2) if args.json else progress.describe())
+    return 0
+
+
+COMMANDS["annotate"] = cmd_annotate
+
+
+def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo finetune``: a catalog model fine-tuned on feedback becomes a new catalog model."""
+    finetune = commands.add_parser(
+        "finetune", parents=[common], help="fine-tune a catalog model on feedback into a new catalog model",
+        description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
+                    "<data_dir>/models/NAME, served as catalog model NAME.")
+    finetune.add_argument("--task", required=True, help="task id or alias (caption: image-to-text, BLIP)")
+    finetune.add_argument("--base", required=True, help="catalog model id to start from (see `mmdemo models`)")
+    finetune.add_argument("--name", required=True, help="id of the new model: letters, digits, '.', '_', '-'")
+    finetune.add_argument("--dataset", type=Path,
+                          help="a `mmdemo export --format datasets` folder (default: export the store's feedback)")
+    finetune.add_argument("--only", choices=["corrected", "approved", "all"],
+                          help="store export: which feedback (default approved: corrected or thumbs up)")
+    finetune.add_argument("--since", help="store export: feedback saved on or after this date (YYYY-MM-DD)")
+    finetune.add_argument("--val-fraction", type=float, help="store export: share of inputs for validation (0.1)")
+    finetune.add_argument("--seed", type=int, help="weights, shuffling and the export's split (0)")
+    finetune.add_argument("--epochs", type=int, help="passes over the training split (3)")
+    finetune.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    finetune.add_argument("--lr", type=float, help="AdamW learning rate (5e-5)")
+    finetune.add_argument("--batch-size", type=int, help="examples per step (8)")
+    finetune.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (0.01)")
+    finetune.add_argument("--grad-clip", type=float, help="maximum gradient norm, 0 for none (1.0)")
+    finetune.add_argument("--max-length", type=int, help="target tokens per example (40)")
+    finetune.add_argument("--description", help="the catalog description of the new model")
+    finetune.add_argument("--overwrite", action="store_true", help="replace an earlier fine-tuned model NAME")
+    finetune.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
+
+
+def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one fine-tuning job; an epoch's losses go to stderr as it ends, the summary to stdout."""
+    from .finetune import FinetuneConfig, FinetuneJob
+
+    names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
+             "grad_clip", "max_length", "description")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    config = FinetuneConfig(TASK_ALIASES.get(args.task, args.task), base=args.base, name=args.name,
+                            dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
+
+    def show(progress: Any) -> None:
+        if progress.stage == "validated":
+            val = "-" if progress.val_loss is None else f"{progress.val_loss:.4f}"
+            print(f"epoch {progress.epoch}/{progress.epochs}  step {progress.step}/{progress.total_steps}  "
+                  f"train loss {progress.train_loss:.4f}  validation loss {val}", file=sys.stderr)
+
+    result = FinetuneJob(config, settings, on_progress=show).run()
+    if args.json:
+        print(json.dumps({"model": result.spec.to_dict(), "path": str(result.path), "metrics": result.metrics},
+                         indent=2))
+    else:
+        print(result.describe())
+    return 0
+
+
+COMMANDS["finetune"] = cmd_finetune
 
 if __name__ == "__main__":
     raise SystemExit(main())

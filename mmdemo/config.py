@@ -92,6 +92,11 @@ class Settings:
         return self.data_dir / "exports"
 
     @property
+    def models_dir(self) -> Path:
+        """Fine-tuned checkpoints, one folder per model id; the catalog serves them (see catalog.py)."""
+        return self.data_dir / "models"
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 

@@ -189,10 +189,10 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelRegistry":
-        """The registry for ``settings``: the profile's catalog plus the user's catalog file."""
+        """The registry for ``settings``: the profile's catalog, fine-tuned models, the user's catalog file."""
         from .catalog import load_catalog
 
-        return cls(load_catalog(settings.profile, settings.catalog), settings)
+        return cls(load_catalog(settings.profile, settings.catalog, settings.models_dir), settings)
 
     # -- placement and budget --
 

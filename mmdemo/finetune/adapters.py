@@ -1,0 +1,60 @@
+"""One adapter per task: what fine-tuning needs to know about a task's models and data.
+
+The training loop (``train.py``) and the job (``jobs.py``) are the same for every task; an adapter
+says which model kinds it can train, which exported columns it reads, how to load a trainable model
+and how to turn rows into a batch whose forward pass returns a loss. Adding VQA, zero-shot or speech
+fine-tuning is one module with one adapter, listed in :func:`adapter_for`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..catalog import ModelSpec
+from ..registry import Placement
+from .errors import UnsupportedBaseError
+
+
+class FinetuneAdapter(ABC):
+    task: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]        # catalog kinds this adapter can train
+    columns: ClassVar[tuple[str, ...]]     # exported dataset columns it reads
+
+    @abstractmethod
+    def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
+        """(model, processor) of ``spec`` from ``location``: float32 weights on ``placement.device``."""
+
+    @abstractmethod
+    def collate(self, model: Any, processor: Any, rows: dict[str, list[Any]], max_length: int) -> dict[str, Any]:
+        """A batch of ``rows`` (column -> values) as the model's keyword arguments, ``labels`` included."""
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """The mean loss of ``batch`` (a scalar tensor)."""
+        return model(**batch).loss
+
+    def save(self, model: Any, processor: Any, folder: Path) -> None:
+        """Write a checkpoint that the task's ``load`` (``mmdemo.tasks``) reads back."""
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    def check_base(self, spec: ModelSpec) -> None:
+        if spec.task != self.task or spec.kind not in self.kinds:
+            raise UnsupportedBaseError(
+                f"Model '{spec.id}' ({spec.task}, kind {spec.kind}) cannot be fine-tuned for {self.task}: "
+                f"choose a model that serves {self.task} and is of kind {' or '.join(sorted(self.kinds))}."
+            )
+
+
+def adapter_for(task: str) -> FinetuneAdapter:
+    """The adapter of ``task``, or ``UnsupportedBaseError`` when the task cannot be fine-tuned yet."""
+    from .caption import CaptionAdapter
+
+    adapters: dict[str, FinetuneAdapter] = {adapter.task: adapter for adapter in (CaptionAdapter(),)}
+    try:
+        return adapters[task]
+    except KeyError:
+        raise UnsupportedBaseError(
+            f"Fine-tuning is not available for {task} yet; tasks: {', '.join(adapters)}."
+        ) from None

@@ -1,0 +1,114 @@
+"""The typed configuration of one fine-tuning run, saved as JSON next to its checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..catalog import TASKS
+from ..errors import InvalidInputError
+from ..feedback.store import ONLY_CHOICES
+from .errors import InvalidModelNameError
+
+# A model name becomes a folder under <data_dir>/models: a letter or digit, then letters, digits,
+# '.', '_' or '-', at most 64 characters in all; never '..', a slash or a space.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` if it is a safe model id for a new folder, else ``InvalidModelNameError``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidModelNameError(
+            f"The model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with "
+            "a letter or digit (no slashes, spaces or '..')."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune, on which data, and how. Every field is saved in ``run_config.json``.
+
+    ``dataset``: a folder written by ``mmdemo export --format datasets``; None exports the store's
+    feedback for ``task`` (``only``, ``since``, ``val_fraction`` and ``seed`` pick and split it, as
+    ``mmdemo export`` does). ``epochs`` passes over the training split, stopping early after
+    ``max_steps`` optimizer steps if given. The checkpoint kept is the epoch with the lowest
+    validation loss (the last epoch when the validation split is empty).
+    """
+
+    task: str
+    base: str                            # catalog id of the model to start from
+    name: str                            # id of the new model (a folder under <data_dir>/models)
+    dataset: str | None = None           # exported folder; None: export from the feedback store
+    only: str | None = None              # store export: approved (default), corrected or all
+    since: str | None = None             # store export: feedback saved on or after this date
+    val_fraction: float | None = None    # store export: share of inputs for validation (default 0.1)
+    seed: int = 0                        # weights, shuffling and the store export's split
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01           # AdamW, on weight matrices only (not biases or norms)
+    batch_size: int = 8
+    grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off
+    max_length: int = 40                 # target tokens per example, longer ones are cut
+    description: str = ""
+    overwrite: bool = False              # replace an earlier fine-tuned model of this name
+    device: str | None = None            # filled in by the job: where it trained
+    dtype: str | None = None             # filled in by the job: float32, or the autocast dtype on a GPU
+
+    def __post_init__(self) -> None:
+        check_model_name(self.name)
+        if self.task not in TASKS:
+            raise InvalidInputError(f"Unknown task '{self.task}'. Tasks: {', '.join(TASKS)}.")
+        if not isinstance(self.base, str) or not self.base:
+            raise InvalidInputError("Choose a base model: a catalog model id (see `mmdemo models`).")
+        if self.dataset is not None:
+            given = [name for name in ("only", "since", "val_fraction") if getattr(self, name) is not None]
+            if given:
+                raise InvalidInputError(
+                    f"{', '.join(given)} apply when exporting from the feedback store; the dataset "
+                    f"{self.dataset} already has its rows and split."
+                )
+        if self.only is not None and self.only not in ONLY_CHOICES:
+            raise InvalidInputError(f"Unknown filter {self.only!r}; use one of {', '.join(ONLY_CHOICES)}.")
+        if self.val_fraction is not None:
+            _number(self.val_fraction, "validation fraction", 0.0, 0.99)
+        _whole(self.seed, "seed", 0, 2**32 - 1)
+        _whole(self.epochs, "number of epochs", 1, 10_000)
+        if self.max_steps is not None:
+            _whole(self.max_steps, "maximum number of steps", 1, 10_000_000)
+        _number(self.lr, "learning rate", 1e-9, 1.0)
+        if self.lr <= 0:
+            raise InvalidInputError("The learning rate must be above 0.")
+        _number(self.weight_decay, "weight decay", 0.0, 1.0)
+        _whole(self.batch_size, "batch size", 1, 4096)
+        _number(self.grad_clip, "gradient clipping norm", 0.0, 1e6)
+        _whole(self.max_length, "maximum target length", 2, 4096)
+
+    def replace(self, **changes: Any) -> "FinetuneConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "FinetuneConfig":
+        """The config a run saved (``<checkpoint>/run_config.json``), e.g. to run it again."""
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _number(value: Any, what: str, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidInputError(f"The {what} must be a number from {low:g} to {high:g}, not {value!r}.")
+
+
+def _whole(value: Any, what: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInputError(f"The {what} must be a whole number from {low} to {high}, not {value!r}.")

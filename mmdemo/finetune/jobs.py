@@ -1,0 +1,378 @@
+"""A fine-tuning job: from a catalog model and feedback to a new catalog model, published atomically.
+
+>>> job = FinetuneJob(FinetuneConfig("image-to-text", base="blip-caption-base", name="blip-products"), settings)
+>>> result = job.run()          # or job.start() in a thread; job.progress, job.cancel(), job.status
+
+The checkpoint is written to a hidden staging folder beside its final place and renamed into
+``<data_dir>/models/<name>/`` only when complete, so a crash or a cancel never leaves a folder the
+catalog would serve. The folder holds the model and processor (``save_pretrained``),
+``run_config.json`` (the resolved :class:`FinetuneConfig`), ``metrics.json`` (losses per epoch, the
+data's fingerprint and size, the base model and revision) and ``mmdemo-model.json`` (its catalog
+entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .. import __version__
+from ..catalog import MODEL_ENTRY_FILE, Catalog, ModelSpec, load_catalog
+from ..config import Settings
+from ..errors import MMDemoError, ModelLoadError
+from ..registry import ModelRegistry, Placement
+from .adapters import FinetuneAdapter, adapter_for
+from .config import FinetuneConfig, check_model_name
+from .data import TrainingData, export_from_store, load_export
+from .errors import FinetuneCancelled, InvalidModelNameError
+from .train import Progress, train, training_dtype
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.json"   # not config.json: save_pretrained writes the model's config there
+METRICS_FILE = "metrics.json"
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished job published."""
+
+    spec: ModelSpec           # the new catalog entry
+    path: Path                # <data_dir>/models/<name>
+    metrics: dict[str, Any]
+    swapped: bool = False     # a running registry now serves the new checkpoint under this name
+    serve_error: str | None = None  # why a running registry could not swap it in (it keeps the old one)
+
+    @property
+    def name(self) -> str:
+        return self.spec.id
+
+    def describe(self) -> str:
+        """A short text for the CLI and, later, the admin panel."""
+        m = self.metrics
+        data = m["data"]["rows"]
+        best = next((e for e in m["epochs"] if e["epoch"] == m.get("best_epoch")), m["epochs"][-1])
+        losses = f"train loss {_fmt(m['initial']['train_loss'])} -> {_fmt(best['train_loss'])}"
+        if best["val_loss"] is not None:
+            losses += f", validation loss {_fmt(m['initial']['val_loss'])} -> {_fmt(best['val_loss'])}"
+        return (f"Fine-tuned '{m['base']['id']}' into '{self.name}' on {data['train']} training and "
+                f"{data['validation']} validation rows: {m['steps']} steps in {m['seconds']:.1f}s, kept epoch "
+                f"{best['epoch']} ({losses}). Saved to {self.path}; it is in the catalog as '{self.name}'.")
+
+
+class FinetuneJob:
+    """One fine-tuning run, usable from the CLI now and from an admin panel later.
+
+    ``store``: the feedback store to export from when the config names no dataset (opened from
+    ``settings`` if None). ``registry``: a running app's registry; the new model is added to its
+    catalog, and hot-swapped in with ``replace`` when a model of that name is loaded.
+    ``on_progress``: called with a :class:`Progress` after every step (from the job's thread).
+    """
+
+    def __init__(self, config: FinetuneConfig, settings: Settings, *, store: Any = None,
+                 registry: ModelRegistry | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.config = config
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.on_progress = on_progress
+        self.status = JobStatus.PENDING
+        self.progress = Progress("pending")
+        self.result: FinetuneResult | None = None
+        self.error: str | None = None
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- control --
+
+    def cancel(self) -> None:
+        """Ask the job to stop; it stops at the next step and publishes nothing."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def start(self) -> threading.Thread:
+        """Run the job in a background thread; follow it with ``status``, ``progress``, ``wait()``."""
+        def body() -> None:
+            try:
+                self.run()
+            except BaseException:  # noqa: BLE001 - recorded in status and error
+                pass
+
+        self._thread = threading.Thread(target=body, name=f"finetune-{self.config.name}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status
+
+    # -- the run --
+
+    def run(self) -> FinetuneResult:
+        """Run the job in this thread and return what it published; errors are raised (and recorded)."""
+        self.status = JobStatus.RUNNING
+        try:
+            self.result = self._run()
+        except FinetuneCancelled as exc:
+            self.status, self.error = JobStatus.CANCELLED, str(exc)
+            raise
+        except KeyboardInterrupt:
+            self.status, self.error = JobStatus.CANCELLED, "interrupted"
+            raise
+        except BaseException as exc:
+            self.status, self.error = JobStatus.FAILED, str(exc) or type(exc).__name__
+            raise
+        self.status = JobStatus.SUCCEEDED
+        self._report(Progress("done", epochs=self.config.epochs, step=self.progress.step,
+                              total_steps=self.progress.total_steps, train_loss=self.progress.train_loss,
+                              val_loss=self.progress.val_loss))
+        return self.result
+
+    def _run(self) -> FinetuneResult:
+        config, settings = self.config, self.settings
+        started = time.perf_counter()
+        self._report(Progress("preparing"))
+        adapter = adapter_for(config.task)
+        registry = self.registry or ModelRegistry(
+            load_catalog(settings.profile, settings.catalog, settings.models_dir), settings)
+        models_dir = settings.models_dir
+        final = model_folder(models_dir, config.name)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with _name_lock(models_dir, config.name):
+            # 1. the name is new (or names our own earlier model, with overwrite); the base is a catalog model
+            check_new_model_name(registry.catalog, models_dir, config.name, overwrite=config.overwrite)
+            base = registry.catalog.get(config.base)
+            adapter.check_base(base)
+            placement = registry.placement_for(base)
+            config = self.config = config.replace(device=placement.device, dtype=training_dtype(placement),
+                                                  **_store_export_options(config))
+            location = registry.resolve_location(base)
+            remove_stale_staging(models_dir)
+            staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+            try:
+                with self._training_data(adapter.columns) as data:
+                    metrics, params_m = self._train(adapter, base, location, placement, data, staging)
+                # 4. the run's record and the catalog entry, then the atomic move into place
+                self._report(Progress("saving", epochs=config.epochs, step=metrics["steps"],
+                                      total_steps=self.progress.total_steps))
+                metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
+                           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "versions": _versions()}
+                config.save(staging / RUN_CONFIG_FILE)
+                (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+                entry = {"task": config.task, "kind": base.kind, "dtype": base.dtype, "params_m": round(params_m, 3),
+                         "description": config.description or _description(base, data),
+                         "defaults": dict(base.defaults)}
+                (staging / MODEL_ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+                if self._cancel.is_set():
+                    raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled before it was published.")
+                publish(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        result = FinetuneResult(ModelSpec(id=config.name, source=f"local-dir:{final.resolve()}", **entry), final,
+                                metrics)
+        self._serve(result)
+        log.info("fine-tuned %s into %s in %.1fs", base.id, config.name, time.perf_counter() - started)
+        return result
+
+    def _train(self, adapter: FinetuneAdapter, base: ModelSpec, location: str, placement: Placement,
+               data: TrainingData, staging: Path) -> tuple[dict[str, Any], float]:
+        """Steps 2 and 3: load the base, train it, the best epoch's checkpoint saved in ``staging``.
+        Returns the metrics (with the base's identity) and the model's size in millions of parameters."""
+        from ..registry import free_device_memory
+        from ..tasks import _quiet_libraries
+
+        # 2. the base model, float32 weights on the registry's device
+        _quiet_libraries()  # no progress bars for loading and saving weights
+        try:
+            model, processor = adapter.load(base, location, placement)
+        except MMDemoError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(base.id, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            # 3. train, writing the best epoch's checkpoint into the staging folder
+            metrics = train(model, processor, adapter, data, self.config, placement,
+                            save_best=lambda epoch: adapter.save(model, processor, staging),
+                            report=self._report, should_stop=self._cancel.is_set)
+            metrics["base"] = {"id": base.id, "kind": base.kind, "source": base.source, "revision": base.revision,
+                               "commit": getattr(model.config, "_commit_hash", None)}
+            return metrics, sum(p.numel() for p in model.parameters()) / 1e6
+        finally:
+            del model, processor  # the device memory goes back before a registry loads the result
+            free_device_memory(placement.device)
+
+    @contextlib.contextmanager
+    def _training_data(self, columns: tuple[str, ...]) -> Iterator[TrainingData]:
+        """The exported dataset the config names, or the store's feedback exported for this run."""
+        config = self.config
+        if config.dataset is not None:
+            yield load_export(Path(config.dataset), config.task, columns)
+            return
+        from ..feedback import FeedbackStore
+
+        with contextlib.ExitStack() as stack:
+            store = self.store or stack.enter_context(FeedbackStore.from_settings(self.settings))
+            yield stack.enter_context(export_from_store(
+                store, config.task, columns, self.settings.exports_dir, only=config.only, since=config.since,
+                val_fraction=config.val_fraction, seed=config.seed))
+
+    def _serve(self, result: FinetuneResult) -> None:
+        """Tell a running registry about the new model: hot-swap it in if loaded, else (re)register it.
+        The checkpoint is published either way; a failed swap leaves the old model serving."""
+        registry, spec = self.registry, result.spec
+        if registry is None:
+            return
+        if spec.id in registry.catalog and registry.is_loaded(spec.id):
+            try:
+                registry.replace(spec.id, spec.source)
+            except MMDemoError as exc:
+                log.warning("the new %s is saved but could not be swapped in: %s", spec.id, exc)
+                result.serve_error = str(exc)
+                return
+            result.swapped = True
+        registry.catalog.register(spec, override=True)  # with its new size and description
+
+    def _report(self, progress: Progress) -> None:
+        self.progress = progress
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+
+# --- the models folder ---------------------------------------------------------------------------
+
+
+def model_folder(models_dir: Path, name: str) -> Path:
+    """``models_dir/name``, after checking that ``name`` is safe and the folder stays inside."""
+    check_model_name(name)
+    folder = Path(models_dir) / name
+    if folder.resolve().parent != Path(models_dir).resolve():
+        raise InvalidModelNameError(f"The model name {name!r} leads outside {models_dir}.")
+    return folder
+
+
+@contextlib.contextmanager
+def _name_lock(models_dir: Path, name: str) -> Iterator[None]:
+    """One job at a time per model name, across threads and processes (an flock on a hidden file)."""
+    locks = Path(models_dir) / ".locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidModelNameError(f"Another job is fine-tuning '{name}' right now.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_new_model_name(catalog: Catalog, models_dir: Path, name: str, *, overwrite: bool) -> None:
+    """A fine-tuned model may take a new id, or (with ``overwrite``) replace its own earlier self;
+    never a built-in model or one from a catalog file, never a folder that is not a model of ours."""
+    folder = model_folder(models_dir, name)
+    if name in catalog and catalog.get(name).source != f"local-dir:{folder.resolve()}":
+        raise InvalidModelNameError(f"'{name}' is already a catalog model; choose another name for the new one.")
+    if folder.exists() or folder.is_symlink():
+        if not overwrite:
+            raise InvalidModelNameError(
+                f"A fine-tuned model '{name}' already exists in {models_dir}; choose another name or overwrite it.")
+        if folder.is_symlink() or not (folder / MODEL_ENTRY_FILE).is_file():
+            raise InvalidModelNameError(f"{folder} exists and is not a fine-tuned model; it will not be replaced.")
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Rename the complete checkpoint into place; an earlier one is moved aside first, then deleted."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def remove_stale_staging(models_dir: Path) -> list[Path]:
+    """Delete staging folders of jobs that died (their process is gone) and leftovers of ``publish``."""
+    removed = []
+    for path in Path(models_dir).glob(".*.*-*"):
+        kind, _, rest = path.name.rpartition(".")[2].partition("-")
+        if kind == "partial":
+            pid = rest.partition("-")[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                continue
+        elif kind != "old":
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _store_export_options(config: FinetuneConfig) -> dict[str, Any]:
+    """Without a dataset the store's feedback is exported: its options with their defaults filled in."""
+    if config.dataset is not None:
+        return {}
+    return {"only": config.only or "approved", "val_fraction": 0.1 if config.val_fraction is None else config.val_fraction}
+
+
+def _description(base: ModelSpec, data: TrainingData) -> str:
+    return (f"{base.id} fine-tuned on {data.rows['train']} feedback examples "
+            f"({datetime.now(timezone.utc):%Y-%m-%d}).")
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    return {"mmdemo": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def run_finetune(config: FinetuneConfig, settings: Settings, **job_options: Any) -> FinetuneResult:
+    """Run one fine-tuning job to the end in this thread (see :class:`FinetuneJob` for the options)."""
+    return FinetuneJob(config, settings, **job_options).run()
+
+

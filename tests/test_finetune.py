@@ -1,0 +1,357 @@
+"""Fine-tuning on feedback: BLIP captioning trained on exported corrections, published atomically as a
+catalog model that the registry serves; typed errors, cancels and crashes that publish nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from mmdemo.catalog import MODEL_ENTRY_FILE, load_catalog, read_model_folders
+from mmdemo.cli import main
+from mmdemo.config import Settings
+from mmdemo.errors import InvalidInputError, UnknownModelError
+from mmdemo.feedback import FeedbackStore, export_dataset
+from mmdemo.finetune import (
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    FinetuneCancelled,
+    FinetuneConfig,
+    FinetuneJob,
+    InvalidDatasetError,
+    InvalidModelNameError,
+    JobStatus,
+    UnsupportedBaseError,
+    adapter_for,
+)
+from mmdemo.finetune.data import load_export
+from mmdemo.finetune.train import evaluate
+from mmdemo.registry import ModelRegistry, Placement
+from mmdemo.tasks import run
+from mmdemo.tiny import build_tiny_models
+
+BASE = "tiny-blip-caption"
+CAPTIONS = (
+    "a red car parked next to a blue truck",
+    "a dog running on the grass in the park",
+    "a bird standing on a branch of a tree",
+    "a boat floating on the water at sunset",
+    "a plate of food with broccoli and rice",
+    "an airplane flying in a clear blue sky",
+)
+# Small and quick: the tiny BLIP learns these six captions by heart within 20 steps.
+FAST = dict(epochs=10, batch_size=3, lr=1e-2, seed=0)
+
+
+def picture(i: int) -> Image.Image:
+    image = Image.new("RGB", (24, 24), (40 * i, 255 - 40 * i, (70 * i) % 256))
+    image.putpixel((i, i), (255, 255, 255))
+    return image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread than on two shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """Only the tiny BLIP captioner, built once for this module."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
+    build_tiny_models(folder, names=["blip-caption"])
+    return folder
+
+
+def make_settings(data_dir: Path, tiny_models: Path) -> Settings:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "tiny-models").exists():
+        (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
+    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_models) -> Settings:
+    """A data directory of its own per test: fine-tuned models land in its models/ folder."""
+    return make_settings(tmp_path / "data", tiny_models)
+
+
+@pytest.fixture(scope="module")
+def feedback(tmp_path_factory, tiny_models):
+    """The real path: the tiny captioner's outputs recorded in a store, corrected by a person, exported."""
+    root = tmp_path_factory.mktemp("feedback")
+    registry = ModelRegistry.from_settings(make_settings(root / "app", tiny_models))
+    store = FeedbackStore(None, root / "app")
+    for i, caption in enumerate(CAPTIONS):
+        result = run(registry, "image-to-text", image=picture(i), max_new_tokens=8)
+        output_id = store.record_result("image-to-text", {"image": picture(i)}, result)
+        store.add_feedback(output_id, annotator="alice", thumbs=-1, correction=caption)
+    split = export_dataset(store, "image-to-text", root / "split", format="datasets", val_fraction=0.3, seed=0)
+    assert split.rows["default"]["train"] >= 4 and split.rows["default"]["validation"] >= 1
+    overfit = export_dataset(store, "image-to-text", root / "overfit", format="datasets", val_fraction=0.0)
+    yield SimpleNamespace(store=store, split=split.out_dir, overfit=overfit.out_dir)
+    store.close()
+
+
+def job(settings: Settings, name: str = "blip-ft", **options) -> FinetuneJob:
+    job_options = {k: options.pop(k) for k in ("store", "registry", "on_progress") if k in options}
+    return FinetuneJob(FinetuneConfig("image-to-text", base=BASE, name=name, **{**FAST, **options}), settings,
+                       **job_options)
+
+
+def listing(settings: Settings) -> list[str]:
+    """What is in the models folder, besides the jobs' lock files."""
+    found = os.listdir(settings.models_dir) if settings.models_dir.exists() else []
+    return sorted(name for name in found if name != ".locks")
+
+
+# --- the whole slice -------------------------------------------------------------------------------
+
+
+def test_finetuning_learns_the_corrections_and_publishes_a_servable_model(settings, feedback):
+    dataset = feedback.overfit  # all six examples in training: the model learns them by heart
+    seen = []
+    finished = job(settings, dataset=str(dataset), on_progress=seen.append)
+    result = finished.run()
+
+    # the checkpoint, its run config and metrics, all in one folder under the data directory
+    assert finished.status is JobStatus.SUCCEEDED and result.path == settings.models_dir / "blip-ft"
+    assert listing(settings) == ["blip-ft"]  # nothing half-written beside it
+    files = set(os.listdir(result.path))
+    assert {"model.safetensors", "config.json", "tokenizer.json", RUN_CONFIG_FILE, METRICS_FILE, MODEL_ENTRY_FILE} <= files
+    saved = FinetuneConfig.load(result.path / RUN_CONFIG_FILE)
+    assert saved == finished.config and saved.device == "cpu" and saved.dtype == "float32"
+    assert saved.dataset == str(dataset) and saved.lr == FAST["lr"]
+    metrics = json.loads((result.path / METRICS_FILE).read_text())
+    assert metrics["base"] == {"id": BASE, "kind": "blip", "source": "tiny:blip-caption", "revision": None,
+                               "commit": None}
+    assert metrics["data"]["rows"] == {"train": 6, "validation": 0}
+    assert metrics["data"]["fingerprint"].startswith("sha256:") and metrics["steps"] == 20
+    assert [(e["epoch"], e["steps"]) for e in metrics["epochs"]] == [(n, 2) for n in range(1, 11)]
+    assert metrics["best_epoch"] == 10 and metrics["selected_by"].startswith("last epoch")
+
+    # it learnt: the checkpoint's loss on the training captions is far below the base model's
+    adapter = adapter_for("image-to-text")
+    placement = Placement("cpu", "float32")
+    model, processor = adapter.load(result.spec, str(result.path), placement)
+    data = load_export(dataset, "image-to-text", adapter.columns)
+    after = evaluate(model, processor, adapter, data.train, batch_size=3, max_length=40, placement=placement)
+    before = metrics["initial"]["train_loss"]
+    assert after < 0.6 * before, (before, after)
+
+    # progress: every step reported in order, each epoch's end, then done
+    assert [p.step for p in seen if p.stage == "training"] == list(range(21))
+    assert sum(p.stage == "validated" for p in seen) == 10 and seen[-1].stage == "done"
+
+    # served like any catalog model, by a registry started afterwards (the app after a restart)
+    registry = ModelRegistry.from_settings(settings)
+    spec = registry.catalog.get("blip-ft", "image-to-text")
+    assert spec.kind == "blip" and spec.source == f"local-dir:{result.path.resolve()}"
+    assert registry.catalog.default_for("image-to-text").id == BASE  # built-in models stay the default
+    answer = run(registry, "image-to-text", "blip-ft", image=picture(0), max_new_tokens=12)
+    assert answer["model"]["id"] == "blip-ft" and isinstance(answer["text"], str) and answer["text"]
+
+
+def test_the_epoch_with_the_best_validation_loss_is_kept(settings, feedback):
+    result = job(settings, dataset=str(feedback.split), epochs=4).run()
+    epochs = result.metrics["epochs"]
+    best = min(epochs, key=lambda e: e["val_loss"])
+    assert result.metrics["best_epoch"] == best["epoch"] < 4  # six examples: it overfits after that
+    assert result.metrics["best_val_loss"] == best["val_loss"] and epochs[-1]["val_loss"] > best["val_loss"]
+    adapter = adapter_for("image-to-text")
+    placement = Placement("cpu", "float32")
+    model, processor = adapter.load(result.spec, str(result.path), placement)
+    data = load_export(feedback.split, "image-to-text", adapter.columns)
+    kept = evaluate(model, processor, adapter, data.validation, batch_size=3, max_length=40, placement=placement)
+    assert kept == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_training_from_the_store_matches_the_export_and_is_deterministic(settings, feedback):
+    store, dataset = feedback.store, feedback.split
+    first = job(settings, "from-store", store=store, val_fraction=0.3, max_steps=4).run()
+    again = job(settings, "again", dataset=str(dataset), max_steps=4).run()
+    assert first.metrics["data"]["source"]["only"] == "approved"
+    assert first.metrics["data"]["fingerprint"] == again.metrics["data"]["fingerprint"]  # the same rows
+    assert [e["train_loss"] for e in first.metrics["epochs"]] == [e["train_loss"] for e in again.metrics["epochs"]]
+    assert first.metrics["steps"] == 4 and len(first.metrics["epochs"]) == 2
+    saved = FinetuneConfig.load(first.path / RUN_CONFIG_FILE)
+    assert saved.dataset is None and saved.only == "approved" and saved.val_fraction == 0.3
+    assert not [p for p in settings.exports_dir.iterdir()]  # the temporary export is gone
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "has space", "", "x" * 65, "a..b"])
+def test_unsafe_model_names_are_refused(name):
+    with pytest.raises(InvalidModelNameError):
+        FinetuneConfig("image-to-text", base=BASE, name=name)
+
+
+def test_unknown_or_unsuitable_bases_and_bad_data_are_typed_errors(settings, feedback, tmp_path):
+    dataset = feedback.split
+    with pytest.raises(UnknownModelError, match="Unknown model 'no-such-model'"):
+        FinetuneJob(FinetuneConfig("image-to-text", base="no-such-model", name="x", dataset=str(dataset)),
+                    settings).run()
+    with pytest.raises(UnsupportedBaseError, match="cannot be fine-tuned"):
+        FinetuneJob(FinetuneConfig("image-to-text", base="tiny-clip", name="x", dataset=str(dataset)), settings).run()
+    with pytest.raises(UnsupportedBaseError, match="not available"):
+        FinetuneJob(FinetuneConfig("text-to-image", base="tiny-stable-diffusion", name="x"), settings).run()
+    with pytest.raises(InvalidModelNameError, match="already a catalog model"):
+        job(settings, "tiny-blip-vqa", dataset=str(dataset)).run()
+    with pytest.raises(InvalidDatasetError, match="does not exist"):
+        job(settings, dataset=str(tmp_path / "missing")).run()
+    other = export_dataset(feedback.store, "image-to-text", tmp_path / "jsonl", format="jsonl").out_dir
+    with pytest.raises(InvalidDatasetError, match="--format datasets"):
+        job(settings, dataset=str(other)).run()
+    with pytest.raises(InvalidInputError, match="already has its rows and split"):
+        FinetuneConfig("image-to-text", base=BASE, name="x", dataset=str(dataset), val_fraction=0.2)
+    for bad in ({"lr": 0.0}, {"epochs": 0}, {"batch_size": 2.5}, {"only": "best"}):
+        with pytest.raises(InvalidInputError):
+            FinetuneConfig("image-to-text", base=BASE, name="x", **bad)
+    assert listing(settings) == []
+
+
+def test_a_name_is_taken_once_unless_overwritten(settings, feedback):
+    dataset = feedback.split
+    job(settings, dataset=str(dataset), max_steps=1).run()
+    with pytest.raises(InvalidModelNameError, match="already exists"):
+        job(settings, dataset=str(dataset), max_steps=1).run()
+    (settings.models_dir / "not-ours").mkdir()
+    with pytest.raises(InvalidModelNameError, match="not a fine-tuned model"):
+        job(settings, "not-ours", dataset=str(dataset), max_steps=1, overwrite=True).run()
+    assert job(settings, dataset=str(dataset), max_steps=2, overwrite=True).run().metrics["steps"] == 2
+
+
+# --- nothing half-done is ever served ------------------------------------------------------------------
+
+
+def test_a_cancelled_run_publishes_nothing(settings, feedback):
+    dataset = feedback.split
+    running = None
+
+    def cancel_at_step_3(progress):
+        if progress.step == 3:
+            running.cancel()
+
+    running = job(settings, dataset=str(dataset), on_progress=cancel_at_step_3)
+    with pytest.raises(FinetuneCancelled):
+        running.run()
+    assert running.status is JobStatus.CANCELLED and running.progress.step == 3
+    assert listing(settings) == []
+    assert "blip-ft" not in ModelRegistry.from_settings(settings).catalog
+
+    background = job(settings, "in-background", dataset=str(dataset))
+    background.cancel()  # before it starts: it stops at its first step
+    background.start()
+    assert background.wait(60) is JobStatus.CANCELLED and "cancelled" in background.error
+    assert listing(settings) == []
+    finishing = job(settings, "in-background", dataset=str(dataset), max_steps=1)
+    finishing.start()
+    assert finishing.wait(60) is JobStatus.SUCCEEDED and finishing.result.name == "in-background"
+
+
+def test_one_job_per_model_name_at_a_time(settings, feedback):
+    from mmdemo.finetune.jobs import _name_lock
+
+    settings.models_dir.mkdir(parents=True)
+    with _name_lock(settings.models_dir, "blip-ft"):  # as if another job were training it
+        with pytest.raises(InvalidModelNameError, match="right now"):
+            job(settings, dataset=str(feedback.split), max_steps=1).run()
+    assert job(settings, dataset=str(feedback.split), max_steps=1).run().name == "blip-ft"
+
+
+def test_a_crash_while_saving_keeps_the_earlier_model_and_serves_no_half_checkpoint(settings, feedback, monkeypatch):
+    dataset = feedback.split
+    good = job(settings, dataset=str(dataset), max_steps=2).run()
+    weights = (good.path / "model.safetensors").read_bytes()
+    adapter = type(adapter_for("image-to-text"))
+
+    def half_save(self, model, processor, folder):
+        model.save_pretrained(folder)  # the weights are written, the processor never is
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter, "save", half_save)
+    for name, overwrite in (("blip-ft", True), ("fresh", False)):
+        broken = job(settings, name, dataset=str(dataset), max_steps=2, overwrite=overwrite)
+        with pytest.raises(OSError, match="disk full"):
+            broken.run()
+        assert broken.status is JobStatus.FAILED and "disk full" in broken.error
+    assert listing(settings) == ["blip-ft"]
+    assert (good.path / "model.safetensors").read_bytes() == weights
+    assert [s.id for s in read_model_folders(settings.models_dir)] == ["blip-ft"]
+
+
+def test_leftovers_of_a_killed_job_are_never_served_and_are_cleared(settings, feedback):
+    dataset = feedback.split
+    dead = settings.models_dir / ".killed.partial-999999999-0badc0de"  # no process has this pid
+    dead.mkdir(parents=True)
+    (dead / MODEL_ENTRY_FILE).write_text(json.dumps({"task": "image-to-text", "kind": "blip"}))
+    assert "killed" not in load_catalog("tiny", None, settings.models_dir)
+    job(settings, dataset=str(dataset), max_steps=1).run()
+    assert listing(settings) == ["blip-ft"]
+
+
+def test_model_folders_join_the_catalog_safely(tmp_path, caplog):
+    models = tmp_path / "models"
+    entry = {"task": "image-to-text", "kind": "blip", "params_m": 1.0}
+    for name, content in (("good", entry), ("tiny-clip", entry), ("broken", "{not json"),
+                          ("wrong-kind", {**entry, "kind": "clip"}), ("extra-keys", {**entry, "source": "/etc"})):
+        (models / name).mkdir(parents=True)
+        (models / name / MODEL_ENTRY_FILE).write_text(content if isinstance(content, str) else json.dumps(content))
+    (models / "no-entry").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / MODEL_ENTRY_FILE).write_text(json.dumps(entry))
+    (models / "linked").symlink_to(outside, target_is_directory=True)
+    catalog = load_catalog("tiny", None, models)
+    assert catalog.get("good").source == f"local-dir:{(models / 'good').resolve()}"
+    assert catalog.get("tiny-clip").kind == "clip"  # a folder never shadows a built-in model
+    for skipped in ("broken", "wrong-kind", "extra-keys", "no-entry", "linked"):
+        assert skipped not in catalog
+    assert "skipped" in caplog.text
+    assert [s.id for s in load_catalog("tiny", None, tmp_path / "none")] == [s.id for s in load_catalog("tiny")]
+
+
+# --- a running app, the command line ---------------------------------------------------------------
+
+
+def test_retraining_a_loaded_model_hot_swaps_it(settings, feedback):
+    dataset = feedback.split
+    job(settings, dataset=str(dataset), max_steps=1).run()
+    registry = ModelRegistry.from_settings(settings)
+    run(registry, "image-to-text", "blip-ft", image=picture(1), max_new_tokens=4)
+    old = registry.call("blip-ft", lambda bundle: bundle.model)
+    result = job(settings, dataset=str(dataset), max_steps=3, overwrite=True, registry=registry).run()
+    assert result.swapped and registry.is_loaded("blip-ft")
+    assert registry.call("blip-ft", lambda bundle: bundle.model) is not old
+    assert registry.catalog.get("blip-ft").description == result.spec.description
+    added = job(settings, "brand-new", dataset=str(dataset), max_steps=1, registry=registry).run()
+    assert not added.swapped and "brand-new" in registry.catalog  # servable without a restart
+
+
+def test_cli_finetune_then_models_lists_it(settings, feedback, capsys):
+    dataset = feedback.split
+    common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]
+    code = main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "cli-ft",
+                 "--dataset", str(dataset), "--epochs", "2", "--batch-size", "3", "--lr", "1e-3", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    printed = json.loads(out.out)
+    assert printed["model"]["id"] == "cli-ft" and printed["metrics"]["steps"] == 4
+    assert "epoch 2/2  step 4/4" in out.err
+    assert main(["models", *common, "--task", "caption", "--json"]) == 0
+    assert "cli-ft" in [m["id"] for m in json.loads(capsys.readouterr().out)]
+    assert main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "../up"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert main(["finetune", *common, "--task", "caption", "--base", "nope", "--name", "x"]) == 1
+    assert listing(settings) == ["cli-ft"]
