@@ -659,3 +659,15 @@ def test_feedback_tasks_are_the_app_tasks():
     from mmdemo.tasks import TASK_RUNNERS
 
     assert set(TASKS) == set(TASK_RUNNERS)
+
+
+def test_closing_after_a_write_is_quick(tmp_path):
+    """A closed store checkpoints its WAL; idle pooled connections once made that wait 30 s."""
+    cat = Path(__file__).resolve().parents[1] / "assets" / "cat.jpg"
+    store = FeedbackStore(None, tmp_path / "data")
+    output_id = store.record_result("image-to-text", {"image": str(cat)}, {"text": "a cat"})
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 5
+    with FeedbackStore(None, tmp_path / "data") as reopened:
+        assert reopened.get_output(output_id).output["text"] == "a cat"

@@ -49,3 +49,27 @@ __all__ = [
     "export_dataset",
     "split_request",
 ]
+
+# Annotation mode: campaigns, batches leased to annotators, progress (see annotation.py).
+from .annotation import (  # noqa: E402
+    AnnotationItem,
+    AnnotationQueue,
+    AnnotatorProgress,
+    Campaign,
+    CampaignProgress,
+    ImportSummary,
+)
+from .errors import InvalidCampaignError, NotInCampaignError, NotLeasedError, UnknownCampaignError  # noqa: E402
+
+__all__ += [
+    "AnnotationItem",
+    "AnnotationQueue",
+    "AnnotatorProgress",
+    "Campaign",
+    "CampaignProgress",
+    "ImportSummary",
+    "InvalidCampaignError",
+    "NotInCampaignError",
+    "NotLeasedError",
+    "UnknownCampaignError",
+]

@@ -207,6 +207,9 @@ class _GroupCommitter:
     def stop(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=30)
+        # Idle pooled connections can keep an old read snapshot open (a cached statement not reset), and
+        # the TRUNCATE checkpoint would wait for them until the busy timeout: close them first.
+        self.db.engine.dispose()
         self.stopping = True
         self.checkpoint_due.set()
         self.checkpointer.join(timeout=30)

@@ -56,3 +56,27 @@ class PermissionDeniedError(MMDemoError):
 
 class StoreError(MMDemoError):
     """The store could not do its job (database unreachable, disk full, schema newer than this app)."""
+
+
+# --- annotation campaigns (mmdemo.feedback.annotation) ---------------------------------------------
+
+
+class InvalidCampaignError(InvalidInputError):
+    """A campaign that cannot be created as asked: bad name, task, labels per item or lease time, or a
+    name already taken."""
+
+
+class UnknownCampaignError(InvalidInputError):
+    """No annotation campaign has this name (or id)."""
+
+
+class NotInCampaignError(InvalidInputError):
+    """The output is not one of the campaign's items, or is of another task."""
+
+
+class NotLeasedError(InvalidInputError):
+    """The item is not in the annotator's batch: never given to them, skipped, or given to someone else
+    after their lease expired."""
+
+
+__all__ += ["InvalidCampaignError", "NotInCampaignError", "NotLeasedError", "UnknownCampaignError"]

@@ -102,8 +102,47 @@ def _0001_initial(conn: Connection) -> None:
     m.create_all(conn)
 
 
+def _0002_annotation(conn: Connection) -> None:
+    """Annotation campaigns, the outputs each one puts before annotators, and who holds or did which."""
+    m = MetaData()
+    timestamp = DateTime(timezone=True)
+    record_id = BigInteger().with_variant(Integer, "sqlite")
+    # the tables this one refers to, as 0001 made them (only their keys matter here)
+    Table("outputs", m, Column("id", String(32), primary_key=True))
+    Table("annotation_campaigns", m,
+          Column("id", record_id, primary_key=True, autoincrement=True),
+          Column("name", String(200), nullable=False),
+          Column("task", String(64), nullable=False),
+          Column("instructions", Text, nullable=False),
+          Column("labels_per_item", Integer, nullable=False),
+          Column("lease_seconds", Integer, nullable=False),
+          Column("model_id", String(300)),
+          Column("created_by", String(200)),
+          Column("created_at", timestamp, nullable=False),
+          UniqueConstraint("name", name="uq_annotation_campaigns_name"))
+    Table("annotation_items", m,
+          Column("id", record_id, primary_key=True, autoincrement=True),
+          Column("campaign_id", record_id, ForeignKey("annotation_campaigns.id", ondelete="CASCADE"),
+                 nullable=False),
+          Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+          Column("added_at", timestamp, nullable=False),
+          UniqueConstraint("campaign_id", "output_id", name="uq_annotation_items_campaign_output"),
+          Index("ix_annotation_items_output", "output_id"))
+    Table("annotation_assignments", m,
+          Column("item_id", record_id, ForeignKey("annotation_items.id", ondelete="CASCADE"), primary_key=True),
+          Column("annotator", String(200), primary_key=True),
+          Column("state", String(8), nullable=False),
+          Column("leased_at", timestamp, nullable=False),
+          Column("expires_at", timestamp),
+          Column("done_at", timestamp),
+          Index("ix_annotation_assignments_annotator", "annotator", "state"))
+    for name in ("annotation_campaigns", "annotation_items", "annotation_assignments"):
+        m.tables[name].create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _0001_initial),
+    Migration("0002_annotation", _0002_annotation),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

@@ -7,6 +7,10 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
 * ``outputs``: a model's result as the app showed it, with its inputs and provenance.
 * ``output_media``: which media an output used (``input``) or made (``output``), in order.
 * ``feedback``: a person's rating / correction / comment on an output; one per (output, annotator).
+* ``annotation_campaigns``: a batch of work for annotators: task, instructions, labels wanted per item.
+* ``annotation_items``: the outputs a campaign puts before its annotators.
+* ``annotation_assignments``: who holds (``leased``, until ``expires_at``), labelled (``done``) or
+  ``skipped`` which item; one row per (item, annotator).
 """
 
 from __future__ import annotations
@@ -95,4 +99,42 @@ feedback = Table(
     Column("updated_at", Timestamp, nullable=False),
     UniqueConstraint("output_id", "annotator", name="uq_feedback_output_annotator"),
     Index("ix_feedback_updated_at", "updated_at"),
+)
+
+annotation_campaigns = Table(
+    "annotation_campaigns",
+    metadata,
+    Column("id", RecordId, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False),
+    Column("task", String(64), nullable=False),
+    Column("instructions", Text, nullable=False),
+    Column("labels_per_item", Integer, nullable=False),
+    Column("lease_seconds", Integer, nullable=False),
+    Column("model_id", String(300)),
+    Column("created_by", String(200)),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("name", name="uq_annotation_campaigns_name"),
+)
+
+annotation_items = Table(
+    "annotation_items",
+    metadata,
+    Column("id", RecordId, primary_key=True, autoincrement=True),
+    Column("campaign_id", RecordId, ForeignKey("annotation_campaigns.id", ondelete="CASCADE"), nullable=False),
+    Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+    Column("added_at", Timestamp, nullable=False),
+    UniqueConstraint("campaign_id", "output_id", name="uq_annotation_items_campaign_output"),
+    Index("ix_annotation_items_output", "output_id"),
+)
+
+annotation_assignments = Table(
+    "annotation_assignments",
+    metadata,
+    Column("item_id", RecordId, ForeignKey("annotation_items.id", ondelete="CASCADE"), primary_key=True),
+    Column("annotator", String(200), primary_key=True),
+    Column("state", String(8), nullable=False),        # leased, done, skipped
+    Column("leased_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp),                   # while leased: when the item returns to the pool
+    Column("done_at", Timestamp),                      # when it was submitted or skipped
+    Index("ix_annotation_assignments_annotator", "annotator", "state"),
 )

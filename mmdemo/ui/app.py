@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import caption, classify, create, models_panel, transcribe, vqa
+from . import annotate, caption, classify, create, models_panel, transcribe, vqa
 from .common import AppContext, configure_queue
 from .feedback import feedback_api
 
-TABS = (caption, vqa, create, classify, transcribe)
+TABS = (caption, vqa, create, classify, transcribe, annotate)
 
 # gradio 6 takes theme and CSS at launch(). System fonts: the default theme would fetch web fonts
 # from Google, and no request may leave the machine.

@@ -1,0 +1,147 @@
+"""Annotation mode as people use it, in a real browser: an admin creates a campaign from recorded outputs,
+two annotators signed in from two browsers get disjoint batches, one corrects a caption and skips an item,
+the admin sees the progress per annotator, and the export holds the correction. Someone without the
+annotator role is told what to do."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from browser_util import field, open_tab
+from playwright.sync_api import Browser, Page, expect
+
+from mmdemo.auth import add_user, hash_password
+from mmdemo.feedback import AnnotationQueue, FeedbackStore, export_dataset
+
+pytestmark = pytest.mark.browser
+
+USERS = {"alice": "admin", "bob": "annotator", "carol": "annotator"}
+MODEL = {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}
+SAVED = re.compile(r"Saved #(\d+)")
+
+
+@pytest.fixture(scope="module")
+def app(launch_app, tmp_path_factory):
+    """The tiny app with a login (alice: admin; bob and carol: annotators) and a database of its own."""
+    folder = tmp_path_factory.mktemp("annotate")
+    for name, role in USERS.items():
+        add_user(folder / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
+    return launch_app(auth_file=folder / "auth.toml", database_url=f"sqlite:///{folder / 'feedback.db'}")
+
+
+@pytest.fixture(scope="module")
+def store(app):
+    """The app's store as another process (``mmdemo export``) sees it."""
+    with FeedbackStore.from_settings(app.settings) as store:
+        yield store
+
+
+def image(n: int):
+    from PIL import Image
+
+    return Image.new("RGB", (24, 24), (40 * n % 256, 90, 200 - 30 * n % 200))
+
+
+def sign_in(browser: Browser, url: str, name: str) -> Page:
+    """A browser context of its own (cookies: one person), signed in as ``name``, on the Annotate tab."""
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.goto(url)
+    page.get_by_test_id("textbox").fill(name)
+    page.get_by_test_id("password").fill(f"pw-{name}")
+    page.get_by_role("button", name="Login").click()
+    expect(page.get_by_role("tab", name="Annotate")).to_be_visible()
+    open_tab(page, "Annotate")
+    expect(page.locator("#tab-annotate").get_by_text(f"Signed in as {name}")).to_be_visible()
+    return page
+
+
+def choose(panel, label: str, option: str) -> None:
+    panel.get_by_label(label, exact=True).click()
+    panel.page.get_by_role("option", name=option, exact=True).click()
+
+
+def suggestion(panel) -> str:
+    return panel.locator(".prose.mmdemo-annotate-suggestion").inner_text()
+
+
+def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress(app, store, browser: Browser,
+                                                                                   tmp_path: Path):
+    import datasets
+
+    tag = uuid.uuid4().hex[:6]
+    captions = [f"caption {tag} {n}" for n in range(4)]
+    for n, text in enumerate(captions):
+        store.record_output("image-to-text", inputs={"image": image(n)}, output={"text": text, "model": MODEL})
+    name = f"captions-{tag}"
+
+    # 1. the admin creates the campaign from the recorded outputs
+    alice = sign_in(browser, app.url, "alice")
+    admin = alice.locator("#tab-annotate")
+    admin.get_by_role("button", name="Campaigns and progress (admins)").click()
+    field(admin, "Campaign name").fill(name)
+    field(admin, "Instructions for annotators").fill("Describe the colour of the square.")
+    admin.get_by_role("button", name="Create campaign from recorded outputs").click()
+    created = admin.locator(".prose.mmdemo-annotate-admin")
+    expect(created).to_contain_text(f"Created {name} (image-to-text) with 4 item(s)", timeout=30_000)
+
+    # 2. two annotators, two browsers, a batch of two each: no item in both
+    batches = {}
+    pages = {}
+    for who in ("bob", "carol"):
+        page = pages[who] = sign_in(browser, app.url, who)
+        panel = page.locator("#tab-annotate")
+        choose(panel, "Campaign", name)
+        field(panel, "Batch size").fill("2")
+        panel.get_by_role("button", name="Get a batch").click()
+        expect(panel.locator(".prose.mmdemo-annotate-position")).to_contain_text(f"Item 1 of 2 · {name}")
+        expect(panel.get_by_text("Describe the colour of the square.")).to_be_visible()
+        batches[who] = suggestion(panel)
+    shown = {who: next(c for c in captions if c in text) for who, text in batches.items()}
+    assert shown["bob"] != shown["carol"]
+    held = {w.annotator: w.leased for w in AnnotationQueue(store).progress(name).annotators}
+    assert held == {"bob": 2, "carol": 2}
+
+    # 3. bob corrects his first item (pre-filled with the suggestion), then skips the second
+    bob = pages["bob"].locator("#tab-annotate")
+    box = field(bob, "Correct caption")
+    expect(box).to_have_value(shown["bob"])
+    correction = f"a blue square {tag}"
+    box.fill(correction)
+    bob.get_by_role("button", name="Submit & next").click()
+    expect(bob.locator(".prose.mmdemo-annotate-status")).to_contain_text(SAVED)
+    record_id = int(SAVED.search(bob.locator(".prose.mmdemo-annotate-status").inner_text()).group(1))
+    expect(bob.locator(".prose.mmdemo-annotate-position")).to_contain_text("Item 2 of 2")
+    bob.get_by_role("button", name="Skip").click()
+    expect(bob.get_by_text("Batch done")).to_be_visible()
+    record = store.get(record_id)
+    assert (record.annotator, record.correction, record.output.output["text"]) == ("bob", correction, shown["bob"])
+
+    # 4. the admin sees the progress, per annotator
+    choose(admin, "Campaign", name)
+    admin.get_by_role("button", name="Show progress of the campaign above").click()
+    expect(admin.locator(".prose.mmdemo-annotate-progress")).to_contain_text("1/4 labels")
+    table = admin.locator(".mmdemo-annotate-table")
+    for row in (["bob", "1", "1", "0"], ["carol", "0", "0", "2"]):
+        shown = table.get_by_role("row").filter(has_text=row[0])
+        expect(shown).to_have_count(1)
+        assert shown.inner_text().split()[:4] == row  # annotator, done, skipped, held now
+    rows = {w.annotator: (w.done, w.skipped, w.leased) for w in AnnotationQueue(store).progress(name).annotators}
+    assert rows == {"bob": (1, 1, 0), "carol": (0, 0, 2)}
+
+    # 5. the export holds bob's correction
+    export_dataset(store, "image-to-text", tmp_path / "export", only="corrected", val_fraction=0.0)
+    exported = datasets.load_from_disk(str(tmp_path / "export"))["train"]
+    assert {"text": correction, "record_id": record_id, "annotator": "bob"} in \
+        exported.select_columns(["text", "record_id", "annotator"]).to_list()
+
+
+def test_a_person_without_the_annotator_role_is_told_what_to_do(launch_app, page: Page, tmp_path: Path):
+    app = launch_app(host="0.0.0.0", database_url=f"sqlite:///{tmp_path / 'feedback.db'}")  # no login, reachable
+    page.goto(app.url.replace("0.0.0.0", "127.0.0.1"))
+    panel = open_tab(page, "Annotate")
+    expect(panel.get_by_text("Annotation is for annotators.")).to_be_visible()
+    panel.get_by_role("button", name="Get a batch").click()
+    expect(page.get_by_text("Sign in with an account whose role is annotator")).to_be_visible()
