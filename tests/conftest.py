@@ -7,6 +7,7 @@ GPU). ``--run-slow`` adds full-size model tests, ``--run-gpu`` CUDA tests.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -145,3 +146,27 @@ def browser_type_launch_args(browser_type_launch_args):
         "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"],
     }
+
+
+# --- a real PostgreSQL server (tests/pg.py), shared by the store tests -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server for the session; the tests that need it are skipped only where none
+    can start (.ci/run installs PostgreSQL)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pg
+
+    try:
+        server = pg.start_postgres(durable=False)
+    except pg.PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg_server):
+    """One database on it; a test empties it first (``pg_server.reset_database(url)``)."""
+    return pg_server.create_database()

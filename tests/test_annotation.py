@@ -6,7 +6,6 @@ progress and agreement, the export of what annotators corrected, and the ``mmdem
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -14,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pg, whatever the import mode
-
-import pg  # noqa: E402
-
-from mmdemo import cli  # noqa: E402
-from mmdemo.feedback import (  # noqa: E402
+from mmdemo import cli
+from mmdemo.feedback import (
     ADMIN_ROLE,
     AnnotationQueue,
     FeedbackStore,
@@ -31,7 +26,7 @@ from mmdemo.feedback import (  # noqa: E402
     UnknownTaskError,
     export_dataset,
 )
-from mmdemo.feedback.tables import outputs  # noqa: E402
+from mmdemo.feedback.tables import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"id": "tiny-blip", "revision": "abc123", "backend": "transformers", "device": "cpu"}
@@ -65,21 +60,6 @@ class Clock:
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_server():
-    try:
-        server = pg.start_postgres(durable=False)
-    except pg.PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server: {exc}")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pg_database(pg_server):
-    return pg_server.create_database()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -22,7 +22,6 @@ from sqlalchemy import inspect as sa_inspect
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pg, media_samples, whatever the import mode
 
 import media_samples as ms  # noqa: E402
-import pg  # noqa: E402
 
 from mmdemo.config import Settings  # noqa: E402
 from mmdemo.errors import AudioTooLongError, ImageTooLargeError, InvalidAudioError, InvalidInputError  # noqa: E402
@@ -83,21 +82,6 @@ def row_counts(store: FeedbackStore) -> dict[str, int]:
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    try:
-        server = pg.start_postgres(durable=False)
-    except pg.PostgresUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server: {exc}")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def pg_database(pg_server):
-    return pg_server.create_database()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from .. import __version__
 from ..errors import InvalidInputError
+from ..files import replace_folder
 from .errors import NothingToExportError
 from .records import FeedbackRecord
 from .schemas import TaskSchema, schema_for
@@ -233,7 +234,7 @@ def export_dataset(
         (staging / "README.md").write_text(
             dataset_card(schema, summary, options, layout=format), encoding="utf-8")
         (staging / _MARKER).write_text(json.dumps({"task": schema.task, "format": format, **options}) + "\n")
-        _move_into_place(staging, out_dir)
+        replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -513,16 +514,6 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
             raise InvalidInputError(f"{out_dir} is not empty; choose a new folder (or overwrite an earlier export).")
         if not (out_dir / _MARKER).is_file():
             raise InvalidInputError(f"{out_dir} is not empty and holds no mmdemo export; it will not be replaced.")
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.is_dir():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
 
 
 # --- the dataset card ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .. import __version__
 from ..catalog import MODEL_ENTRY_FILE, Catalog, ModelSpec, load_catalog
 from ..config import Settings
 from ..errors import MMDemoError, ModelLoadError
+from ..files import replace_folder
 from ..registry import ModelRegistry, Placement
 from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig, check_model_name
@@ -193,7 +194,7 @@ class FinetuneJob:
                 (staging / MODEL_ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
                 if self._cancel.is_set():
                     raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled before it was published.")
-                publish(staging, final)
+                replace_folder(staging, final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -307,17 +308,6 @@ def check_new_model_name(catalog: Catalog, models_dir: Path, name: str, *, overw
                 f"A fine-tuned model '{name}' already exists in {models_dir}; choose another name or overwrite it.")
         if folder.is_symlink() or not (folder / MODEL_ENTRY_FILE).is_file():
             raise InvalidModelNameError(f"{folder} exists and is not a fine-tuned model; it will not be replaced.")
-
-
-def publish(staging: Path, final: Path) -> None:
-    """Rename the complete checkpoint into place; an earlier one is moved aside first, then deleted."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 def remove_stale_staging(models_dir: Path) -> list[Path]:
