@@ -12,7 +12,7 @@
 * ``jobs.py``: :class:`FinetuneJob` (status, progress, cancel), the atomic checkpoint and serving.
 """
 
-from .adapters import FinetuneAdapter, adapter_for
+from .adapters import FinetuneAdapter, adapter_for, finetune_adapters
 from .config import FinetuneConfig, check_model_name
 from .errors import (
     FinetuneCancelled,
@@ -40,5 +40,6 @@ __all__ = [
     "UnsupportedBaseError",
     "adapter_for",
     "check_model_name",
+    "finetune_adapters",
     "run_finetune",
 ]

@@ -47,11 +47,16 @@ class FinetuneAdapter(ABC):
             )
 
 
-def adapter_for(task: str) -> FinetuneAdapter:
-    """The adapter of ``task``, or ``UnsupportedBaseError`` when the task cannot be fine-tuned yet."""
+def finetune_adapters() -> dict[str, FinetuneAdapter]:
+    """Every task that can be fine-tuned, with its adapter (``adapter.kinds``: the models it trains)."""
     from .caption import CaptionAdapter
 
-    adapters: dict[str, FinetuneAdapter] = {adapter.task: adapter for adapter in (CaptionAdapter(),)}
+    return {adapter.task: adapter for adapter in (CaptionAdapter(),)}
+
+
+def adapter_for(task: str) -> FinetuneAdapter:
+    """The adapter of ``task``, or ``UnsupportedBaseError`` when the task cannot be fine-tuned yet."""
+    adapters = finetune_adapters()
     try:
         return adapters[task]
     except KeyError:

@@ -115,6 +115,7 @@ class AppContext:
     _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _store_retry_at: float = field(default=0.0, init=False, repr=False)
     _recorder: "BackgroundRecorder | None" = field(default=None, init=False, repr=False)
+    finetune_slot: Any = field(default=None, init=False, repr=False)  # the app's one fine-tuning job (finetune_panel)
 
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
@@ -333,15 +334,23 @@ def loading_note(ctx: AppContext, model_id: str | None) -> Any:
 
 
 def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Markdown]:
-    """The model dropdown of a tab, filled from the catalog, and its note line."""
-    specs = ctx.registry.catalog.for_task(task)
-    model = gr.Dropdown(
-        choices=[spec.id for spec in specs], value=specs[0].id if specs else None, label=label,
-        interactive=True,
-    )
+    """The model dropdown of a tab, filled from the catalog, and its note line.
+
+    The choices are read from the catalog again on every page load, so a model that joined it while the
+    app runs (a fine-tuned one: Models -> Fine-tune) is offered after a reload, without a restart.
+    """
+    def choices() -> list[str]:
+        return [spec.id for spec in ctx.registry.catalog if spec.task == task]
+
+    ids = choices()
+    model = gr.Dropdown(choices=ids, value=ids[0] if ids else None, label=label, interactive=True)
     note = gr.Markdown(elem_classes="mmdemo-note")
-    # No triggers: on page load and whenever the dropdown changes.
-    gr.on(None, functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False,
+    # On page load only (no triggers, no inputs): today's choices; the value is not sent, so it stays.
+    gr.on(None, lambda: gr.Dropdown(choices=choices()), None, [model], queue=False, show_progress="hidden",
+          api_visibility="private")
+    # No triggers: on page load and whenever the dropdown changes. Unprocessed: model_note checks the id against
+    # today's catalog, not against the choices the page was built with.
+    gr.on(None, functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False, preprocess=False,
           show_progress="hidden", api_visibility="private")
     return model, note
 

@@ -1,7 +1,9 @@
-"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload and
-the feedback export (the same dataset as ``mmdemo export``, as a zip to download).
+"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload,
+the feedback export (the same dataset as ``mmdemo export``, as a zip to download) and fine-tuning on that
+feedback (:mod:`.finetune_panel`).
 
-API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model`` and ``/export_feedback`` (admins).
+API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model`` and ``/export_feedback`` (admins),
+and the fine-tuning endpoints of :mod:`.finetune_panel`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def summary(ctx: AppContext) -> str:
 
 
 def build(ctx: AppContext) -> SimpleNamespace:
+    from . import finetune_panel  # it builds on this module's choices
+
     def refresh() -> tuple[str, list[list[Any]]]:
         return summary(ctx), status_rows(ctx)
 
@@ -101,18 +105,24 @@ def build(ctx: AppContext) -> SimpleNamespace:
         export = gr.Button("Export")
         archive = gr.File(label="Export (zip)", interactive=False)
         export_message = gr.Markdown()
+    with gr.Accordion("Fine-tune on feedback (admins)", open=False, elem_id="mmdemo-finetune"):
+        finetune = finetune_panel.build(ctx)
 
     # On page load (no triggers, no inputs), on the Refresh button, and after each action:
     gr.on(None, refresh, None, [info, table], queue=False, show_progress="hidden", api_visibility="private")
+    # On page load: today's catalog (a fine-tuned model joins it while the app runs); the value stays.
+    gr.on(None, lambda: gr.Dropdown(choices=[spec.id for spec in ctx.registry.catalog]), None, [model],
+          queue=False, show_progress="hidden", api_visibility="private")
     refresh_button.click(refresh, None, [info, table], api_name="models_status", queue=False)
     admin = dict(concurrency_id=ADMIN_QUEUE, concurrency_limit=1)
-    preload.click(preload_model, model, [message, info, table], api_name="preload_model", **admin)
-    unload.click(unload_model, model, [message, info, table], api_name="unload_model", **admin)
+    # Unprocessed: a model id is checked against today's catalog, not the choices the page was built with.
+    preload.click(preload_model, model, [message, info, table], api_name="preload_model", preprocess=False, **admin)
+    unload.click(unload_model, model, [message, info, table], api_name="unload_model", preprocess=False, **admin)
     export.click(export_feedback, [export_task, export_format, export_only], [archive, export_message],
                  api_name="export_feedback", concurrency_id=EXPORT_QUEUE, concurrency_limit=1)
     return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
                            refresh=refresh, refresh_button=refresh_button, message=message, export=export,
-                           archive=archive, export_message=export_message)
+                           archive=archive, export_message=export_message, finetune=finetune)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

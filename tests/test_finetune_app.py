@@ -1,0 +1,263 @@
+"""Fine-tuning from the web app, as admins use it: through the API (gradio_client) and in a real browser.
+People's corrections of the tiny captioner, recorded through /caption and /feedback, train a new model
+in the background; its progress is polled, and the new model then answers /caption and is offered in
+the Caption tab after a reload. Non-admins are refused on the server; one job runs at a time."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from mmdemo.auth import add_user, hash_password
+
+USERS = {"alice": "admin", "bob": "annotator"}
+BASE = "tiny-blip-caption"
+CAPTIONS = ("a red car next to a blue truck", "a dog running on the grass", "a bird on a branch of a tree",
+            "a boat on the water at sunset", "a plate of rice and broccoli", "an airplane in a clear blue sky")
+DONE = ("succeeded", "failed", "cancelled")
+# Quick: 6 examples, batch 3, no validation split: 2 steps per epoch.
+FAST = dict(task="image-to-text", base=BASE, lr=1e-3, batch_size=3, val_fraction=0.0, only="corrected")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread than on two shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def isolated_data_dir(root: Path, tiny_data_dir: Path) -> Path:
+    """A data directory of its own (database, models/) that shares the session's tiny checkpoints, so that
+    the models fine-tuned here never join the catalog of other tests' apps."""
+    data = root / "data"
+    data.mkdir()
+    (data / "tiny-models").symlink_to(tiny_data_dir / "tiny-models", target_is_directory=True)
+    return data
+
+
+@pytest.fixture(scope="module")
+def app(launch_app, tiny_data_dir, tmp_path_factory):
+    """The tiny app with a login (alice: admin, bob: annotator) and a data directory of its own."""
+    root = tmp_path_factory.mktemp("finetune-app")
+    for name, role in USERS.items():
+        add_user(root / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
+    return launch_app(data_dir=isolated_data_dir(root, tiny_data_dir), auth_file=root / "auth.toml")
+
+
+def client_for(app, name: str) -> Client:
+    return Client(app.url, auth=(name, f"pw-{name}"), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def admin(app) -> Client:
+    return client_for(app, "alice")
+
+
+@pytest.fixture(scope="module")
+def feedback(app, admin, tmp_path_factory) -> SimpleNamespace:
+    """Six captions of the tiny model, each corrected by the admin through /caption and /feedback."""
+    folder = tmp_path_factory.mktemp("pictures")
+    saved = []
+    for i, correction in enumerate(CAPTIONS):
+        path = folder / f"picture-{i}.png"
+        image = Image.new("RGB", (24, 24), (40 * i, 255 - 40 * i, (70 * i) % 256))
+        image.putpixel((i, i), (255, 255, 255))
+        image.save(path)
+        _, _, details = admin.predict(handle_file(str(path)), model=BASE, max_new_tokens=5, api_name="/caption")
+        message, record_id = admin.predict(details["output_id"], thumbs="down", correction=correction, comment="",
+                                           api_name="/feedback")
+        assert message.startswith("Saved #")
+        saved.append(record_id)
+    return SimpleNamespace(records=saved, picture=folder / "picture-0.png")
+
+
+def wait_until_done(client: Client, timeout: float = 180.0) -> dict:
+    """Poll /finetune_status until the job has ended; its last status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(api_name="/finetune_status")
+        if status["state"] in DONE:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"the job did not end within {timeout} s: {status}")
+
+
+def new_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+# --- the API -------------------------------------------------------------------------------------------
+
+
+def test_an_admin_fine_tunes_through_the_api_and_the_new_model_answers(app, admin, feedback):
+    name = new_name("blip-api")
+    started = admin.predict(name=name, epochs=2, **FAST, api_name="/finetune_start")
+    assert started["name"] == name and started["base"] == BASE and started["started_by"] == "alice"
+    assert started["state"] in ("pending", "running", "succeeded")  # the training runs in the background
+
+    status = wait_until_done(admin)
+    assert status["state"] == "succeeded", status
+    assert (status["stage"], status["epoch"], status["epochs"]) == ("done", 2, 2)
+    assert status["step"] == status["total_steps"] == 4 and isinstance(status["train_loss"], float)
+    result = status["result"]
+    assert result["model"] == name and result["in_catalog"] and not result["swapped"]
+    saved_to = Path(result["saved_to"])
+    assert saved_to == app.settings.models_dir / name and (saved_to / "config.json").is_file()
+    assert result["metrics"]["data"]["rows"] == {"train": 6, "validation": 0}
+    assert result["metrics"]["steps"] == 4 and result["metrics"]["base"]["id"] == BASE
+    assert f"it is in the catalog as '{name}'" in status["message"]
+
+    # served through the app at once: no restart, and the registry holds one copy of each model it loaded
+    caption, answered_by, details = admin.predict(handle_file(str(feedback.picture)), model=name,
+                                                  max_new_tokens=8, api_name="/caption")
+    assert details["model"]["id"] == name and name in answered_by and isinstance(caption, str)
+    loaded = [entry["id"] for entry in app.registry.status()["loaded"]]
+    assert sorted(loaded) == sorted(set(loaded)) and BASE in loaded and name in loaded
+    assert app.registry.catalog.get(name, "image-to-text").kind == "blip"
+
+
+def test_non_admins_are_refused_on_the_server(app, feedback):
+    bob = client_for(app, "bob")
+    with pytest.raises(AppError, match="Only admins can fine-tune models"):
+        bob.predict(name=new_name("not-bobs"), epochs=1, **FAST, api_name="/finetune_start")
+    with pytest.raises(AppError, match="Only admins"):
+        bob.predict(api_name="/finetune_status")
+    with pytest.raises(AppError, match="Only admins"):
+        bob.predict(api_name="/finetune_cancel")
+    assert not [p for p in app.settings.models_dir.glob("not-bobs*")]
+
+
+def test_a_second_job_is_refused_while_one_runs_and_a_cancelled_one_publishes_nothing(app, admin, feedback):
+    name = new_name("long-run")
+    admin.predict(name=name, epochs=10_000, **FAST, api_name="/finetune_start")  # runs until cancelled
+    with pytest.raises(AppError, match=f"A fine-tuning job is running \\('{name}'"):
+        admin.predict(name=new_name("second"), epochs=1, **FAST, api_name="/finetune_start")
+    cancelling = admin.predict(api_name="/finetune_cancel")
+    assert cancelling["name"] == name and cancelling["cancel_requested"]
+    status = wait_until_done(admin)
+    assert status["state"] == "cancelled" and "cancelled" in status["error"] and "nothing was published" in \
+        status["message"]
+    assert name not in app.registry.catalog and not (app.settings.models_dir / name).exists()
+    with pytest.raises(AppError, match="No fine-tuning job is running"):
+        admin.predict(api_name="/finetune_cancel")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"name": "../escape"}, "is not allowed"),
+    ({"name": ""}, "Give the new model a name"),
+    ({"name": BASE}, "already a catalog model"),
+    ({"base": "tiny-clip"}, "cannot be fine-tuned"),
+    ({"base": "no-such-model"}, "Unknown model 'no-such-model'"),
+    ({"task": "visual-question-answering", "base": "tiny-blip-vqa"}, "not available for visual-question-answering"),
+    ({"epochs": 0}, "number of epochs"),
+    ({"lr": -1.0}, "learning rate"),
+])
+def test_bad_requests_get_a_readable_message_and_start_nothing(app, admin, feedback, changes, message):
+    before = admin.predict(api_name="/finetune_status")
+    arguments = {**FAST, "name": new_name("bad"), "epochs": 1, **changes}
+    with pytest.raises(AppError, match=message) as refused:
+        admin.predict(**arguments, api_name="/finetune_start")
+    assert "Traceback" not in str(refused.value)
+    assert admin.predict(api_name="/finetune_status").get("job_id") == before.get("job_id")
+
+
+def test_a_taken_name_and_no_feedback_are_refused(launch_app, tiny_data_dir, tmp_path, app, admin, feedback):
+    taken = new_name("taken")
+    admin.predict(name=taken, epochs=1, **FAST, api_name="/finetune_start")
+    assert wait_until_done(admin)["state"] == "succeeded"
+    with pytest.raises(AppError, match="already a catalog model|already exists"):
+        admin.predict(name=taken, epochs=1, **FAST, api_name="/finetune_start")
+
+    # an app with no feedback yet (no login, on a loopback address: everyone here is an admin)
+    empty = launch_app(data_dir=isolated_data_dir(tmp_path, tiny_data_dir))
+    client = Client(empty.url, verbose=False)
+    assert client.predict(api_name="/finetune_status")["state"] == "idle"
+    with pytest.raises(AppError, match="no corrected feedback on image-to-text to train on yet"):
+        client.predict(name="first", epochs=1, **FAST, api_name="/finetune_start")
+    assert client.predict(api_name="/finetune_status")["state"] == "idle"
+
+
+def test_the_form_defaults_are_the_run_configuration_defaults():
+    from mmdemo.finetune import FinetuneConfig
+    from mmdemo.finetune.jobs import _store_export_options
+    from mmdemo.ui.finetune_panel import DEFAULTS
+
+    config = FinetuneConfig("image-to-text", base=BASE, name="x")
+    assert {k: getattr(config, k) for k in ("epochs", "lr", "batch_size")} == \
+        {k: DEFAULTS[k] for k in ("epochs", "lr", "batch_size")}
+    assert _store_export_options(config) == {"only": DEFAULTS["only"], "val_fraction": DEFAULTS["val_fraction"]}
+
+
+# --- in a browser --------------------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_model(app, feedback, browser):
+    from browser_util import field, open_tab
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.goto(app.url)
+    page.get_by_test_id("textbox").fill("alice")
+    page.get_by_test_id("password").fill("pw-alice")
+    page.get_by_role("button", name="Login").click()
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    expect(section.get_by_text("6 approved feedback record(s)")).to_be_visible()
+    expect(section.get_by_label("Base model", exact=True)).to_have_value(BASE)
+
+    name = new_name("blip-web")
+    field(section, "New model name").fill(name)
+    for label, value in (("Epochs", "2"), ("Learning rate", "0.001"), ("Batch size", "3"),
+                         ("Validation fraction", "0")):
+        box = section.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Tab")
+    section.get_by_role("button", name="Start fine-tuning").click()
+    status = section.locator(".prose.mmdemo-finetune-status")
+    expect(status).to_contain_text(f"{name} is ready", timeout=120_000)
+    expect(status).to_contain_text("kept epoch 2")
+    expect(status).to_contain_text(f"it is in the catalog as '{name}'")
+    expect(status).to_contain_text("on 6 training and 0 validation rows: 4 steps")  # batch 3, 2 epochs
+    assert client_for(app, "alice").predict(api_name="/finetune_status")["settings"] == \
+        {"epochs": 2, "lr": 0.001, "batch_size": 3, "val_fraction": 0.0, "only": "approved"}
+
+    # a reload: the Caption tab's model list comes from today's catalog
+    page.reload()
+    caption = open_tab(page, "Caption")
+    model = caption.get_by_label("Model", exact=True)
+    model.click()
+    expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+    page.get_by_role("option", name=name, exact=True).click()
+    expect(model).to_have_value(name)
+    expect(caption.get_by_text("fine-tuned on 6 feedback examples")).to_be_visible()
+
+
+@pytest.mark.browser
+def test_a_non_admin_sees_the_section_read_only(app, browser):
+    from browser_util import open_tab
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.goto(app.url)
+    page.get_by_test_id("textbox").fill("bob")
+    page.get_by_test_id("password").fill("pw-bob")
+    page.get_by_role("button", name="Login").click()
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    expect(section.get_by_text("Fine-tuning is for admins. You (bob) can see this form")).to_be_visible()
+    expect(section.get_by_role("button", name="Start fine-tuning")).to_be_disabled()
+    expect(section.get_by_role("button", name="Cancel")).to_be_disabled()
