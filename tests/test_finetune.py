@@ -151,6 +151,7 @@ def test_finetuning_learns_the_corrections_and_publishes_a_servable_model(settin
     # progress: every step reported in order, each epoch's end, then done
     assert [p.step for p in seen if p.stage == "training"] == list(range(21))
     assert sum(p.stage == "validated" for p in seen) == 10 and seen[-1].stage == "done"
+    assert (seen[-1].epoch, seen[-1].step) == (10, 20) and seen[-1].train_loss is not None  # the end keeps them
 
     # served like any catalog model, by a registry started afterwards (the app after a restart)
     registry = ModelRegistry.from_settings(settings)

@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -150,9 +150,7 @@ class FinetuneJob:
             self.status, self.error = JobStatus.FAILED, str(exc) or type(exc).__name__
             raise
         self.status = JobStatus.SUCCEEDED
-        self._report(Progress("done", epochs=self.config.epochs, step=self.progress.step,
-                              total_steps=self.progress.total_steps, train_loss=self.progress.train_loss,
-                              val_loss=self.progress.val_loss))
+        self._report(replace(self.progress, stage="done"))
         return self.result
 
     def _run(self) -> FinetuneResult:
@@ -181,8 +179,7 @@ class FinetuneJob:
                 with self._training_data(adapter.columns) as data:
                     metrics, params_m = self._train(adapter, base, location, placement, data, staging)
                 # 4. the run's record and the catalog entry, then the atomic move into place
-                self._report(Progress("saving", epochs=config.epochs, step=metrics["steps"],
-                                      total_steps=self.progress.total_steps))
+                self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
                            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "versions": _versions()}
