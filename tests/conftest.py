@@ -148,6 +148,14 @@ def browser_type_launch_args(browser_type_launch_args):
     }
 
 
+try:  # Browser assertions wait up to 15 s, not Playwright's 5 s: a busy 2-core CI machine needs it at times.
+    from playwright.sync_api import expect as _expect
+
+    _expect.set_options(timeout=15_000)
+except ImportError:  # no playwright: the browser tests are not collected
+    pass
+
+
 # --- a real PostgreSQL server (tests/pg.py), shared by the store tests -------------------------------------
 
 
@@ -170,3 +178,14 @@ def pg_server():
 def pg_database(pg_server):
     """One database on it; a test empties it first (``pg_server.reset_database(url)``)."""
     return pg_server.create_database()
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module (tiny models train faster so on two shared cores), then as before."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,8 +9,9 @@ import re
 import uuid
 from pathlib import Path
 
+import browser_util
 import pytest
-from browser_util import field, open_tab
+from browser_util import field, open_tab, set_number
 from playwright.sync_api import Browser, Page, expect
 
 from mmdemo.auth import add_user, hash_password
@@ -47,12 +48,7 @@ def image(n: int):
 
 def sign_in(browser: Browser, url: str, name: str) -> Page:
     """A browser context of its own (cookies: one person), signed in as ``name``, on the Annotate tab."""
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-    page.goto(url)
-    page.get_by_test_id("textbox").fill(name)
-    page.get_by_test_id("password").fill(f"pw-{name}")
-    page.get_by_role("button", name="Login").click()
-    expect(page.get_by_role("tab", name="Annotate")).to_be_visible()
+    page = browser_util.sign_in(browser, url, name)
     open_tab(page, "Annotate")
     expect(page.locator("#tab-annotate").get_by_text(f"Signed in as {name}")).to_be_visible()
     return page
@@ -94,7 +90,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
         page = pages[who] = sign_in(browser, app.url, who)
         panel = page.locator("#tab-annotate")
         choose(panel, "Campaign", name)
-        field(panel, "Batch size").fill("2")
+        set_number(field(panel, "Batch size"), "2")  # retyped until it sticks (a fill can be lost on mount)
         panel.get_by_role("button", name="Get a batch").click()
         expect(panel.locator(".prose.mmdemo-annotate-position")).to_contain_text(f"Item 1 of 2 · {name}")
         expect(panel.get_by_text("Describe the colour of the square.")).to_be_visible()

@@ -54,14 +54,8 @@ def picture(i: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(torch_one_thread):
     """Tiny models train several times faster on one thread than on two shared cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,8 @@ FAST = dict(task="image-to-text", base=BASE, lr=1e-3, batch_size=3, val_fraction
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(torch_one_thread):
     """Tiny models train several times faster on one thread than on two shared cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def isolated_data_dir(root: Path, tiny_data_dir: Path) -> Path:
@@ -204,14 +198,10 @@ def test_the_form_defaults_are_the_run_configuration_defaults():
 
 @pytest.mark.browser
 def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_model(app, feedback, browser):
-    from browser_util import field, open_tab
+    from browser_util import field, open_tab, sign_in
     from playwright.sync_api import expect
 
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-    page.goto(app.url)
-    page.get_by_test_id("textbox").fill("alice")
-    page.get_by_test_id("password").fill("pw-alice")
-    page.get_by_role("button", name="Login").click()
+    page = sign_in(browser, app.url, "alice")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")
@@ -247,14 +237,10 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
 
 @pytest.mark.browser
 def test_a_non_admin_sees_the_section_read_only(app, browser):
-    from browser_util import open_tab
+    from browser_util import open_tab, sign_in
     from playwright.sync_api import expect
 
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-    page.goto(app.url)
-    page.get_by_test_id("textbox").fill("bob")
-    page.get_by_test_id("password").fill("pw-bob")
-    page.get_by_role("button", name="Login").click()
+    page = sign_in(browser, app.url, "bob")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")
