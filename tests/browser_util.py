@@ -33,6 +33,20 @@ def set_number(number, value: str, attempts: int = 5) -> None:
     expect(number).to_have_value(value)
 
 
+def fill_text(box, value: str, attempts: int = 5) -> None:
+    """Fill a textbox and check that it keeps the value: a box in an accordion that was just opened can
+    still be mounting and put its default back over a value filled that instant (fill again, as a person
+    would)."""
+    for _ in range(attempts):
+        box.fill(value)
+        try:
+            expect(box).to_have_value(value, timeout=1500)
+            return
+        except AssertionError:
+            continue
+    expect(box).to_have_value(value)
+
+
 def sign_in(browser: Browser, url: str, name: str, password: str | None = None) -> Page:
     """A new browser context (cookies: one person) on ``url``, signed in as ``name`` (password ``pw-NAME``
     by default, as the tests' auth files have it)."""

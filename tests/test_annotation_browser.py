@@ -11,7 +11,7 @@ from pathlib import Path
 
 import browser_util
 import pytest
-from browser_util import field, open_tab, set_number
+from browser_util import field, fill_text, open_tab, set_number
 from playwright.sync_api import Browser, Page, expect
 
 from mmdemo.auth import add_user, hash_password
@@ -77,8 +77,8 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     alice = sign_in(browser, app.url, "alice")
     admin = alice.locator("#tab-annotate")
     admin.get_by_role("button", name="Campaigns and progress (admins)").click()
-    field(admin, "Campaign name").fill(name)
-    field(admin, "Instructions for annotators").fill("Describe the colour of the square.")
+    fill_text(field(admin, "Campaign name"), name)  # the accordion has just opened: checked, refilled if lost
+    fill_text(field(admin, "Instructions for annotators"), "Describe the colour of the square.")
     admin.get_by_role("button", name="Create campaign from recorded outputs").click()
     created = admin.locator(".prose.mmdemo-annotate-admin")
     expect(created).to_contain_text(f"Created {name} (image-to-text) with 4 item(s)", timeout=30_000)

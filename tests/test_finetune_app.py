@@ -198,7 +198,7 @@ def test_the_form_defaults_are_the_run_configuration_defaults():
 
 @pytest.mark.browser
 def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_model(app, feedback, browser):
-    from browser_util import field, open_tab, sign_in
+    from browser_util import field, fill_text, open_tab, sign_in
     from playwright.sync_api import expect
 
     page = sign_in(browser, app.url, "alice")
@@ -209,7 +209,7 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
     expect(section.get_by_label("Base model", exact=True)).to_have_value(BASE)
 
     name = new_name("blip-web")
-    field(section, "New model name").fill(name)
+    fill_text(field(section, "New model name"), name)  # the accordion has just opened
     for label, value in (("Epochs", "2"), ("Learning rate", "0.001"), ("Batch size", "3"),
                          ("Validation fraction", "0")):
         box = section.get_by_label(label, exact=True)

@@ -21,7 +21,7 @@ import gradio as gr
 
 from .. import tasks
 from ..errors import MMDemoError
-from .common import AppContext, readable_errors, standalone
+from .common import AppContext, json_safe, readable_errors, standalone
 from .feedback import correction_for
 
 if TYPE_CHECKING:
@@ -306,6 +306,61 @@ def build(ctx: AppContext) -> SimpleNamespace:
     show_progress.click(campaign_progress, [campaign], [summary, table], **quiet)
     return SimpleNamespace(campaign=campaign, get=get, item_box=item_box, submit=submit, skip=skip, status=status,
                            progress_line=progress_line, create=create, summary=summary, table=table, intro=intro)
+
+
+# --- the API: the same work for scripts ---------------------------------------------------------------------
+
+
+def annotation_api(ctx: AppContext) -> None:
+    """Register ``/annotate_batch``, ``/annotate_submit`` and ``/annotate_skip`` (annotators and admins) and
+    ``/annotate_progress`` (admins) in the current Blocks, beside the model queue."""
+    from gradio import FileData, processing_utils
+    from gradio.utils import get_upload_folder  # where every Blocks keeps the files it serves
+
+    def served(ref: str) -> FileData:
+        """A stored media file where gradio serves it (its cache), for the client to download."""
+        return FileData(path=processing_utils.save_file_to_cache(ctx.store.media_path(ref), get_upload_folder()))
+
+    def annotate_batch(campaign: str, n: int = 10, request: gr.Request = None) -> list[dict]:
+        """Lease a batch of up to n items of a campaign to the caller (the items already held come first).
+        Each item: output_id, task, instructions, inputs (the text inputs), suggestion (the model's output),
+        input_media (the image or audio file) and output_media (generated images)."""
+        annotator = require_annotator(ctx, request)
+        queue = queue_of(ctx)
+        found = queue.campaign(campaign)
+        return [{"output_id": item.output_id, "task": item.task, "instructions": found.instructions,
+                 "inputs": item.output.inputs, "suggestion": item.output.output, "model": item.output.model_id,
+                 "lease_expires_at": item.lease_expires_at.isoformat(timespec="seconds"),
+                 "input_media": [served(ref) for ref in item.output.input_media],
+                 "output_media": [served(ref) for ref in item.output.output_media]}
+                for item in queue.next_batch(campaign, annotator, int(n or 10))]
+
+    def annotate_submit(campaign: str, output_id: str, thumbs: str | int | None = None,
+                        correction: str | list[str] | dict | None = None, comment: str | None = None,
+                        request: gr.Request = None) -> tuple[str, int]:
+        """Save the caller's label on an item of their batch: thumbs ("up"/"down"), correction (as for
+        /feedback), comment. Nothing given accepts the suggestion. Returns the message and the record id."""
+        from .feedback import parse_correction, parse_thumbs
+
+        annotator = require_annotator(ctx, request)
+        if isinstance(correction, str) and correction.lstrip()[:1] in ("[", "{"):
+            correction = parse_correction(ctx.store.get_output(output_id).task, correction)
+        saved = queue_of(ctx).submit(campaign, output_id, annotator, thumbs=parse_thumbs(thumbs),
+                                     correction=correction, comment=comment)
+        return saved.message, saved.id
+
+    def annotate_skip(campaign: str, output_id: str, request: gr.Request = None) -> str:
+        """Give an item of the caller's batch back to the others (the caller never gets it again)."""
+        queue_of(ctx).skip(campaign, output_id, require_annotator(ctx, request))
+        return "Skipped."
+
+    def annotate_progress(campaign: str, request: gr.Request = None) -> dict:
+        """A campaign's progress: labels done and wanted, items complete, per annotator, agreement (admins)."""
+        ctx.require_admin(request, "see the progress of every annotator")
+        return json_safe(queue_of(ctx).progress(campaign).to_dict())
+
+    for fn in (annotate_batch, annotate_submit, annotate_skip, annotate_progress):
+        gr.api(readable_errors(fn), api_name=fn.__name__, concurrency_id=ANNOTATE_QUEUE, concurrency_limit=8)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

@@ -50,5 +50,6 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
         models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",
                           api_visibility="private")
         feedback_api(ctx)
+        annotate.annotation_api(ctx)
     demo.mmdemo_context = ctx  # for tests and embedding apps: ctx.recorder.flush(), ctx.registry...
     return configure_queue(demo, ctx)

@@ -1,0 +1,84 @@
+"""Annotation by script, through the app's API as gradio_client sees it: an annotator leases a batch (its media
+downloaded), corrects one item, skips another; the admin reads the progress; others are refused."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from mmdemo.auth import add_user, hash_password
+from mmdemo.feedback import AnnotationQueue, FeedbackStore
+
+USERS = {"alice": "admin", "bob": "annotator", "carol": "annotator"}
+MODEL = {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}
+
+
+@pytest.fixture(scope="module")
+def app(launch_app, tmp_path_factory):
+    """The tiny app with a login (alice: admin; bob and carol: annotators) and a database of its own."""
+    folder = tmp_path_factory.mktemp("annotate-api")
+    for name, role in USERS.items():
+        add_user(folder / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
+    return launch_app(auth_file=folder / "auth.toml", database_url=f"sqlite:///{folder / 'feedback.db'}")
+
+
+@pytest.fixture(scope="module")
+def store(app):
+    with FeedbackStore.from_settings(app.settings) as store:
+        yield store
+
+
+def client_for(app, name: str) -> Client:
+    return Client(app.url, auth=(name, f"pw-{name}"), verbose=False)
+
+
+@pytest.fixture
+def campaign(store) -> tuple[str, list[str]]:
+    """A caption campaign of three recorded outputs (24x24 squares of different colours)."""
+    tag = uuid.uuid4().hex[:6]
+    ids = [store.record_output("image-to-text", inputs={"image": Image.new("RGB", (24, 24), (80 * n, 90, 200))},
+                               output={"text": f"square {tag} {n}", "model": MODEL}) for n in range(3)]
+    queue = AnnotationQueue(store)
+    created = queue.create_campaign(f"api-{tag}", "image-to-text", instructions="Name the colour.")
+    queue.add_outputs(created.id, ids)
+    return created.name, ids
+
+
+def test_an_annotator_labels_a_batch_by_script_and_the_admin_reads_the_progress(app, store, campaign):
+    name, ids = campaign
+    bob = client_for(app, "bob")
+    items = bob.predict(name, 2, api_name="/annotate_batch")
+    assert len(items) == 2 and {item["output_id"] for item in items} <= set(ids)
+    first = items[0]
+    assert first["task"] == "image-to-text" and first["instructions"] == "Name the colour."
+    assert first["suggestion"]["text"].startswith("square ") and first["model"] == "tiny-blip-caption"
+    with Image.open(first["input_media"][0]) as downloaded:  # the stored image, downloaded by the client
+        assert downloaded.size == (24, 24)
+
+    message, record_id = bob.predict(name, first["output_id"], correction="a purple square", api_name="/annotate_submit")
+    assert message == f"Saved #{record_id}"
+    assert store.get(record_id).correction == "a purple square" and store.get(record_id).annotator == "bob"
+    assert bob.predict(name, items[1]["output_id"], api_name="/annotate_skip") == "Skipped."
+
+    carol = client_for(app, "carol")  # the skipped item and the third are hers now; bob's labelled one is not
+    theirs = {item["output_id"] for item in carol.predict(name, 10, api_name="/annotate_batch")}
+    assert theirs == set(ids) - {first["output_id"]}
+
+    progress = client_for(app, "alice").predict(name, api_name="/annotate_progress")
+    rows = {row["annotator"]: (row["done"], row["skipped"], row["leased"]) for row in progress["annotators"]}
+    assert rows == {"bob": (1, 1, 0), "carol": (0, 0, 2)}
+
+
+def test_refusals_are_readable(app, campaign):
+    name, ids = campaign
+    bob = client_for(app, "bob")
+    with pytest.raises(AppError, match="Only admins"):
+        bob.predict(name, api_name="/annotate_progress")
+    with pytest.raises(AppError, match="(?i)campaign"):
+        bob.predict("no-such-campaign", 2, api_name="/annotate_batch")
+    with pytest.raises(AppError, match="(?i)not .*(yours|batch|leased)"):  # never leased to bob
+        bob.predict(name, ids[0], correction="a red square", api_name="/annotate_submit")
