@@ -19,26 +19,23 @@ def field(panel, label: str):
 
 
 def set_number(number, value: str, attempts: int = 5) -> None:
-    """Type ``value`` into a slider's number box and commit it with Enter. A slider in an accordion that
-    was just opened can still be mounting and put its default back over a value typed that instant, so
-    type again until the box keeps the value (as a person would see and retype it)."""
-    for _ in range(attempts):
-        number.fill(value)
-        number.press("Enter")
-        try:
-            expect(number).to_have_value(value, timeout=1500)
-            return
-        except AssertionError:
-            continue
-    expect(number).to_have_value(value)
+    """Type ``value`` into a slider's number box and commit it with Enter, until the box keeps it (see
+    :func:`fill_text`)."""
+    _type_until_kept(number, value, attempts, commit="Enter")
 
 
 def fill_text(box, value: str, attempts: int = 5) -> None:
     """Fill a textbox and check that it keeps the value: a box in an accordion that was just opened can
-    still be mounting and put its default back over a value filled that instant (fill again, as a person
+    still be mounting and put its default back over a value typed that instant (type again, as a person
     would)."""
+    _type_until_kept(box, value, attempts)
+
+
+def _type_until_kept(box, value: str, attempts: int, commit: str | None = None) -> None:
     for _ in range(attempts):
         box.fill(value)
+        if commit:
+            box.press(commit)
         try:
             expect(box).to_have_value(value, timeout=1500)
             return

@@ -148,6 +148,30 @@ def browser_type_launch_args(browser_type_launch_args):
     }
 
 
+LOGIN_USERS = {"alice": "admin", "bob": "annotator", "carol": "annotator"}  # password: pw-NAME
+
+
+@pytest.fixture(scope="module")
+def login_app(launch_app, tmp_path_factory):
+    """The tiny app with a login (``LOGIN_USERS``: alice is an admin, bob and carol annotators; password
+    ``pw-NAME``) and a feedback database of its own, one per test module."""
+    from mmdemo.auth import add_user, hash_password
+
+    folder = tmp_path_factory.mktemp("login-app")
+    for name, role in LOGIN_USERS.items():
+        add_user(folder / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
+    return launch_app(auth_file=folder / "auth.toml", database_url=f"sqlite:///{folder / 'feedback.db'}")
+
+
+@pytest.fixture(scope="module")
+def login_store(login_app):
+    """``login_app``'s store as another process (``mmdemo export``) sees it."""
+    from mmdemo.feedback import FeedbackStore
+
+    with FeedbackStore.from_settings(login_app.settings) as store:
+        yield store
+
+
 try:  # Browser assertions wait up to 15 s, not Playwright's 5 s: a busy 2-core CI machine needs it at times.
     from playwright.sync_api import expect as _expect
 

@@ -10,26 +10,20 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from mmdemo.auth import add_user, hash_password
-from mmdemo.feedback import AnnotationQueue, FeedbackStore
+from mmdemo.feedback import AnnotationQueue
 
-USERS = {"alice": "admin", "bob": "annotator", "carol": "annotator"}
 MODEL = {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}
 
 
 @pytest.fixture(scope="module")
-def app(launch_app, tmp_path_factory):
+def app(login_app):
     """The tiny app with a login (alice: admin; bob and carol: annotators) and a database of its own."""
-    folder = tmp_path_factory.mktemp("annotate-api")
-    for name, role in USERS.items():
-        add_user(folder / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
-    return launch_app(auth_file=folder / "auth.toml", database_url=f"sqlite:///{folder / 'feedback.db'}")
+    return login_app
 
 
 @pytest.fixture(scope="module")
-def store(app):
-    with FeedbackStore.from_settings(app.settings) as store:
-        yield store
+def store(login_store):
+    return login_store
 
 
 def client_for(app, name: str) -> Client:

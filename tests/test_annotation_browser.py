@@ -14,30 +14,23 @@ import pytest
 from browser_util import field, fill_text, open_tab, set_number
 from playwright.sync_api import Browser, Page, expect
 
-from mmdemo.auth import add_user, hash_password
-from mmdemo.feedback import AnnotationQueue, FeedbackStore, export_dataset
+from mmdemo.feedback import AnnotationQueue, export_dataset
 
 pytestmark = pytest.mark.browser
 
-USERS = {"alice": "admin", "bob": "annotator", "carol": "annotator"}
 MODEL = {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}
 SAVED = re.compile(r"Saved #(\d+)")
 
 
 @pytest.fixture(scope="module")
-def app(launch_app, tmp_path_factory):
+def app(login_app):
     """The tiny app with a login (alice: admin; bob and carol: annotators) and a database of its own."""
-    folder = tmp_path_factory.mktemp("annotate")
-    for name, role in USERS.items():
-        add_user(folder / "auth.toml", name, role, hash_password(f"pw-{name}", cost=2**8))
-    return launch_app(auth_file=folder / "auth.toml", database_url=f"sqlite:///{folder / 'feedback.db'}")
+    return login_app
 
 
 @pytest.fixture(scope="module")
-def store(app):
-    """The app's store as another process (``mmdemo export``) sees it."""
-    with FeedbackStore.from_settings(app.settings) as store:
-        yield store
+def store(login_store):
+    return login_store
 
 
 def image(n: int):
