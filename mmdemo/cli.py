@@ -339,7 +339,8 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
             if args.model:
                 from .catalog import load_catalog
 
-                load_catalog(settings.profile, settings.catalog, settings.models_dir).get(args.model, task)  # known, and of this task
+                catalog = load_catalog(settings.profile, settings.catalog, settings.models_dir)
+                catalog.get(args.model, task)  # known, and of this task
             campaign = queue.create_campaign(args.name, task, instructions=args.instructions,
                                              labels_per_item=args.labels_per_item, model=args.model,
                                              lease_minutes=args.lease_minutes)

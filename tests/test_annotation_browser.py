@@ -22,17 +22,6 @@ MODEL = {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}
 SAVED = re.compile(r"Saved #(\d+)")
 
 
-@pytest.fixture(scope="module")
-def app(login_app):
-    """The tiny app with a login (alice: admin; bob and carol: annotators) and a database of its own."""
-    return login_app
-
-
-@pytest.fixture(scope="module")
-def store(login_store):
-    return login_store
-
-
 def image(n: int):
     from PIL import Image
 
@@ -56,18 +45,19 @@ def suggestion(panel) -> str:
     return panel.locator(".prose.mmdemo-annotate-suggestion").inner_text()
 
 
-def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress(app, store, browser: Browser,
+def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress(login_app, login_store,
+                                                                                   browser: Browser,
                                                                                    tmp_path: Path):
     import datasets
 
     tag = uuid.uuid4().hex[:6]
     captions = [f"caption {tag} {n}" for n in range(4)]
     for n, text in enumerate(captions):
-        store.record_output("image-to-text", inputs={"image": image(n)}, output={"text": text, "model": MODEL})
+        login_store.record_output("image-to-text", inputs={"image": image(n)}, output={"text": text, "model": MODEL})
     name = f"captions-{tag}"
 
     # 1. the admin creates the campaign from the recorded outputs
-    alice = sign_in(browser, app.url, "alice")
+    alice = sign_in(browser, login_app.url, "alice")
     admin = alice.locator("#tab-annotate")
     admin.get_by_role("button", name="Campaigns and progress (admins)").click()
     fill_text(field(admin, "Campaign name"), name)  # the accordion has just opened: checked, refilled if lost
@@ -80,7 +70,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     batches = {}
     pages = {}
     for who in ("bob", "carol"):
-        page = pages[who] = sign_in(browser, app.url, who)
+        page = pages[who] = sign_in(browser, login_app.url, who)
         panel = page.locator("#tab-annotate")
         choose(panel, "Campaign", name)
         set_number(field(panel, "Batch size"), "2")  # retyped until it sticks (a fill can be lost on mount)
@@ -90,7 +80,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
         batches[who] = suggestion(panel)
     shown = {who: next(c for c in captions if c in text) for who, text in batches.items()}
     assert shown["bob"] != shown["carol"]
-    held = {w.annotator: w.leased for w in AnnotationQueue(store).progress(name).annotators}
+    held = {w.annotator: w.leased for w in AnnotationQueue(login_store).progress(name).annotators}
     assert held == {"bob": 2, "carol": 2}
 
     # 3. bob corrects his first item (pre-filled with the suggestion), then skips the second
@@ -105,7 +95,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     expect(bob.locator(".prose.mmdemo-annotate-position")).to_contain_text("Item 2 of 2")
     bob.get_by_role("button", name="Skip").click()
     expect(bob.get_by_text("Batch done")).to_be_visible()
-    record = store.get(record_id)
+    record = login_store.get(record_id)
     assert (record.annotator, record.correction, record.output.output["text"]) == ("bob", correction, shown["bob"])
 
     # 4. the admin sees the progress, per annotator
@@ -117,11 +107,11 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
         shown = table.get_by_role("row").filter(has_text=row[0])
         expect(shown).to_have_count(1)
         assert shown.inner_text().split()[:4] == row  # annotator, done, skipped, held now
-    rows = {w.annotator: (w.done, w.skipped, w.leased) for w in AnnotationQueue(store).progress(name).annotators}
+    rows = {w.annotator: (w.done, w.skipped, w.leased) for w in AnnotationQueue(login_store).progress(name).annotators}
     assert rows == {"bob": (1, 1, 0), "carol": (0, 0, 2)}
 
     # 5. the export holds bob's correction
-    export_dataset(store, "image-to-text", tmp_path / "export", only="corrected", val_fraction=0.0)
+    export_dataset(login_store, "image-to-text", tmp_path / "export", only="corrected", val_fraction=0.0)
     exported = datasets.load_from_disk(str(tmp_path / "export"))["train"]
     assert {"text": correction, "record_id": record_id, "annotator": "bob"} in \
         exported.select_columns(["text", "record_id", "annotator"]).to_list()

@@ -340,7 +340,7 @@ def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.D
     app runs (a fine-tuned one: Models -> Fine-tune) is offered after a reload, without a restart.
     """
     def choices() -> list[str]:
-        return [spec.id for spec in ctx.registry.catalog if spec.task == task]
+        return [spec.id for spec in ctx.registry.catalog.for_task(task)]
 
     ids = choices()
     model = gr.Dropdown(choices=ids, value=ids[0] if ids else None, label=label, interactive=True)
