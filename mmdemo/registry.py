@@ -30,6 +30,7 @@ from .errors import (
     ModelOutOfMemoryError,
     ModelRuntimeError,
 )
+from .hub import HubProbe, cached_snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,10 +175,12 @@ class ModelRegistry:
         settings: Settings | None = None,
         loader: Loader | None = None,
         busy_wait_seconds: float = 120.0,
+        hub: HubProbe | None = None,
     ) -> None:
         self.catalog = catalog
         self.settings = settings or Settings()
         self._loader = loader
+        self.hub = hub or HubProbe()
         self._busy_wait_seconds = busy_wait_seconds
         self._lock = threading.Condition(threading.RLock())
         self._loaded: dict[str, LoadedModel] = {}
@@ -340,7 +343,30 @@ class ModelRegistry:
             if not folder.is_dir():
                 raise ModelLoadError(spec.id, f"the folder {folder} does not exist.")
             return str(folder)
-        return spec.source_location
+        # A Hub model: from the Hub while it answers, else from the local cache, else a quick clear error
+        # (rather than minutes of download retries).
+        state = self.hub.state()
+        if state.reachable:
+            return spec.source_location
+        snapshot = cached_snapshot(spec.source_location, spec.revision)
+        if snapshot is not None:
+            return str(snapshot)
+        raise ModelLoadError(
+            spec.id,
+            f"the Hub cannot be reached ({state.reason}) and the model is not in the local cache. Choose a "
+            "model that is available locally (see the Models tab), or download this one where the Hub can be "
+            f"reached: hf download {spec.source_location}.",
+        )
+
+    def availability(self, spec: ModelSpec) -> str:
+        """Where ``spec`` would load from now, without probing: "local" (a folder, a tiny build or the
+        Hub cache), "hub" (a download) or "unavailable" (not cached, and the Hub did not answer)."""
+        if spec.source_scheme == "local-dir":
+            return "local" if Path(spec.source_location).is_dir() else "unavailable"
+        if spec.source_scheme != "hf-hub" or cached_snapshot(spec.source_location, spec.revision) is not None:
+            return "local"
+        state = self.hub.last_known()
+        return "unavailable" if state is not None and not state.reachable else "hub"
 
     def _reserve(self, model_id: str, estimate: int) -> None:
         """Promise ``estimate`` bytes to a load, evicting idle models (LRU first) to make room."""

@@ -140,6 +140,8 @@ def serve(settings: Settings) -> None:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
     ctx = app_context(settings, registry, auth)
     demo = build_blocks(ctx)
+    if any(spec.source_scheme == "hf-hub" for spec in registry.catalog):
+        registry.hub.check_in_background()  # the Models panel and the tabs then say which models can load
     if settings.preload:
         preload_in_background(registry, settings.preload)
     tidy_feedback_store_in_background(ctx)

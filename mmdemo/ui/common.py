@@ -307,6 +307,14 @@ def media_source(value: Any, kind: str) -> Any:
     return value
 
 
+NOT_LOADED_NOTES = {
+    "local": "Not loaded yet: the first request loads it, which can take a while.",
+    "hub": "Not downloaded yet: the first request downloads it from the Hub, which can take a while.",
+    "unavailable": "Not available here: the Hub cannot be reached and this model is not in the local cache. "
+                   "Choose another model.",
+}
+
+
 def model_note(ctx: AppContext, model_id: str | None) -> str:
     """One line under a model dropdown: what the model is and whether it is loaded."""
     if not model_id or model_id not in ctx.registry.catalog:
@@ -322,7 +330,7 @@ def model_note(ctx: AppContext, model_id: str | None) -> str:
     elif model_id in status["errors"]:
         state = f"The last attempt to load it failed: {status['errors'][model_id]}"
     else:
-        state = "Not loaded yet: the first request loads it, which can take a while."
+        state = NOT_LOADED_NOTES[ctx.registry.availability(spec)]
     return f"{spec.description}  \n*{state}*"
 
 

@@ -25,6 +25,11 @@ EXPORT_ONLY = [("approved: corrected or thumbs up", "approved"), ("corrected onl
                ("all feedback", "all")]
 
 
+# A model that is not loaded: where it would load from (see ModelRegistry.availability).
+NOT_LOADED_STATES = {"local": "not loaded (local)", "hub": "not loaded (download)",
+                     "unavailable": "unavailable (no Hub, not cached)"}
+
+
 def status_rows(ctx: AppContext) -> list[list[Any]]:
     """One row per catalog model, loaded or not."""
     status = ctx.registry.status()
@@ -37,7 +42,8 @@ def status_rows(ctx: AppContext) -> list[list[Any]]:
             rows.append([spec.id, spec.task, state, entry["device"], entry["dtype"],
                          format_bytes(entry["memory_bytes"]), entry["calls"], entry["idle_seconds"]])
             continue
-        state = "loading" if spec.id in status["loading"] else "failed" if spec.id in status["errors"] else "not loaded"
+        state = ("loading" if spec.id in status["loading"] else "failed" if spec.id in status["errors"]
+                 else NOT_LOADED_STATES[ctx.registry.availability(spec)])
         rows.append([spec.id, spec.task, state, "", "", "", 0, ""])
     return rows
 
@@ -48,6 +54,9 @@ def summary(ctx: AppContext) -> str:
     lines = [f"**Device:** {status['device']} · **memory budget:** {budget} · "
              f"**used:** {format_bytes(status['used_bytes'])} · **model calls at once:** {ctx.concurrency} · "
              f"**batch size:** up to {ctx.settings.max_batch} · **queue:** up to {ctx.settings.max_queue}"]
+    hub = ctx.registry.hub.last_known()
+    if hub is not None and not hub.reachable and any(spec.source_scheme == "hf-hub" for spec in ctx.registry.catalog):
+        lines.append(f"**The Hub cannot be reached** ({hub.reason}): only models available locally can load.")
     for model_id, error in status["errors"].items():
         lines.append(f"- **{model_id}** failed to load: {error}")
     if ctx.auth is None and ctx.open_admin:
