@@ -99,6 +99,9 @@ def launch(demo: "gr.Blocks", settings: Settings, auth: AuthFile | None = None, 
     """``demo.launch`` with ``settings``' options; ``overrides`` win (e.g. ``prevent_thread_lock=True``)."""
     ctx = getattr(demo, "mmdemo_context", None)
     gate = ctx.gate if ctx is not None and auth is None else None
+    # uvicorn (started by gradio) replaces the peer with the X-Forwarded-For hop whenever the peer is in
+    # FORWARDED_ALLOW_IPS (loopback by default): let it trust only our trusted proxies, as client_address does.
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
     return demo.launch(**{**launch_options(settings, auth, gate), **overrides})
 
 
@@ -106,7 +109,9 @@ def guard_middleware(gate: Gatekeeper) -> list:
     """The request guard (:class:`~mmdemo.security.RequestGuard`) as FastAPI middleware for ``gate``.
 
     :func:`launch` passes it in ``app_kwargs``; an app that mounts mmdemo does the same:
-    ``gr.mount_gradio_app(app, demo, "/", app_kwargs={"middleware": guard_middleware(demo.mmdemo_context.gate)})``.
+    ``gr.mount_gradio_app(app, demo, "/", app_kwargs={"middleware": guard_middleware(demo.mmdemo_context.gate)})``
+    and runs uvicorn with ``forwarded_allow_ips`` set to MMDEMO_TRUSTED_PROXIES (uvicorn trusts loopback's
+    X-Forwarded-For by default).
     """
     from starlette.middleware import Middleware
 
