@@ -205,10 +205,11 @@ class Gatekeeper:
 
     @property
     def admin_link(self) -> bool:
-        """Without a login file, admins are whoever opened the admin link (:attr:`admin_url`)."""
+        """Without a login file, admins are whoever opened the admin link (:meth:`admin_path`)."""
         return self.auth is None
 
     def admin_path(self) -> str:
+        """The admin link's path and token, to append to the app's address (``mmdemo serve`` prints it)."""
         return f"{ADMIN_LOGIN_PATH}?token={self.signer.admin_token}"
 
     def is_admin(self, username: str | None, visitor: Visitor | None) -> bool:
