@@ -118,3 +118,21 @@ def test_serve_prints_an_admin_link_that_sets_the_admin_cookie(server):
     assert "Read-only" in anonymous.predict(api_name="/models_status")[0]
     admin = Client(url, verbose=False, httpx_kwargs={"cookies": dict(opened.cookies)})
     assert "You are an admin here" in admin.predict(api_name="/models_status")[0]
+
+
+def test_an_app_that_mounts_mmdemo_puts_the_same_guard_in_front(tiny_settings):
+    """``gr.mount_gradio_app`` under one's own FastAPI app, with ``guard_middleware`` in ``app_kwargs``."""
+    import gradio as gr
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from mmdemo.server import build_app, guard_middleware
+
+    demo = build_app(tiny_settings)
+    gate = demo.mmdemo_context.gate
+    app = gr.mount_gradio_app(FastAPI(), demo, path="/demo", app_kwargs={"middleware": guard_middleware(gate)})
+    with TestClient(app) as client:
+        refused = client.post("/demo/gradio_api/queue/join", content=b"{}", headers={"content-length": str(10**9)})
+        assert refused.status_code == 413
+        opened = client.get("/demo" + gate.admin_path(), follow_redirects=False)
+        assert opened.status_code == 303 and "mmdemo-admin" in opened.cookies
