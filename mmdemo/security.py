@@ -32,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from urllib.parse import parse_qs
 
 from starlette.exceptions import HTTPException
 
@@ -150,7 +151,8 @@ class LoginThrottle:
 
     def __init__(self, free_failures: int = 5, max_wait_s: float = 300.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.free_failures, self.max_wait_s, self.max_entries, self.clock = free_failures, max_wait_s, max_entries, clock
+        self.free_failures, self.max_wait_s = free_failures, max_wait_s
+        self.max_entries, self.clock = max_entries, clock
         self._failures: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -281,9 +283,9 @@ class RequestGuard:
         if new_visitor:
             anonymous_id = secrets.token_hex(16)
         peer = (scope.get("client") or (None,))[0]
+        admin_link = self.gate.admin_link and signer.unsign(ADMIN_COOKIE, cookies.get(ADMIN_COOKIE)) == "admin"
         visitor = Visitor(address=client_address(peer, headers.get("x-forwarded-for"), self.gate.trusted),
-                          anonymous_id=anonymous_id,
-                          admin_link=self.gate.admin_link and signer.unsign(ADMIN_COOKIE, cookies.get(ADMIN_COOKIE)) == "admin")
+                          anonymous_id=anonymous_id, admin_link=admin_link)
         scope.setdefault("state", {})["mmdemo_visitor"] = visitor
         route = _route_path(scope)
         set_cookies = [_cookie(VISITOR_COOKIE, signer.sign(VISITOR_COOKIE, anonymous_id, VISITOR_COOKIE_SECONDS),
@@ -335,8 +337,8 @@ class RequestGuard:
             CURRENT_VISITOR.reset(token)
 
     async def _admin_login(self, scope: dict, send: Callable, visitor: Visitor, set_cookies: list) -> None:
-        query = dict(pair.partition("=")[::2] for pair in scope.get("query_string", b"").decode("latin-1").split("&"))
-        if not hmac.compare_digest(query.get("token", ""), self.gate.signer.admin_token):
+        token = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        if not hmac.compare_digest(token, self.gate.signer.admin_token):
             log.warning("admin link with a wrong token from %s", visitor.address)
             await _plain(send, 403, "This admin link is not valid. Use the one mmdemo printed at start-up "
                                     "(it changes at each start unless MMDEMO_SECRET is set).")

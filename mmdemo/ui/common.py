@@ -136,7 +136,8 @@ class AppContext:
         if self.auth is None:
             raise gr.Error(f"Only admins can {action}. This app has no login: open the admin link mmdemo printed "
                            "when it started (.../admin-login?token=...) in this browser, or start it with an auth "
-                           "file (MMDEMO_AUTH_FILE) and sign in as an admin.", title="Not allowed", print_exception=False)
+                           "file (MMDEMO_AUTH_FILE) and sign in as an admin.",
+                           title="Not allowed", print_exception=False)
         name = getattr(request, "username", None) or "not signed in"
         raise gr.Error(f"Only admins can {action} ({name} is not an admin).",
                        title="Not allowed", print_exception=False)
