@@ -18,8 +18,8 @@ or add/replace a user in a file directly::
 
     python -m mmdemo.auth add auth.toml alice --role admin
 
-Without an auth file there is no login; see ``mmdemo.ui.common.AppContext.can_manage_models`` for
-who may then manage models.
+Without an auth file there is no login: an admin is then whoever opened the admin link that ``mmdemo
+serve`` prints (see :mod:`mmdemo.security`). Failed logins are backed off per user and client address.
 """
 
 from __future__ import annotations

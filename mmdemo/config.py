@@ -7,6 +7,7 @@ builds, the feedback database, stored media and exports.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -43,6 +44,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_upload_mb: float = 50.0
     max_audio_seconds: float = 600.0
+    max_request_kb: float = 1024.0       # bodies of requests that carry no upload or model input
     # server
     host: str = "127.0.0.1"
     port: int = 7860
@@ -51,6 +53,8 @@ class Settings:
     max_queue: int = 64
     max_batch: int = 8
     auth_file: Path | None = None
+    secret: str | None = field(default=None, repr=False)  # signs cookies; None: random per process
+    trusted_proxies: tuple[str, ...] = ()  # addresses/networks whose X-Forwarded-For is believed
     # feedback store
     database_url: str | None = field(default=None, repr=False)  # SQLAlchemy URL; None: SQLite in data_dir
     feedback_ttl_days: float = 30.0      # how long a shown result accepts feedback; 0: forever
@@ -63,6 +67,14 @@ class Settings:
             self.auth_file = Path(self.auth_file).expanduser()
         if isinstance(self.preload, str):
             self.preload = tuple(p.strip() for p in self.preload.split(",") if p.strip())
+        if isinstance(self.trusted_proxies, str):
+            self.trusted_proxies = tuple(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise InvalidInputError(f"Trusted proxy '{proxy}' is not an IP address or network (e.g. "
+                                        "10.0.0.5 or 10.0.0.0/8).") from None
         if self.profile not in PROFILES:
             raise InvalidInputError(f"Unknown profile '{self.profile}'; choose one of {', '.join(PROFILES)}.")
         if self.dtype not in DTYPES:
@@ -99,6 +111,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_kb * 1024)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

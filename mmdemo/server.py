@@ -19,6 +19,7 @@ from .auth import AuthFile
 from .config import Settings, apply_environment
 from .errors import MMDemoError
 from .registry import ModelRegistry
+from .security import Gatekeeper, RequestGuard, parse_cookies
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -63,23 +64,27 @@ def listen_address(settings: Settings, environ: dict[str, str] | None = None) ->
     return host, port
 
 
-def launch_options(settings: Settings, auth: AuthFile | None = None) -> dict[str, Any]:
+def launch_options(settings: Settings, auth: AuthFile | None = None, gate: Gatekeeper | None = None) -> dict[str, Any]:
     """``Blocks.launch`` keyword arguments for ``settings`` (theme and CSS go to launch in gradio 6).
 
-    ``auth`` defaults to ``settings.auth_file``'s users, as in :func:`build_app`.
+    ``auth`` defaults to ``settings.auth_file``'s users, as in :func:`build_app`; ``gate`` (the app
+    context's, normally) to a new one over them. The request guard goes in front of gradio as middleware.
     """
     from .ui.app import CSS, theme
     from .ui.common import ASSETS_DIR
 
-    if auth is None and settings.auth_file is not None:
-        auth = AuthFile.load(settings.auth_file)
+    if gate is None:
+        if auth is None and settings.auth_file is not None:
+            auth = AuthFile.load(settings.auth_file)
+        gate = Gatekeeper(settings, auth)
     host, port = listen_address(settings)
     return dict(
         server_name=host,
         server_port=port,
         root_path=settings.root_path or None,
-        auth=auth.check if auth is not None else None,
-        auth_message="Sign in to mmdemo." if auth is not None else None,
+        auth=gate.check_login if gate.auth is not None else None,
+        auth_message="Sign in to mmdemo." if gate.auth is not None else None,
+        app_kwargs={"middleware": guard_middleware(gate)},
         max_file_size=settings.max_upload_bytes,
         allowed_paths=[str(ASSETS_DIR)],
         theme=theme(),
@@ -92,7 +97,50 @@ def launch_options(settings: Settings, auth: AuthFile | None = None) -> dict[str
 
 def launch(demo: "gr.Blocks", settings: Settings, auth: AuthFile | None = None, **overrides: Any) -> tuple:
     """``demo.launch`` with ``settings``' options; ``overrides`` win (e.g. ``prevent_thread_lock=True``)."""
-    return demo.launch(**{**launch_options(settings, auth), **overrides})
+    ctx = getattr(demo, "mmdemo_context", None)
+    gate = ctx.gate if ctx is not None and auth is None else None
+    # uvicorn (started by gradio) replaces the peer with the X-Forwarded-For hop whenever the peer is in
+    # FORWARDED_ALLOW_IPS (loopback by default): let it trust only our trusted proxies, as client_address does.
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
+    return demo.launch(**{**launch_options(settings, auth, gate), **overrides})
+
+
+def guard_middleware(gate: Gatekeeper) -> list:
+    """The request guard (:class:`~mmdemo.security.RequestGuard`) as FastAPI middleware for ``gate``.
+
+    :func:`launch` passes it in ``app_kwargs``; an app that mounts mmdemo does the same:
+    ``gr.mount_gradio_app(app, demo, "/", app_kwargs={"middleware": guard_middleware(demo.mmdemo_context.gate)})``
+    and runs uvicorn with ``forwarded_allow_ips`` set to MMDEMO_TRUSTED_PROXIES (uvicorn trusts loopback's
+    X-Forwarded-For by default).
+    """
+    from starlette.middleware import Middleware
+
+    return [Middleware(RequestGuard, gate=gate, admin_only=is_feedback_export, username_of=gradio_username)]
+
+
+def is_feedback_export(route: str) -> bool:
+    """A download of a feedback export: ``export_archive`` names them ``mmdemo-TASK-FORMAT-....zip``."""
+    name = route.rsplit("/", 1)[-1]
+    return name.startswith("mmdemo-") and name.endswith(".zip")
+
+
+def gradio_username(scope: dict) -> str | None:
+    """The login of a request, from gradio's session cookie (as gradio's own ``/user`` route reads it)."""
+    app = scope.get("app")
+    cookie_id, tokens = getattr(app, "cookie_id", None), getattr(app, "tokens", None)
+    if cookie_id is None or not tokens:
+        return None
+    header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"cookie"), "")
+    cookies = parse_cookies(header)
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return tokens.get(token)
+
+
+def admin_url(settings: Settings, gate: Gatekeeper) -> str:
+    """The admin link to print at start-up (apps without a login file)."""
+    host, port = listen_address(settings)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}{settings.root_path.rstrip('/')}{gate.admin_path()}"
 
 
 def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str]) -> threading.Thread:
@@ -145,4 +193,7 @@ def serve(settings: Settings) -> None:
     if settings.preload:
         preload_in_background(registry, settings.preload)
     tidy_feedback_store_in_background(ctx)
-    launch(demo, settings, auth)
+    if ctx.gate.admin_link:
+        print(f"No login file: to manage models, export feedback and fine-tune, open this admin link once "
+              f"(it sets a cookie in that browser):\n    {admin_url(settings, ctx.gate)}", flush=True)
+    launch(demo, settings)

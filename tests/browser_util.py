@@ -54,3 +54,11 @@ def sign_in(browser: Browser, url: str, name: str, password: str | None = None) 
     page.get_by_role("button", name="Login").click()
     expect(page.get_by_role("tab", name="Caption")).to_be_visible()
     return page
+
+
+def open_as_admin(page: Page, app) -> Page:
+    """Open ``app`` (no login file) through its admin link, as a person does with the link ``mmdemo serve``
+    prints: the page lands on the app with the admin cookie set."""
+    page.goto(app.admin_link)
+    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
+    return page

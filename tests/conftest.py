@@ -96,7 +96,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def launch_app(tiny_settings: Settings):
     """Launch the tiny-profile app on a free port: ``launch_app(**settings_changes)`` returns a namespace
-    with ``url``, ``settings``, ``registry``, ``demo`` and ``flush_records``; every app closes at the end of the session."""
+    with ``url``, ``settings``, ``registry``, ``demo``, ``flush_records``, ``admin_link`` (what ``mmdemo serve``
+    prints when there is no login file) and ``admin_client()`` (a new API client holding the admin cookie);
+    every app closes at the end of the session."""
     from types import SimpleNamespace
 
     from mmdemo.server import build_app, launch
@@ -109,13 +111,26 @@ def launch_app(tiny_settings: Settings):
         demo = build_app(settings, registry)
         _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
         apps.append(demo)
+        admin_link = url.rstrip("/") + demo.mmdemo_context.gate.admin_path()
         # Results are recorded in the background: flush_records() waits until every one so far is stored.
         return SimpleNamespace(url=url, settings=settings, registry=registry, demo=demo,
-                               flush_records=demo.mmdemo_context.recorder.flush)
+                               flush_records=demo.mmdemo_context.recorder.flush, admin_link=admin_link,
+                               admin_client=lambda: admin_client(url, admin_link))
 
     yield start
     for demo in apps:
         demo.close()
+
+
+def admin_client(url: str, admin_link: str):
+    """An API client that opened the admin link (an app without a login file): it holds the admin cookie
+    and a visitor cookie of its own."""
+    import httpx
+    from gradio_client import Client
+
+    response = httpx.get(admin_link)
+    assert response.status_code == 303, response.text
+    return Client(url, verbose=False, httpx_kwargs={"cookies": dict(response.cookies)})
 
 
 @pytest.fixture(scope="session")

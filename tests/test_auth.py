@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from mmdemo.auth import AuthFile, AuthFileError, add_user, hash_password, verify_password
+from mmdemo.config import Settings
 from mmdemo.errors import InvalidInputError
 
 FAST = 2**8  # scrypt cost for tests (the default, 2**14, takes ~50 ms per hash)
@@ -112,21 +114,18 @@ def test_an_admin_preloads_and_unloads(auth_app):
     assert message == "tiny-clip is unloaded." and not auth_app.registry.is_loaded("tiny-clip")
 
 
-# --- without a login ------------------------------------------------------------------------------------
+# --- without a login: the admin link, never the peer address ------------------------------------------------
 
 
-@pytest.mark.parametrize("host, root_path, allowed", [
-    ("127.0.0.1", "", True), ("localhost", "", True), ("::1", "", True),
-    ("0.0.0.0", "", False), ("192.168.1.20", "", False), ("127.0.0.1", "/mmdemo", False),
-])
-def test_without_login_only_a_local_only_app_lets_people_manage_models(tiny_settings, host, root_path, allowed):
+@pytest.mark.parametrize("host, root_path", [("127.0.0.1", ""), ("localhost", ""), ("::1", ""), ("0.0.0.0", ""),
+                                             ("127.0.0.1", "/mmdemo")])
+def test_without_login_the_listen_address_never_makes_an_admin(tiny_settings, host, root_path):
     from mmdemo.ui.common import AppContext
 
     ctx = AppContext.create(tiny_settings.replace(host=host, root_path=root_path))
-    assert ctx.open_admin is allowed and (ctx.role_of(None) == "admin") is allowed
-    if not allowed:
-        with pytest.raises(Exception, match="MMDEMO_AUTH_FILE"):
-            ctx.require_admin(None)
+    assert ctx.role_of(None) is None
+    with pytest.raises(Exception, match="open the admin link"):
+        ctx.require_admin(None)
 
 
 def test_on_a_space_without_login_nobody_manages_models(tiny_settings, monkeypatch):
@@ -134,4 +133,135 @@ def test_on_a_space_without_login_nobody_manages_models(tiny_settings, monkeypat
 
     monkeypatch.delenv("MMDEMO_HOST", raising=False)
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what a Hugging Face Space sets
-    assert not AppContext.create(tiny_settings).open_admin
+    assert AppContext.create(tiny_settings).role_of(None) is None
+
+
+def test_a_visitor_through_a_tunnel_or_proxy_on_loopback_is_not_an_admin(tiny_app):
+    """The app listens on 127.0.0.1; a reverse proxy, an ssh tunnel or another local user reaches it from
+    loopback too. Only the admin link makes an admin."""
+    for headers in ({}, {"X-Forwarded-For": "203.0.113.7"}):
+        visitor = Client(tiny_app.url, verbose=False, headers=headers)
+        assert "Read-only" in visitor.predict(api_name="/models_status")[0]
+        with pytest.raises(AppError, match="Only admins can load or unload models"):
+            visitor.predict("tiny-clip", api_name="/preload_model")
+        with pytest.raises(AppError, match="Only admins can export feedback"):
+            visitor.predict("image-to-text", "jsonl", "all", api_name="/export_feedback")
+    assert not tiny_app.registry.is_loaded("tiny-clip")
+    assert httpx.get(tiny_app.url + "admin-login?token=guess").status_code == 403
+    forged = {"mmdemo-admin": "admin.9999999999." + "0" * 32}
+    assert "Read-only" in Client(tiny_app.url, verbose=False, httpx_kwargs={"cookies": forged}).predict(
+        api_name="/models_status")[0]
+
+
+def test_the_admin_link_makes_an_admin(tiny_app):
+    admin = tiny_app.admin_client()
+    assert "You are an admin here" in admin.predict(api_name="/models_status")[0]
+    message, *_ = admin.predict("tiny-clip", api_name="/unload_model")
+    assert message in ("tiny-clip was not loaded.", "tiny-clip is unloaded.")
+
+
+def test_signed_values_and_the_admin_token():
+    from mmdemo.security import Signer
+
+    signer = Signer()
+    token = signer.sign("visitor", "abc", 60)
+    assert signer.unsign("visitor", token) == "abc"
+    assert signer.unsign("admin", token) is None  # signed for another purpose
+    assert signer.unsign("visitor", token.replace("abc", "abd")) is None
+    assert signer.unsign("visitor", signer.sign("visitor", "abc", -1)) is None  # expired
+    assert Signer().admin_token != signer.admin_token  # a new secret at each start...
+    assert Signer("shared").admin_token == Signer("shared").admin_token  # ...unless MMDEMO_SECRET is set
+
+
+# --- the client address and login back-off ------------------------------------------------------------------
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy():
+    from mmdemo.security import client_address, trusted_networks
+
+    assert client_address("127.0.0.1", "203.0.113.7", ()) == "127.0.0.1"  # anyone can write the header
+    proxies = trusted_networks(["127.0.0.1", "10.0.0.0/8"])
+    assert client_address("127.0.0.1", "203.0.113.7", proxies) == "203.0.113.7"
+    assert client_address("127.0.0.1", "198.51.100.1, 203.0.113.7, 10.1.2.3", proxies) == "203.0.113.7"
+    assert client_address("192.0.2.1", "203.0.113.7", proxies) == "192.0.2.1"  # not a proxy of ours
+    with pytest.raises(InvalidInputError, match="not an IP address or network"):
+        Settings(trusted_proxies="proxy.example")
+
+
+def test_the_throttle_backs_off_per_user_and_address():
+    from mmdemo.security import LoginThrottle
+
+    now = [0.0]
+    throttle = LoginThrottle(free_failures=3, max_wait_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.wait_s("alice", "1.2.3.4") == 0
+        throttle.failed("alice", "1.2.3.4")
+    assert throttle.wait_s("alice", "1.2.3.4") == 1.0
+    throttle.failed("alice", "1.2.3.4")
+    assert throttle.wait_s("alice", "1.2.3.4") == 2.0  # doubles
+    assert throttle.wait_s("alice", "5.6.7.8") == 0 and throttle.wait_s("bob", "1.2.3.4") == 0
+    now[0] = 2.0
+    assert throttle.wait_s("alice", "1.2.3.4") == 0
+    throttle.succeeded("alice", "1.2.3.4")
+    throttle.failed("alice", "1.2.3.4")
+    assert throttle.wait_s("alice", "1.2.3.4") == 0  # a success cleared the count
+    for _ in range(40):
+        throttle.failed("eve", "1.2.3.4")
+    assert throttle.wait_s("eve", "1.2.3.4") == 60  # capped
+
+
+@pytest.fixture(scope="module")
+def proxied_app(launch_app, tmp_path_factory):
+    """An app with a login behind a trusted proxy on 127.0.0.1 (the tests set X-Forwarded-For); dave's hash
+    has the default scrypt cost (~50 ms a check)."""
+    path = write_users(tmp_path_factory.mktemp("proxied") / "auth.toml", alice=("admin", "pw-a"))
+    add_user(path, "dave", "annotator", hash_password("pw-d"))
+    return launch_app(auth_file=path, trusted_proxies=("127.0.0.1",))
+
+
+def login(app, user: str, password: str, address: str) -> httpx.Response:
+    return httpx.post(app.url + "login", data={"username": user, "password": password},
+                      headers={"X-Forwarded-For": address}, timeout=60)
+
+
+def test_failed_logins_are_slowed_per_user_and_address_and_logged(proxied_app, caplog):
+    caplog.set_level("WARNING", logger="mmdemo.security")
+    answers = [login(proxied_app, "alice", f"guess-{i}", "203.0.113.7") for i in range(30)]
+    assert [a.status_code for a in answers[:5]] == [400] * 5  # wrong, and a few tries are free
+    refused = [a for a in answers[5:] if a.status_code == 429]
+    assert len(refused) >= 20 and all(int(a.headers["Retry-After"]) >= 1 for a in refused)
+    assert "Too many failed logins" in refused[0].json()["detail"]
+    # the right password from the same address must wait too; from elsewhere it works: no lockout by others
+    assert login(proxied_app, "alice", "pw-a", "203.0.113.7").status_code == 429
+    assert login(proxied_app, "alice", "pw-a", "198.51.100.9").status_code == 200
+    assert any("failed login for user 'alice' from 203.0.113.7" in r.getMessage() for r in caplog.records)
+    assert any("login refused: user 'alice' from 203.0.113.7" in r.getMessage() for r in caplog.records)
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_does_not_escape_the_back_off(auth_app):
+    """auth_app trusts no proxy: a new X-Forwarded-For per attempt is still the same client (the peer)."""
+    codes = [login(auth_app, "bob", "wrong", f"192.0.2.{i}").status_code for i in range(10)]
+    assert codes[:5] == [400] * 5 and 429 in codes[5:]
+    assert login(auth_app, "alice", "pw-a", "192.0.2.99").status_code == 200  # another user is not affected
+
+
+def test_password_checks_run_off_the_event_loop(proxied_app):
+    """A flood of wrong passwords (each a 50 ms scrypt check, from many addresses so none is throttled yet)
+    leaves the app answering other requests quickly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slowest_of(pings: int) -> float:
+        times = []
+        with httpx.Client(base_url=proxied_app.url, timeout=60) as client:
+            for _ in range(pings):
+                start = time.perf_counter()
+                assert client.get("gradio_api/user").status_code == 200  # answered on the event loop
+                times.append(time.perf_counter() - start)
+        return sorted(times)[int(0.9 * pings)]
+
+    quiet = slowest_of(30)
+    with ThreadPoolExecutor(8) as pool:
+        flood = [pool.submit(login, proxied_app, "dave", f"guess-{i}", f"10.9.{i // 4}.{i % 4}") for i in range(64)]
+        busy = slowest_of(30)
+        assert all(f.result().status_code == 400 for f in flood)
+    assert busy < 0.1 + 3 * quiet, f"requests took {busy * 1000:.0f} ms during the flood, {quiet * 1000:.0f} ms before"

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import soundfile as sf
-from browser_util import field, open_tab, set_number
+from browser_util import field, open_as_admin, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -143,9 +143,16 @@ def test_transcribe_silence(app: Page, tmp_path: Path):
     expect(panel.get_by_text("The audio is silent")).to_be_visible()
 
 
-def test_models_panel_preload_and_unload(app: Page):
+def test_models_panel_is_read_only_until_the_admin_link_is_opened(app: Page, tiny_app):
     panel = open_tab(app, "Models")
-    expect(panel.get_by_text("everyone here can preload and unload")).to_be_visible()
+    expect(panel.get_by_text("Read-only: preload, unload, the feedback export and fine-tuning need an admin"))\
+        .to_be_visible()
+    panel.get_by_role("button", name="Preload").click()
+    expect(app.get_by_text("Only admins can load or unload models").first).to_be_visible()
+
+    open_as_admin(app, tiny_app)
+    panel = open_tab(app, "Models")
+    expect(panel.get_by_text("You are an admin here")).to_be_visible()
     panel.get_by_label("Model").click()
     app.get_by_role("option", name="tiny-siglip").click()
     panel.get_by_role("button", name="Preload").click()

@@ -197,12 +197,15 @@ def test_64_parallel_repeats_of_one_output_stay_one_record(client, store):
 # --- the admin's export --------------------------------------------------------------------------------
 
 
-def test_the_admin_downloads_the_export_and_finds_the_correction(client, tmp_path):
+def test_the_admin_downloads_the_export_and_finds_the_correction(app, client, tmp_path):
     import datasets
 
     output_id = details_of(client, "/caption")["output_id"]
     client.predict(output_id, correction="a cat exported through the app", api_name="/feedback")
-    archive, message = client.predict("image-to-text", "datasets", "corrected", api_name="/export_feedback")
+    with pytest.raises(AppError, match="Only admins can export feedback. This app has no login: open the admin link"):
+        client.predict("image-to-text", "datasets", "corrected", api_name="/export_feedback")
+    admin = app.admin_client()  # opened the admin link printed at start-up
+    archive, message = admin.predict("image-to-text", "datasets", "corrected", api_name="/export_feedback")
     assert "Exported corrected feedback on image-to-text as datasets" in message
     with zipfile.ZipFile(archive) as packed:
         packed.extractall(tmp_path)
@@ -211,9 +214,38 @@ def test_the_admin_downloads_the_export_and_finds_the_correction(client, tmp_pat
     assert {"text": "a cat exported through the app", "output_id": output_id} in rows
 
 
-def test_nothing_to_export_is_a_readable_message(client):
+def test_nothing_to_export_is_a_readable_message(app):
     with pytest.raises(AppError, match="No corrected feedback on automatic-speech-recognition to export"):
-        client.predict("automatic-speech-recognition", "jsonl", "corrected", api_name="/export_feedback")
+        app.admin_client().predict("automatic-speech-recognition", "jsonl", "corrected", api_name="/export_feedback")
+
+
+def test_a_session_hash_taken_from_someone_else_never_overwrites_their_feedback(app, store):
+    """The anonymous annotator comes from a signed cookie the server set, not from the session hash a
+    client chooses: a client that reuses another's session hash is another annotator."""
+    owner, intruder = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    output_id = details_of(owner, "/caption")["output_id"]
+    _, record_id = owner.predict(output_id, thumbs="up", correction="the owner's caption", api_name="/feedback")
+    intruder.session_hash = owner.session_hash
+    _, other_id = intruder.predict(output_id, thumbs="down", correction="vandalised", api_name="/feedback")
+    assert other_id != record_id
+    record = store.get(record_id)
+    assert (record.thumbs, record.correction) == (1, "the owner's caption")
+    assert store.get(other_id).annotator != record.annotator
+
+
+def test_a_client_without_cookies_is_a_new_annotator_each_time(app, store):
+    """A script that keeps no cookies cannot be told from anyone else: each call is a visitor of its own."""
+    import httpx
+
+    output_id = details_of(Client(app.url, verbose=False), "/caption")["output_id"]
+    annotators = set()
+    for _ in range(2):
+        client = Client(app.url, verbose=False)
+        client.cookies.clear()  # as a client that keeps none
+        _, record_id = client.predict(output_id, thumbs="up", api_name="/feedback")
+        annotators.add(store.get(record_id).annotator)
+    assert len(annotators) == 2
+    assert "mmdemo-visitor=" in httpx.get(app.url + "config").headers["set-cookie"]
 
 
 def test_export_choices_are_the_stores():
@@ -247,6 +279,19 @@ def test_with_a_login_the_annotator_is_the_user_and_only_admins_export(login_app
     archive, _ = alice.predict("image-to-text", "jsonl", "approved", api_name="/export_feedback")
     with zipfile.ZipFile(archive) as packed:
         assert "data/train.jsonl" in packed.namelist() or "data/validation.jsonl" in packed.namelist()
+
+
+def test_an_export_link_works_for_admins_only(login_app):
+    import httpx
+
+    alice = Client(login_app.url, auth=("alice", "pw-alice"), verbose=False, download_files=False)
+    bob = Client(login_app.url, auth=("bob", "pw-bob"), verbose=False)
+    bob.predict(details_of(bob, "/caption")["output_id"], thumbs="up", api_name="/feedback")
+    archive, _ = alice.predict("image-to-text", "jsonl", "all", api_name="/export_feedback")
+    link = archive["url"]
+    assert httpx.get(link, cookies=alice.cookies).status_code == 200
+    assert httpx.get(link, cookies=bob.cookies).status_code == 403  # a logged-in annotator who got the link
+    assert httpx.get(link).status_code in (401, 403)
 
 
 # --- a store that fails never fails a prediction ---------------------------------------------------------

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from browser_util import field, open_tab, set_number
+from browser_util import field, open_as_admin, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 from mmdemo.feedback import FeedbackStore
@@ -48,7 +48,7 @@ def saved_id(panel) -> int:
     return int(SAVED.search(status.inner_text()).group(1))
 
 
-def test_correct_a_caption_then_export_it_from_the_models_panel(app: Page, tmp_path: Path):
+def test_correct_a_caption_then_export_it_from_the_models_panel(app: Page, tiny_app, tmp_path: Path):
     import datasets
 
     panel = open_tab(app, "Caption")
@@ -67,6 +67,7 @@ def test_correct_a_caption_then_export_it_from_the_models_panel(app: Page, tmp_p
     panel.get_by_role("button", name="Thumbs up").click()  # the same record, updated
     expect(panel.locator(".prose.mmdemo-feedback-status")).to_contain_text(f"Saved #{record_id} (updated)")
 
+    open_as_admin(app, tiny_app)  # this person runs the app: the export is for admins
     models = open_tab(app, "Models")
     models.get_by_role("button", name="Export feedback (admins)").click()
     models.get_by_label("Records").click()

@@ -173,9 +173,9 @@ def test_a_taken_name_and_no_feedback_are_refused(launch_app, tiny_data_dir, tmp
     with pytest.raises(AppError, match="already a catalog model|already exists"):
         admin.predict(name=taken, epochs=1, **FAST, api_name="/finetune_start")
 
-    # an app with no feedback yet (no login, on a loopback address: everyone here is an admin)
+    # an app with no feedback yet (no login: the admin is whoever opened the admin link)
     empty = launch_app(data_dir=isolated_data_dir(tmp_path, tiny_data_dir))
-    client = Client(empty.url, verbose=False)
+    client = empty.admin_client()
     assert client.predict(api_name="/finetune_status")["state"] == "idle"
     with pytest.raises(AppError, match="no corrected feedback on image-to-text to train on yet"):
         client.predict(name="first", epochs=1, **FAST, api_name="/finetune_start")

@@ -21,7 +21,6 @@ import base64
 import binascii
 import functools
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from ..errors import (
     UnknownModelError,
 )
 from ..registry import ModelRegistry
+from ..security import Gatekeeper, visitor_of
 
 if TYPE_CHECKING:
     from ..feedback import FeedbackStore
@@ -92,15 +92,6 @@ def model_concurrency(settings: Settings) -> int:
     return 1 if nvidia or apple else 2
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class AppContext:
     """What the tabs share: settings, the registry (the only owner of models), the feedback store,
@@ -116,9 +107,11 @@ class AppContext:
     _store_retry_at: float = field(default=0.0, init=False, repr=False)
     _recorder: "BackgroundRecorder | None" = field(default=None, init=False, repr=False)
     finetune_slot: Any = field(default=None, init=False, repr=False)  # the app's one fine-tuning job (finetune_panel)
+    gate: Gatekeeper = field(init=False, repr=False)  # cookies, client addresses, login back-off, body limits
 
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
+        self.gate = Gatekeeper(self.settings, self.auth)
 
     @classmethod
     def create(cls, settings: Settings, registry: ModelRegistry | None = None,
@@ -127,27 +120,23 @@ class AppContext:
 
     # -- who may do what --
 
-    @property
-    def open_admin(self) -> bool:
-        """Without a login, models may be managed only while the app is reachable from this machine
-        alone: it listens on a loopback address and is not served under a proxy's root path."""
-        from ..server import listen_address
-
-        host, _ = listen_address(self.settings)
-        return self.auth is None and is_loopback(host) and not self.settings.root_path
-
     def role_of(self, request: gr.Request | None) -> str | None:
-        if self.auth is None:
-            return "admin" if self.open_admin else None
-        return self.auth.role_of(getattr(request, "username", None))
+        """The caller's role: with a login file, the user's; without one, admin for a browser or client
+        holding the admin cookie (from the admin link printed at start-up), else none. The peer address
+        never counts."""
+        username = getattr(request, "username", None)
+        if self.gate.is_admin(username, visitor_of(request)):
+            return "admin"
+        return self.auth.role_of(username) if self.auth is not None else None
 
     def require_admin(self, request: gr.Request | None, action: str = "load or unload models") -> None:
         """Raise a readable ``gr.Error`` unless the caller is an admin; ``action`` names what was refused."""
         if self.role_of(request) == "admin":
             return
         if self.auth is None:
-            raise gr.Error(f"Only admins can {action}, and this app has no login and is reachable from other "
-                           "machines. Start it with an auth file (MMDEMO_AUTH_FILE) and sign in as an admin.",
+            raise gr.Error(f"Only admins can {action}. This app has no login: open the admin link mmdemo printed "
+                           "when it started (.../admin-login?token=...) in this browser, or start it with an auth "
+                           "file (MMDEMO_AUTH_FILE) and sign in as an admin.",
                            title="Not allowed", print_exception=False)
         name = getattr(request, "username", None) or "not signed in"
         raise gr.Error(f"Only admins can {action} ({name} is not an admin).",
@@ -179,12 +168,13 @@ class AppContext:
         return self._store
 
     def annotator_of(self, request: gr.Request | None) -> str | None:
-        """Who is asking: the login name, else a stable anonymous id of the browser or client session
-        (None when the request carries neither)."""
+        """Who is asking: the login name, else the anonymous id of the visitor's signed cookie (set by the
+        server's request guard; a client without the cookie is a new visitor each time, so nobody can
+        choose another person's id). None when the request carries neither."""
         from ..feedback import anonymous_annotator
 
-        session = getattr(request, "session_hash", None)
-        return getattr(request, "username", None) or (anonymous_annotator(session) if session else None)
+        visitor = visitor_of(request)
+        return getattr(request, "username", None) or (anonymous_annotator(visitor.anonymous_id) if visitor else None)
 
     @property
     def recorder(self) -> "BackgroundRecorder":

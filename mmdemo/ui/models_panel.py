@@ -48,7 +48,7 @@ def status_rows(ctx: AppContext) -> list[list[Any]]:
     return rows
 
 
-def summary(ctx: AppContext) -> str:
+def summary(ctx: AppContext, request: gr.Request | None = None) -> str:
     status = ctx.registry.status()
     budget = format_bytes(status["budget_bytes"]) if status["budget_bytes"] else "not set yet"
     lines = [f"**Device:** {status['device']} · **memory budget:** {budget} · "
@@ -59,13 +59,14 @@ def summary(ctx: AppContext) -> str:
         lines.append(f"**The Hub cannot be reached** ({hub.reason}): only models available locally can load.")
     for model_id, error in status["errors"].items():
         lines.append(f"- **{model_id}** failed to load: {error}")
-    if ctx.auth is None and ctx.open_admin:
-        lines.append("*No login is configured and the app only listens on this machine, so everyone here "
-                     "can preload and unload models and export feedback. Set MMDEMO_AUTH_FILE to require an "
-                     "admin login.*")
+    if ctx.auth is None and ctx.role_of(request) == "admin":
+        lines.append("*You are an admin here: this browser opened the admin link. Preload, unload, the feedback "
+                     "export and fine-tuning are yours.*")
     elif ctx.auth is None:
-        lines.append("*Preload, unload and the feedback export are switched off: no login is configured and "
-                     "the app is reachable from other machines. Set MMDEMO_AUTH_FILE and sign in as an admin.*")
+        lines.append("*Read-only: preload, unload, the feedback export and fine-tuning need an admin. This app "
+                     "has no login, so an admin is whoever opens the admin link mmdemo printed when it started "
+                     "(`/admin-login?token=...`, in the server's output). Or set MMDEMO_AUTH_FILE and sign in as "
+                     "an admin.*")
     else:
         lines.append("*Preload, unload and the feedback export need a user with the admin role.*")
     return "\n\n".join(lines)
@@ -74,20 +75,20 @@ def summary(ctx: AppContext) -> str:
 def build(ctx: AppContext) -> SimpleNamespace:
     from . import finetune_panel  # it builds on this module's choices
 
-    def refresh() -> tuple[str, list[list[Any]]]:
-        return summary(ctx), status_rows(ctx)
+    def refresh(request: gr.Request) -> tuple[str, list[list[Any]]]:
+        return summary(ctx, request), status_rows(ctx)
 
     @readable_errors
     def preload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         ctx.registry.preload([model])
-        return f"{model} is loaded.", *refresh()
+        return f"{model} is loaded.", *refresh(request)
 
     @readable_errors
     def unload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         done = ctx.registry.unload(model)
-        return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh()
+        return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh(request)
 
     @readable_errors
     def export_feedback(task: str, format: str, only: str, request: gr.Request) -> tuple[str, str]:
