@@ -164,18 +164,28 @@ class AppContext:
         """
         if self._store is not None:
             return self._store
-        from ..feedback import FeedbackStore, StoreError
+        from ..feedback import StoreError
+
+        if time.monotonic() < self._store_retry_at:
+            raise StoreError("The feedback store is unavailable; see the server log.")
+        try:
+            return self.open_store()
+        except Exception as exc:
+            self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
+            if isinstance(exc, StoreError):  # its message says what is wrong and how to recover
+                log.error("opening the feedback store failed: %s", exc)
+            else:
+                log.exception("opening the feedback store failed")
+            raise StoreError("The feedback store could not be opened; see the server log.") from None
+
+    def open_store(self) -> "FeedbackStore":
+        """The feedback store, opened now if it is not open yet. Raises the store's own error (naming the
+        database, what is wrong with it and how to recover), which :attr:`store` keeps for the log."""
+        from ..feedback import FeedbackStore
 
         with self._store_lock:
             if self._store is None:
-                if time.monotonic() < self._store_retry_at:
-                    raise StoreError("The feedback store is unavailable; see the server log.")
-                try:
-                    self._store = FeedbackStore.from_settings(self.settings)
-                except Exception:
-                    self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
-                    log.exception("opening the feedback store failed")
-                    raise StoreError("The feedback store could not be opened; see the server log.") from None
+                self._store = FeedbackStore.from_settings(self.settings)
         return self._store
 
     def annotator_of(self, request: gr.Request | None) -> str | None:
