@@ -281,6 +281,19 @@ def readable_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def validated_api(fn: Callable, validator: Callable[..., list[dict[str, Any]]], *, api_name: str,
+                  **options: Any) -> None:
+    """``gr.api(fn, api_name=..., **options)`` with ``validator`` (one ``gr.validate`` per parameter) run
+    before each call joins the queue; gradio_client raises its refusals as ValidationError. gradio 6.31's
+    ``gr.api`` takes no validator, so it is set on the function gr.api registers."""
+    from gradio.context import get_blocks_context
+
+    gr.api(fn, api_name=api_name, **options)
+    blocks = get_blocks_context()
+    registered = next(block_fn for block_fn in blocks.fns.values() if block_fn.api_name == api_name)
+    registered.validator = validator
+
+
 def blamed_input(exc: MMDemoError, media: str | None, text: str) -> str:
     """The input a validation message is shown on: the media, the model, or the tab's main text."""
     if media and isinstance(exc, (InvalidImageError, ImageTooLargeError, InvalidAudioError, AudioTooLongError)):
