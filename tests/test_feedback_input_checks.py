@@ -6,6 +6,7 @@ batch size that is no number are refused before queueing (gradio_client: Validat
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -151,3 +152,12 @@ def test_annotation_calls_refuse_bad_input_before_queueing(login_app, login_stor
             bob.predict(name, output_id, **kwargs, api_name="/annotate_submit")
     message, record_id = bob.predict(name, output_id, correction="a dark square", api_name="/annotate_submit")
     assert login_store.get(record_id).correction == "a dark square"
+
+
+def test_a_question_the_store_could_not_keep_is_refused_before_queueing(login_app):
+    """Every result is recorded for feedback: a question with a NUL would run, then fail to be recorded."""
+    from gradio_client import handle_file
+
+    cat = str(Path(__file__).resolve().parents[1] / "assets" / "cat.jpg")
+    with pytest.raises(ValidationError, match="There is a NUL character .* in the question "):
+        client_for(login_app, "alice").predict(handle_file(cat), question="what\x00 is it?", api_name="/vqa")
