@@ -166,9 +166,10 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 problems = [r for r in conn.exec_driver_sql("PRAGMA quick_check").scalars() if r != "ok"]
-        except (DBAPIError, StoreError) as exc:
-            reason = _reason(exc) if isinstance(exc, DBAPIError) else str(exc)
-            raise UnusableStoreError(f"The feedback database {path} is damaged (SQLite: {reason}). "
+        except OperationalError as exc:  # cannot be opened, or busy: not known to be damaged
+            raise StoreError(f"The feedback database {path} is not available: {_reason(exc)}") from exc
+        except DBAPIError as exc:  # SQLite's "malformed" (corrupt) and "not a database"
+            raise UnusableStoreError(f"The feedback database {path} is damaged (SQLite: {_reason(exc)}). "
                                      + recovery_advice(path)) from None
         if problems:
             raise UnusableStoreError(f"The feedback database {path} is damaged (SQLite: {'; '.join(problems[:3])}). "
