@@ -158,9 +158,24 @@ def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str]) -> 
     return thread
 
 
+def open_feedback_store(ctx: "AppContext") -> None:
+    """Open (and check) the feedback store before the app serves anyone. A store that is there but
+    unusable (an empty or damaged database file, another application's database, its media folder
+    missing) raises :class:`~mmdemo.feedback.UnusableStoreError`: serving would lose records. A database
+    that cannot be reached now is logged; the app serves, and tries again when feedback comes."""
+    from .feedback import UnusableStoreError
+
+    try:
+        ctx.open_store()
+    except UnusableStoreError:
+        raise
+    except MMDemoError as exc:
+        log.warning("the feedback store is unavailable for now (feedback is not saved until it is): %s", exc)
+
+
 def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
-    """Open the feedback store while the page is already up, then once: forget the outputs whose
-    feedback window closed without feedback, and remove media files no output refers to."""
+    """Open the feedback store if it is not open yet, then once: forget the outputs whose feedback
+    window closed without feedback, and remove media files no output refers to."""
 
     def work() -> None:
         try:
@@ -177,8 +192,8 @@ def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
 
 
 def serve(settings: Settings) -> None:
-    """Build the app and serve it until interrupted; meanwhile models in ``settings.preload`` load and
-    the feedback store is opened and tidied."""
+    """Check the feedback store, build the app and serve it until interrupted; meanwhile models in
+    ``settings.preload`` load and the feedback store is tidied."""
     apply_environment(settings)
     from .ui.app import build_blocks
 
@@ -187,6 +202,7 @@ def serve(settings: Settings) -> None:
     for model_id in settings.preload:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
     ctx = app_context(settings, registry, auth)
+    open_feedback_store(ctx)  # before serving: an unusable store stops here (the CLI prints why)
     demo = build_blocks(ctx)
     if any(spec.source_scheme == "hf-hub" for spec in registry.catalog):
         registry.hub.check_in_background()  # the Models panel and the tabs then say which models can load

@@ -402,7 +402,7 @@ def test_the_annotate_command(tmp_path, tiny_data_dir, capsys):
     assert code == 0 and "added 0 recorded output(s)" in out  # the imported one is in already
     code, out = mmdemo("annotate", "list")
     assert code == 0 and "cats" in out and "1 items" in out
-    with FeedbackStore(database, tmp_path / "data") as store:
+    with FeedbackStore(database, tiny_data_dir) as store:  # the data dir the commands used: its media folder
         queue = AnnotationQueue(store)
         item = queue.next_batch("cats", "alice")[0]
         queue.submit("cats", item.output_id, "alice", correction="a cat")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 import mmdemo
@@ -123,16 +123,16 @@ def caption_id(app) -> str:
     return details_of(Client(app.url, verbose=False), "/caption")["output_id"]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(correction=""), "The corrected caption is empty"),
-    (dict(correction="x" * 1_000_000), "the limit is 64 KB"),
-    (dict(thumbs="sideways"), 'thumbs must be "up" or "down"'),
-    (dict(), "Nothing to save"),
-    (dict(comment="y" * 5000), "The comment is 5,000 characters long"),
+@pytest.mark.parametrize("arguments, message, error", [
+    (dict(correction=""), "The corrected caption is empty", AppError),
+    (dict(correction="x" * 1_000_000), "the limit is 64 KB", ValidationError),  # refused before queueing
+    (dict(thumbs="sideways"), 'thumbs must be "up" or "down"', ValidationError),
+    (dict(), "Nothing to save", AppError),
+    (dict(comment="y" * 5000), "The comment is 5,000 characters long", ValidationError),
 ])
-def test_bad_feedback_is_refused_and_nothing_is_written(client, store, caption_id, arguments, message):
+def test_bad_feedback_is_refused_and_nothing_is_written(client, store, caption_id, arguments, message, error):
     before = store.count()
-    with pytest.raises(AppError, match=message) as refused:
+    with pytest.raises(error, match=message) as refused:
         client.predict(caption_id, **arguments, api_name="/feedback")
     assert "Traceback" not in str(refused.value) and store.count() == before
 

@@ -18,6 +18,7 @@ from .errors import (
     StoreError,
     UnknownOutputError,
     UnknownTaskError,
+    UnusableStoreError,
 )
 from .export import FORMATS, ExportSummary, export_archive, export_dataset
 from .records import FeedbackRecord, OutputRecord, SavedFeedback
@@ -44,6 +45,7 @@ __all__ = [
     "TASKS",
     "UnknownOutputError",
     "UnknownTaskError",
+    "UnusableStoreError",
     "anonymous_annotator",
     "export_archive",
     "export_dataset",

@@ -56,6 +56,7 @@ from ..errors import (
     InvalidImageError,
     InvalidInputError,
 )
+from ..tasks.base import check_characters
 from .errors import (
     InvalidCampaignError,
     NotInCampaignError,
@@ -245,6 +246,7 @@ class AnnotationQueue:
         task = schema_for(task).task
         if not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS_CHARS:
             raise InvalidCampaignError(f"The instructions must be text of at most {MAX_INSTRUCTIONS_CHARS} characters.")
+        check_characters(instructions, "instructions", InvalidCampaignError)
         if isinstance(labels_per_item, bool) or not isinstance(labels_per_item, int) \
                 or not 1 <= labels_per_item <= MAX_LABELS_PER_ITEM:
             raise InvalidCampaignError(
@@ -658,7 +660,7 @@ _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 def _clean_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name.strip() or "\x00"):
         raise InvalidCampaignError("A campaign needs a name: 1 to 200 printable characters.")
-    name = name.strip()
+    name = check_characters(name.strip(), "campaign name", InvalidCampaignError)
     if name.isdigit():
         raise InvalidCampaignError("A campaign name cannot be only digits (ids are).")
     return name

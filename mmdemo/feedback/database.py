@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -33,7 +35,7 @@ from sqlalchemy import Connection, create_engine, event, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from .errors import StoreError
+from .errors import StoreError, UnusableStoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +45,7 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock det
 _WRITE_ATTEMPTS = 4
 GROUP_COMMIT_MAX = 64  # writes committed together at most (SQLite)
 CHECKPOINT_EVERY = 128  # writes between WAL checkpoints (a feedback write adds a few pages)
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -77,7 +80,7 @@ class Database:
             database = self.url.database or ""
             if database in ("", ":memory:") or database.startswith("file:"):
                 raise StoreError("The feedback store needs a SQLite file, not an in-memory database.")
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            prepare_sqlite_file(Path(database))
             self.engine = create_engine(
                 self.url, echo=echo, pool_size=pool_size, max_overflow=pool_size,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
@@ -153,6 +156,24 @@ class Database:
             raise StoreError(f"The feedback database refused the change: {_reason(exc)}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"The feedback database failed: {exc}") from exc
+
+    def check_readable(self) -> None:
+        """Raise :class:`UnusableStoreError` if SQLite finds the database damaged (``PRAGMA quick_check``:
+        every page read once, a fraction of a second per 100 MB). PostgreSQL checks its own pages."""
+        if not self.is_sqlite:
+            return
+        path = Path(self.url.database or "")
+        try:
+            with self.engine.connect() as conn:
+                problems = [r for r in conn.exec_driver_sql("PRAGMA quick_check").scalars() if r != "ok"]
+        except OperationalError as exc:  # cannot be opened, or busy: not known to be damaged
+            raise StoreError(f"The feedback database {path} is not available: {_reason(exc)}") from exc
+        except DBAPIError as exc:  # SQLite's "malformed" (corrupt) and "not a database"
+            raise UnusableStoreError(f"The feedback database {path} is damaged (SQLite: {_reason(exc)}). "
+                                     + recovery_advice(path)) from None
+        if problems:
+            raise UnusableStoreError(f"The feedback database {path} is damaged (SQLite: {'; '.join(problems[:3])}). "
+                                     + recovery_advice(path))
 
     def integrity_check(self) -> str:
         """``ok``, or what SQLite's ``PRAGMA integrity_check`` found wrong (PostgreSQL: a connection test)."""
@@ -277,6 +298,65 @@ class _GroupCommitter:
         if self.writes_since_checkpoint >= CHECKPOINT_EVERY:
             self.writes_since_checkpoint = 0
             self.checkpoint_due.set()
+
+
+def prepare_sqlite_file(path: Path) -> None:
+    """Create a new SQLite database at ``path``, or check that the file there is one.
+
+    A new database is made aside and linked into place (never over a file that appeared meanwhile), so
+    that an existing file is never one half-made by another starting process. An existing file that is
+    empty or does not start with SQLite's header raises :class:`UnusableStoreError`: SQLite would take
+    an empty file for a new database, and the records it should hold would be lost without a word.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _create_sqlite_file(path)
+        return
+    try:
+        with path.open("rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise UnusableStoreError(f"The feedback database {path} cannot be read: {exc.strerror or exc}.") from None
+    if not header:
+        raise UnusableStoreError(
+            f"The feedback database {path} is empty (0 bytes): the records it held are not in it, and mmdemo "
+            "will not start a new store over it. " + recovery_advice(path, empty=True))
+    if header != SQLITE_HEADER:
+        raise UnusableStoreError(
+            f"The feedback database {path} is not a SQLite database (it does not start with SQLite's header): "
+            "it is damaged, or it is another kind of file. " + recovery_advice(path))
+
+
+def recovery_advice(path: Path, *, empty: bool = False) -> str:
+    """How to get a store back from a damaged (or empty) database file, for error messages."""
+    recover = "" if empty else (f"or recover what it still holds: sqlite3 {path} .recover | sqlite3 {path}.recovered, "
+                                f"then move the damaged file aside and the recovered one to {path}; ")
+    return (f"Restore it from a backup, {recover}or, to start a new, empty store, move it aside "
+            f"(mv {path} {path}.broken) together with the media folder next to it.")
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """A new, empty SQLite database in WAL mode at ``path``, unless another process made one first."""
+    temporary = path.with_name(f".{path.name}.new-{os.getpid()}-{threading.get_ident()}")
+    try:
+        conn = sqlite3.connect(temporary)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()  # writes the header
+        finally:
+            conn.close()
+        try:
+            os.link(temporary, path)  # fails if the path exists: never replaces a file
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(temporary, path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"A new feedback database could not be made at {path}: {exc}.") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{temporary}{suffix}").unlink(missing_ok=True)
 
 
 def _sqlite_connect(dbapi_connection: Any, autocheckpoint: int) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "StoreError",
     "UnknownOutputError",
     "UnknownTaskError",
+    "UnusableStoreError",
 ]
 
 
@@ -56,6 +57,12 @@ class PermissionDeniedError(MMDemoError):
 
 class StoreError(MMDemoError):
     """The store could not do its job (database unreachable, disk full, schema newer than this app)."""
+
+
+class UnusableStoreError(StoreError):
+    """The database or media folder is there but is no usable store (an empty or damaged file, another
+    application's database, media folder missing): opening it anyway would lose records, so the store
+    refuses to open and the app to start. The message names the file and how to recover."""
 
 
 # --- annotation campaigns (mmdemo.feedback.annotation) ---------------------------------------------

@@ -196,14 +196,17 @@ class MediaStore:
         for directory in {path.parent for path in trash}:
             _fsync_dir(directory)
 
-    def sweep(self, referenced: set[str], older_than: float = 3600.0) -> list[str]:
+    def sweep(self, referenced: set[str], older_than: float = 3600.0, *,
+              written_after: float | None = None) -> list[str]:
         """Remove files no record refers to, and leftovers of interrupted writes or deletes.
 
         Only files older than ``older_than`` seconds are touched, so that media written just before
-        its record is committed are left alone. Returns what was removed.
+        its record is committed are left alone, and (``written_after``: a time stamp) none written
+        before then. Returns what was removed.
         """
         removed: list[str] = []
         cutoff = time.time() - older_than
+        floor = written_after if written_after is not None else float("-inf")
         if not self.root.is_dir():
             return removed
         for directory in self.root.iterdir():
@@ -215,7 +218,7 @@ class MediaStore:
                 if not stray and (not REF_PATTERN.fullmatch(name) or name in referenced):
                     continue
                 try:
-                    if path.stat().st_mtime < cutoff:
+                    if floor <= path.stat().st_mtime < cutoff:
                         path.unlink()
                         removed.append(name)
                 except FileNotFoundError:

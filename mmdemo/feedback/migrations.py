@@ -34,12 +34,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     insert,
+    inspect,
     select,
     text,
 )
 
 from .database import Database
-from .errors import StoreError
+from .errors import StoreError, UnusableStoreError
 from .tables import schema_migrations
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> lis
             lock_conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
             lock_conn.commit()
         try:
+            refuse_foreign_database(db, lock_conn)
             for migration in migrations:
                 with db.write() as conn:
                     schema_migrations.create(conn, checkfirst=True)
@@ -182,6 +184,19 @@ def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> lis
                 lock_conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _ADVISORY_LOCK_KEY})
                 lock_conn.commit()
     return applied_now
+
+
+def refuse_foreign_database(db: Database, conn: Connection) -> None:
+    """Raise :class:`UnusableStoreError` if the database holds tables but none of mmdemo's (no
+    ``schema_migrations``): it belongs to something else, and mmdemo will not create its tables in it."""
+    tables = sorted(inspect(conn).get_table_names())
+    if tables and schema_migrations.name not in tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise UnusableStoreError(
+            f"The feedback database {db.describe()} holds another application's tables ({shown}) and no "
+            "mmdemo tables; mmdemo will not write into it. Give mmdemo a database of its own (a new SQLite "
+            "file or an empty PostgreSQL database), or, if this file should be mmdemo's, restore it from a backup.")
+    conn.rollback()  # end the inspection's transaction (PostgreSQL: it would hold the catalog snapshot)
 
 
 def applied_migrations(db: Database) -> list[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping
 
 from ..errors import InvalidInputError
-from ..tasks.base import require_text
+from ..tasks.base import check_characters, require_text
 from ..tasks.zero_shot import parse_labels
 from .errors import InvalidFeedbackError, UnknownTaskError
 from .records import FeedbackRecord
@@ -45,9 +45,12 @@ def to_json(value: Any, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
     """``value`` as compact JSON, refusing what JSON cannot hold (NaN, objects) or what is too big."""
     try:
         text = json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"The {what} cannot be stored: it holds an unpaired surrogate, which is not "
+                                "valid Unicode text.") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"The {what} cannot be stored: {exc}.") from None
-    size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise InvalidInputError(f"The {what} is {format_bytes(size)}; the limit is {format_bytes(max_bytes)}.")
     return text
@@ -79,7 +82,7 @@ def clean_comment(comment: Any) -> str | None:
         return None
     if not isinstance(comment, str):
         raise InvalidFeedbackError("The comment must be text.")
-    comment = comment.strip()
+    comment = check_characters(comment.strip(), "comment", InvalidFeedbackError)
     if len(comment) > MAX_COMMENT_CHARS:
         raise InvalidFeedbackError(
             f"The comment is {len(comment):,} characters long; the limit is {MAX_COMMENT_CHARS:,}."
@@ -129,12 +132,12 @@ class Example:
 def _text_correction(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidFeedbackError(f"The corrected {what} must be text, not {type(value).__name__}.")
-    text = value.strip()
+    text = check_characters(value.strip(), f"corrected {what}", InvalidFeedbackError)
     if not text:
         raise InvalidFeedbackError(
             f"The corrected {what} is empty. Type the right {what}, or send only a thumbs up or down."
         )
-    _check_size(len(text.encode("utf-8")), what)
+    check_correction_size(len(text.encode("utf-8")), what)
     return text
 
 
@@ -288,7 +291,9 @@ class ZeroShotSchema(TaskSchema):
                 "The corrected labels are empty. Choose or type the right label(s), "
                 "or send only a thumbs up or down."
             )
-        _check_size(sum(len(item.encode("utf-8")) for item in items), self.what)
+        for item in items:
+            check_characters(item, f"corrected {self.what}", InvalidFeedbackError)
+        check_correction_size(sum(len(item.encode("utf-8")) for item in items), self.what)
         try:
             return list(parse_labels(correction))  # as the task reads labels: commas separate them
         except InvalidInputError as exc:
@@ -419,7 +424,7 @@ def _require_output_text(task: str, output: dict[str, Any], name: str, allow_emp
         raise InvalidInputError(f"The {task} output needs '{name}' (text).")
 
 
-def _check_size(size: int, what: str) -> None:
+def check_correction_size(size: int, what: str) -> None:
     if size > MAX_CORRECTION_BYTES:
         raise InvalidFeedbackError(
             f"The corrected {what} is {format_bytes(size)}; the limit is {format_bytes(MAX_CORRECTION_BYTES)}."

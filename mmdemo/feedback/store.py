@@ -45,6 +45,7 @@ from .errors import (
     PermissionDeniedError,
     RecordNotFoundError,
     UnknownOutputError,
+    UnusableStoreError,
 )
 from .media_store import MediaStore, PreparedMedia
 from .migrations import migrate
@@ -57,7 +58,7 @@ from .schemas import (
     split_request,
     to_json,
 )
-from .tables import Timestamp, feedback, media, output_media, outputs
+from .tables import Timestamp, feedback, media, output_media, outputs, schema_migrations
 
 Only = Literal["corrected", "approved", "all"]
 ONLY_CHOICES: tuple[str, ...] = ("corrected", "approved", "all")
@@ -65,6 +66,7 @@ DEFAULT_OUTPUT_TTL_DAYS = 30.0
 ADMIN_ROLE = "admin"
 MAX_SETTINGS_BYTES = 64 * 1024
 _OUTPUT_ID = re.compile(r"[0-9a-f]{32}")
+MEDIA_CHECKED_AT_OPEN = 20  # media rows whose files are looked for when the store opens
 
 
 def new_output_id() -> str:
@@ -88,6 +90,10 @@ class FeedbackStore:
     (``postgresql://user:pass@host/db`` for app replicas that share one store).
     ``output_ttl_days``: how long an output stays open for feedback (None: forever).
     Migrations run when the store opens (``migrate=False`` to skip them).
+
+    Opening refuses (:class:`~mmdemo.feedback.errors.UnusableStoreError`, saying how to recover) a
+    database file that is empty, damaged or not SQLite, a database holding another application's tables,
+    and a media folder that is missing while records refer to it; a path with no file makes a new store.
     """
 
     def __init__(
@@ -108,8 +114,14 @@ class FeedbackStore:
         self.output_ttl = timedelta(days=output_ttl_days) if output_ttl_days else None
         self.app_version = app_version
         self._sql = _Statements(self.db.is_sqlite)
-        if migrate:
-            self.migrate()
+        try:
+            self.db.check_readable()
+            if migrate:
+                self.migrate()
+            self._check_media_folder()
+        except BaseException:
+            self.db.dispose()
+            raise
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> "FeedbackStore":
@@ -132,6 +144,22 @@ class FeedbackStore:
 
     def close(self) -> None:
         self.db.dispose()
+
+    def _check_media_folder(self) -> None:
+        """Refuse to open when records refer to media but the media folder is missing (or holds none of
+        the first files looked for): the sweep would otherwise treat every new file as the only ones."""
+        with self.db.read() as conn:
+            if not self.db.engine.dialect.has_table(conn, media.name):
+                return
+            refs = conn.execute(select(media.c.ref).limit(MEDIA_CHECKED_AT_OPEN)).scalars().all()
+        if not refs or any(self.media.exists(ref) for ref in refs):
+            return
+        state = "is missing" if not self.media.root.is_dir() else f"holds none of the {len(refs)} files looked for"
+        raise UnusableStoreError(
+            f"The feedback database {self.db.describe()} has records with images or audio, but the media folder "
+            f"{self.media.root} {state}. Put the media folder back (restore it from a backup, or mount the volume "
+            "that holds it), or point MMDEMO_DATA_DIR at the data directory it is in; mmdemo will not open the "
+            "store without it.")
 
     def __enter__(self) -> "FeedbackStore":
         return self
@@ -419,7 +447,11 @@ class FeedbackStore:
         record, or by an interrupted delete) that are older than ``older_than`` seconds."""
         with self.db.read() as conn:
             referenced = set(conn.execute(select(media.c.ref)).scalars())
-        return self.media.sweep(referenced, older_than)
+            created = conn.execute(select(func.min(schema_migrations.c.applied_at))).scalar()
+        # A file older than the database was not written for it (a database moved aside, a new one made
+        # beside the old media folder): it is kept.
+        written_after = _utc(created).timestamp() if created is not None else None
+        return self.media.sweep(referenced, older_than, written_after=written_after)
 
     def media_path(self, ref: str) -> Path:
         """The file of a media ref (validated: a ref can never name a path outside the media folder)."""

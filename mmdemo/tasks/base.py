@@ -11,6 +11,7 @@ returning plain JSON-serialisable dicts (generated images aside).
 from __future__ import annotations
 
 import dataclasses
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
 
@@ -58,9 +59,29 @@ def require_text(value: Any, what: str, max_chars: int = 2000) -> str:
     text = "" if value is None else str(value).strip()
     if not text:
         raise InvalidInputError(f"Please enter {what}; it is empty.")
+    check_characters(text, what)
     if len(text) > max_chars:
         raise InvalidInputError(f"The {what} is {len(text)} characters long; the limit is {max_chars}.")
     return text
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL; surrogates, which in a str are always unpaired
+
+
+def check_characters(text: str, what: str, error: type[InvalidInputError] = InvalidInputError) -> str:
+    """``text`` unless it holds a character no database keeps alike: NUL (PostgreSQL refuses it, SQLite
+    keeps it) or an unpaired UTF-16 surrogate (not Unicode text: it cannot be encoded). Refused with an
+    ``error`` naming ``what`` (the field) and where the character is."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return text
+    char, where = found.group(), found.start() + 1
+    field = what.removeprefix("a ").removeprefix("the ")
+    if char == "\x00":
+        found_what, why = "a NUL character (\\x00)", "it cannot be stored"
+    else:
+        found_what, why = f"an unpaired surrogate (\\u{ord(char):04x})", "it is not valid Unicode text"
+    raise error(f"There is {found_what} in the {field} (character {where}); {why}: remove it and try again.")
 
 
 def require_int(value: Any, what: str, low: int, high: int) -> int:

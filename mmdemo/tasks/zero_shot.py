@@ -18,7 +18,7 @@ from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import MediaLimits, load_image
 from ..registry import Placement
-from .base import Task, load_kwargs, require_text
+from .base import Task, check_characters, load_kwargs, require_text
 from .bundle import TransformersBundle, move_inputs
 
 MAX_LABELS = 100
@@ -52,7 +52,7 @@ def parse_labels(labels: Any) -> tuple[str, ...]:
         items = [str(item) for item in labels]
     unique: dict[str, str] = {}
     for item in items:
-        label = " ".join(item.split())
+        label = check_characters(" ".join(item.split()), "labels")
         if label and label.casefold() not in unique:
             if len(label) > MAX_LABEL_CHARS:
                 raise InvalidInputError(f"The label '{label[:30]}...' is longer than {MAX_LABEL_CHARS} characters.")

@@ -21,8 +21,9 @@ import gradio as gr
 
 from .. import tasks
 from ..errors import MMDemoError
-from .common import AppContext, json_safe, readable_errors, standalone
-from .feedback import correction_for
+from ..tasks.base import require_int
+from .common import AppContext, json_safe, readable_errors, standalone, validated_api
+from .feedback import correction_for, feedback_validator
 
 if TYPE_CHECKING:
     from ..feedback import AnnotationQueue, OutputRecord
@@ -52,6 +53,13 @@ def require_annotator(ctx: AppContext, request: gr.Request | None) -> str:
     if annotator is None:
         raise gr.Error("Annotation needs a browser session or a login.", title="Not allowed", print_exception=False)
     return annotator
+
+
+def batch_size(n: Any) -> int:
+    """How many items to lease: a whole number from 1 to the queue's limit (None: the default, 10)."""
+    from ..feedback.annotation import DEFAULT_BATCH, MAX_BATCH
+
+    return DEFAULT_BATCH if n is None or n == "" else require_int(n, "batch size", 1, MAX_BATCH)
 
 
 # --- what an item looks like ---------------------------------------------------------------------------
@@ -222,7 +230,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         if not name:
             raise gr.Error("Choose a campaign first.", title="No campaign", print_exception=False)
         queue = queue_of(ctx)
-        items = queue.next_batch(name, annotator, int(n or 10))
+        items = queue.next_batch(name, annotator, batch_size(n))
         found = queue.campaign(name)
         state = {"campaign": found.name, "task": found.task, "instructions": found.instructions,
                  "ids": [item.output_id for item in items], "index": 0}
@@ -333,7 +341,7 @@ def annotation_api(ctx: AppContext) -> None:
                  "lease_expires_at": item.lease_expires_at.isoformat(timespec="seconds"),
                  "input_media": [served(ref) for ref in item.output.input_media],
                  "output_media": [served(ref) for ref in item.output.output_media]}
-                for item in queue.next_batch(campaign, annotator, int(n or 10))]
+                for item in queue.next_batch(campaign, annotator, batch_size(n))]
 
     def annotate_submit(campaign: str, output_id: str, thumbs: str | int | None = None,
                         correction: str | list[str] | dict | None = None, comment: str | None = None,
@@ -359,8 +367,21 @@ def annotation_api(ctx: AppContext) -> None:
         ctx.require_admin(request, "see the progress of every annotator")
         return json_safe(queue_of(ctx).progress(campaign).to_dict())
 
+    def batch_validator(campaign: Any, n: Any = 10) -> list[dict[str, Any]]:
+        try:
+            batch_size(n)
+        except MMDemoError as exc:
+            return [gr.validate(True, ""), gr.validate(False, str(exc))]
+        return [gr.validate(True, ""), gr.validate(True, "")]
+
+    validators = {annotate_batch: batch_validator,
+                  annotate_submit: feedback_validator(["campaign", "output_id", "thumbs", "correction", "comment"])}
     for fn in (annotate_batch, annotate_submit, annotate_skip, annotate_progress):
-        gr.api(readable_errors(fn), api_name=fn.__name__, concurrency_id=ANNOTATE_QUEUE, concurrency_limit=8)
+        options = dict(api_name=fn.__name__, concurrency_id=ANNOTATE_QUEUE, concurrency_limit=8)
+        if fn in validators:
+            validated_api(readable_errors(fn), validators[fn], **options)
+        else:
+            gr.api(readable_errors(fn), **options)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

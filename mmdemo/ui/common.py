@@ -153,18 +153,28 @@ class AppContext:
         """
         if self._store is not None:
             return self._store
-        from ..feedback import FeedbackStore, StoreError
+        from ..feedback import StoreError
+
+        if time.monotonic() < self._store_retry_at:
+            raise StoreError("The feedback store is unavailable; see the server log.")
+        try:
+            return self.open_store()
+        except Exception as exc:
+            self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
+            if isinstance(exc, StoreError):  # its message says what is wrong and how to recover
+                log.error("opening the feedback store failed: %s", exc)
+            else:
+                log.exception("opening the feedback store failed")
+            raise StoreError("The feedback store could not be opened; see the server log.") from None
+
+    def open_store(self) -> "FeedbackStore":
+        """The feedback store, opened now if it is not open yet. Raises the store's own error (naming the
+        database, what is wrong with it and how to recover), which :attr:`store` keeps for the log."""
+        from ..feedback import FeedbackStore
 
         with self._store_lock:
             if self._store is None:
-                if time.monotonic() < self._store_retry_at:
-                    raise StoreError("The feedback store is unavailable; see the server log.")
-                try:
-                    self._store = FeedbackStore.from_settings(self.settings)
-                except Exception:
-                    self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
-                    log.exception("opening the feedback store failed")
-                    raise StoreError("The feedback store could not be opened; see the server log.") from None
+                self._store = FeedbackStore.from_settings(self.settings)
         return self._store
 
     def annotator_of(self, request: gr.Request | None) -> str | None:
@@ -259,6 +269,19 @@ def readable_errors(fn: Callable) -> Callable:
             raise gr.Error(UNEXPECTED, title="Something went wrong", print_exception=False) from None
 
     return wrapper
+
+
+def validated_api(fn: Callable, validator: Callable[..., list[dict[str, Any]]], *, api_name: str,
+                  **options: Any) -> None:
+    """``gr.api(fn, api_name=..., **options)`` with ``validator`` (one ``gr.validate`` per parameter) run
+    before each call joins the queue; gradio_client raises its refusals as ValidationError. gradio 6.31's
+    ``gr.api`` takes no validator, so it is set on the function gr.api registers."""
+    from gradio.context import get_blocks_context
+
+    gr.api(fn, api_name=api_name, **options)
+    blocks = get_blocks_context()
+    registered = next(block_fn for block_fn in blocks.fns.values() if block_fn.api_name == api_name)
+    registered.validator = validator
 
 
 def blamed_input(exc: MMDemoError, media: str | None, text: str) -> str:

@@ -16,13 +16,15 @@ The store is imported on first use (it costs start-up time); nothing here import
 
 import json
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 
 from ..errors import MMDemoError
-from .common import UNEXPECTED, AppContext, readable_errors
+from ..tasks.base import check_characters
+from .common import UNEXPECTED, AppContext, readable_errors, validated_api
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ THUMBS = {"up": 1, "+1": 1, "1": 1, "down": -1, "-1": -1}
 UNAVAILABLE = ("*Feedback is unavailable for this result: it could not be recorded (the server log says "
                "why).*")
 INTRO = ("**Is this right?** Rate it, or correct it and save: your feedback becomes fine-tuning data.")
+MAX_CORRECTION_DEPTH = 8  # JSON nesting of a correction (text-to-image's is 2), checked before parsing it
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 # --- saving: one path for the buttons and the API --------------------------------------------------
@@ -58,6 +63,7 @@ def parse_correction(task: str, correction: str) -> Any:
 
     if task not in ("zero-shot-image-classification", "text-to-image"):
         return correction
+    check_correction_text(correction)
     try:
         return json.loads(correction)
     except ValueError:
@@ -65,6 +71,63 @@ def parse_correction(task: str, correction: str) -> Any:
             raise InvalidFeedbackError('A text-to-image correction is JSON: {"image_ratings": [1-5 or null per '
                                        'image], "preferred": an image index or null}.') from None
         return correction  # labels separated by commas, one of them starting with "["
+
+
+def check_correction_text(correction: str) -> str:
+    """Refuse correction text before it is parsed or stored: a character no database keeps alike (NUL, an
+    unpaired surrogate), more than the store's limit, or JSON nested deeper than ``MAX_CORRECTION_DEPTH``
+    (the parser would recurse once per level)."""
+    from ..feedback import InvalidFeedbackError
+    from ..feedback.schemas import check_correction_size
+
+    check_characters(correction, "correction", InvalidFeedbackError)
+    check_correction_size(len(correction.encode("utf-8")), "text")
+    if correction.lstrip()[:1] in ("[", "{"):
+        depth = deepest = 0
+        for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub('""', correction)):
+            depth += 1 if bracket in "[{" else -1
+            deepest = max(deepest, depth)
+        if deepest > MAX_CORRECTION_DEPTH:
+            raise InvalidFeedbackError(
+                f"The correction is JSON nested {deepest} levels deep; a correction needs at most 2 (the deepest "
+                'is {"image_ratings": [...], "preferred": i}).')
+    return correction
+
+
+def check_correction(correction: Any) -> None:
+    """What can be checked of a correction before its task is known: its text, or the labels of a list."""
+    from ..feedback import InvalidFeedbackError
+
+    if isinstance(correction, str):
+        check_correction_text(correction)
+    elif isinstance(correction, list):
+        for item in correction:
+            if isinstance(item, str):
+                check_characters(item, "correction", InvalidFeedbackError)
+
+
+def feedback_validator(parameters: Sequence[str]) -> Callable[..., list[dict[str, Any]]]:
+    """A validator for an endpoint whose ``parameters`` include thumbs, correction and comment: each is
+    checked as the store will check it, before the call joins the queue, and a refusal is said for that
+    field (gradio_client raises ValidationError)."""
+    from ..feedback.schemas import clean_comment
+
+    checks: dict[str, Callable[[Any], Any]] = {"thumbs": parse_thumbs, "correction": check_correction,
+                                               "comment": clean_comment}
+
+    def validate(*values: Any) -> list[dict[str, Any]]:
+        results = []
+        for name, value in zip(parameters, values):
+            try:
+                if name in checks:
+                    checks[name](value)
+            except MMDemoError as exc:
+                results.append(gr.validate(False, str(exc)))
+            else:
+                results.append(gr.validate(True, ""))
+        return results
+
+    return validate
 
 
 def save_feedback(ctx: AppContext, request: gr.Request | None, output_id: Any, thumbs: Any = None,
@@ -98,8 +161,8 @@ def feedback_api(ctx: AppContext) -> None:
         saved = save_feedback(ctx, request, output_id, thumbs, correction, comment)
         return saved.message, saved.id
 
-    gr.api(readable_errors(feedback), api_name="feedback", concurrency_id=FEEDBACK_QUEUE,
-           concurrency_limit=FEEDBACK_CONCURRENCY)
+    validated_api(readable_errors(feedback), feedback_validator(["output_id", "thumbs", "correction", "comment"]),
+                  api_name="feedback", concurrency_id=FEEDBACK_QUEUE, concurrency_limit=FEEDBACK_CONCURRENCY)
 
 
 # --- corrections: one widget per task --------------------------------------------------------------
