@@ -15,6 +15,7 @@ from mmdemo.errors import (
     InvalidAudioError,
     InvalidImageError,
     InvalidInputError,
+    RequestInterrupted,
     TaskMismatchError,
     UnknownModelError,
 )
@@ -196,6 +197,24 @@ def test_text_to_image_random_seed_is_reported_and_reusable(shared_registry):
     replay = run(shared_registry, "text-to-image", prompt="a cat", num_images=2, steps=2, width=64, height=72,
                  seed=result["seed"])
     assert np.array_equal(np.asarray(result["images"][1]), np.asarray(replay["images"][1]))
+
+
+def test_text_to_image_each_image_has_its_own_reproducible_seed(shared_registry):
+    batch = run(shared_registry, "text-to-image", prompt="a cat", num_images=2, steps=2, seed=2**32 - 1)
+    assert batch["seeds"] == [2**32 - 1, 0]  # seed + i, wrapping past the largest seed
+    assert not np.array_equal(np.asarray(batch["images"][0]), np.asarray(batch["images"][1]))
+    for seed, image in zip(batch["seeds"], batch["images"]):
+        alone = run(shared_registry, "text-to-image", prompt="a cat", num_images=1, steps=2, seed=seed)
+        assert alone["seeds"] == [seed]
+        assert np.abs(np.asarray(alone["images"][0], dtype=int) - np.asarray(image, dtype=int)).max() <= 1
+
+
+def test_text_to_image_stops_at_the_next_step_when_asked(shared_registry):
+    done = []
+    with pytest.raises(RequestInterrupted, match="Interrupted at step 3/50"):
+        run(shared_registry, "text-to-image", prompt="a cat", steps=50, seed=1,
+            progress=lambda step, total: done.append(step), should_stop=lambda: len(done) >= 3)
+    assert done == [1, 2, 3]
 
 
 def test_text_to_image_warns_when_prompt_is_truncated(shared_registry):
