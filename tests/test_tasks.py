@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from mmdemo.errors import (
 )
 from mmdemo.tasks import run, run_batch
 from mmdemo.tasks.zero_shot import parse_labels
+
+SPEECH = Path(__file__).resolve().parents[1] / "assets" / "speech.wav"
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +256,15 @@ def test_transcribe_long_audio_in_chunks_with_timestamps(shared_registry, model_
     assert isinstance(result["chunks"], list)
     for chunk in result["chunks"]:
         assert set(chunk) == {"start", "end", "text"}
+
+
+@pytest.mark.parametrize("model_id", ["tiny-whisper", "tiny-faster-whisper"])
+def test_transcribe_every_segment_has_an_end(shared_registry, model_id):
+    duration = sf.info(SPEECH).duration
+    result = run(shared_registry, "automatic-speech-recognition", model_id, audio=str(SPEECH), timestamps=True)
+    assert result["chunks"]
+    for chunk in result["chunks"]:
+        assert isinstance(chunk["end"], float) and chunk["start"] <= chunk["end"] <= round(duration, 2) + 0.01
 
 
 def test_transcribe_numpy_input_and_translate(shared_registry):
