@@ -8,7 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from .common import AppContext, asset, connect, examples, media_source, model_picker, output_area, standalone
+from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
+                     results_column, standalone)
 
 TASK = "visual-question-answering"
 TITLE = "Ask"
@@ -20,16 +21,17 @@ def request(image: Any, question: str, model: str, top_k: int, max_new_tokens: i
                        max_new_tokens=max_new_tokens)
 
 
-def present(result: dict[str, Any]) -> tuple[str, dict[str, float] | None]:
-    # Generative models (BLIP) give no scores: the list stays empty rather than faked.
-    return result["answer"], {item["answer"]: item["score"] for item in result.get("answers") or []} or None
+def present(result: dict[str, Any]) -> tuple[str, gr.Label]:
+    # Generative models (BLIP) give no scores: the list is hidden rather than faked.
+    scores = {item["answer"]: item["score"] for item in result.get("answers") or []}
+    return result["answer"], gr.Label(scores or None, visible=bool(scores))
 
 
 def build(ctx: AppContext) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         with gr.Column():
             image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
-                             image_mode=None, height=320)
+                             image_mode=None, height=320, elem_classes="mmdemo-input-image")
             question = gr.Textbox("", label="Question", placeholder="What is in the picture?")
             model, note = model_picker(ctx, TASK)
             with gr.Accordion("Advanced settings", open=False):
@@ -37,10 +39,11 @@ def build(ctx: AppContext) -> SimpleNamespace:
                 max_new_tokens = gr.Slider(1, 50, value=20, step=1, precision=0,
                                            label="Maximum answer length (generating models)")
             button = gr.Button("Ask", variant="primary")
-        with gr.Column():
+        with results_column() as results:
             answer = gr.Textbox("", label="Answer", interactive=False, buttons=["copy"])
-            top_answers = gr.Label(label="Top answers")
-            area = output_area(ctx, TASK)
+            # No heading: the best answer is in the Answer box already.
+            top_answers = gr.Label(label="Top answers", show_heading=False, visible=False)
+            area = output_area(ctx, TASK, results)
     examples([[asset("cat.jpg"), "What animal is this?"], [asset("coffee.jpg"), "What is in the cup?"],
               [asset("rocket.jpg"), "Is it day or night?"]], inputs=[image, question])
     event = connect(ctx, task=TASK, button=button, request=request,
