@@ -64,8 +64,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
                     inputs=[image, labels, model, template, multi_label], present=present, outputs=[scores],
                     area=area, api_name="zero_shot", model=model, note=note, media="image", text="labels",
                     batch=True)
-    return SimpleNamespace(image=image, labels=labels, labels_note=note_on_labels, model=model, button=button, scores=scores, area=area,
-                           event=event)
+    return SimpleNamespace(image=image, labels=labels, labels_note=note_on_labels, model=model, button=button,
+                           scores=scores, area=area, event=event)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

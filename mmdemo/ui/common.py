@@ -516,6 +516,8 @@ def connect(
     names = list(inspect.signature(request).parameters)
     if len(names) != len(inputs):
         raise ValueError(f"{api_name}: request takes {names} but {len(inputs)} inputs were given")
+    if interrupt is not None and batch:
+        raise ValueError(f"{api_name}: a batched event cannot be interrupted per request")
     stop_flags = StopFlags() if interrupt is not None else None
 
     def finish(requests: list[tuple[str | None, dict[str, Any]]], results: list[dict[str, Any]],

@@ -21,10 +21,9 @@ def request(image: Any, question: str, model: str, top_k: int, max_new_tokens: i
                        max_new_tokens=max_new_tokens)
 
 
-def present(result: dict[str, Any]) -> tuple[str, gr.Label]:
-    # Generative models (BLIP) give no scores: the list is hidden rather than faked.
-    scores = {item["answer"]: item["score"] for item in result.get("answers") or []}
-    return result["answer"], gr.Label(scores or None, visible=bool(scores))
+def present(result: dict[str, Any]) -> tuple[str, dict[str, float] | None]:
+    # Generative models (BLIP) give no scores: the list stays empty (and hidden) rather than faked.
+    return result["answer"], {item["answer"]: item["score"] for item in result.get("answers") or []} or None
 
 
 def build(ctx: AppContext) -> SimpleNamespace:
@@ -50,6 +49,9 @@ def build(ctx: AppContext) -> SimpleNamespace:
                     inputs=[image, question, model, top_k, max_new_tokens], present=present,
                     outputs=[answer, top_answers], area=area, api_name="vqa", model=model, note=note,
                     media="image", text="question", triggers=[question.submit])
+    # Shown for models that score their answers (the API's output stays a plain value).
+    event.success(lambda details: gr.Label(visible=bool((details or {}).get("answers"))), area.details,
+                  [top_answers], queue=False, show_progress="hidden", api_visibility="private")
     return SimpleNamespace(image=image, question=question, model=model, button=button, answer=answer,
                            top_answers=top_answers, area=area, event=event)
 
