@@ -122,6 +122,9 @@ def test_text_to_image_png_carries_its_settings_and_the_seed_reproduces(client):
     again, *_ = client.predict(prompt="a red bicycle", negative_prompt="blurry", num_images=2, seed=123,
                                randomize_seed=False, api_name="/text_to_image")
     assert np.array_equal(np.asarray(png), np.asarray(Image.open(again[0]["image"])))
+    # Each image has its own seed (seed + i), in the details, its caption and its PNG.
+    assert details["seeds"] == [123, 124] and [item["caption"] for item in gallery] == ["seed 123", "seed 124"]
+    assert json.loads(Image.open(gallery[1]["image"]).text["parameters"])["seed"] == 124
 
 
 def test_text_to_image_random_seed_is_reported(client):
