@@ -29,7 +29,7 @@ CSS = """
 /* Phones: the inputs and the button come first, the introduction is left out. */
 @media (max-width: 640px) {
   .mmdemo-intro { display: none; }
-  .mmdemo-input-image { height: 220px !important; }
+  .mmdemo-input-image { height: 180px !important; }
 }
 """
 
