@@ -216,7 +216,8 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     registry = ModelRegistry.from_settings(settings)
     result = run(registry, task, args.model, **inputs)
     if task == "text-to-image":
-        result["images"] = save_images(result["images"], args.out or Path("mmdemo-image.png"), result["settings"])
+        result["images"] = save_images(result["images"], args.out or Path("mmdemo-image.png"), result["settings"],
+                                       result["seeds"])
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -251,8 +252,9 @@ def predict_inputs(task: str, args: argparse.Namespace) -> dict[str, Any]:
     return inputs
 
 
-def save_images(images: list[Any], out: Path, settings: dict[str, Any]) -> list[str]:
-    """Write PNGs (``out``, or ``out-1.png``... for several) with the settings in their metadata."""
+def save_images(images: list[Any], out: Path, settings: dict[str, Any], seeds: list[int] | None = None) -> list[str]:
+    """Write PNGs (``out``, or ``out-1.png``... for several) with the settings in their metadata, and each
+    image's own seed where ``seeds`` gives them."""
     from PIL.PngImagePlugin import PngInfo
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +262,7 @@ def save_images(images: list[Any], out: Path, settings: dict[str, Any]) -> list[
     for index, image in enumerate(images, start=1):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
         info = PngInfo()
-        info.add_text("parameters", json.dumps(settings))
+        info.add_text("parameters", json.dumps({**settings, "seed": seeds[index - 1]} if seeds else settings))
         image.save(path, format="PNG", pnginfo=info)
         paths.append(str(path))
     return paths

@@ -69,5 +69,9 @@ class MemoryBudgetError(MMDemoError):
     """The model does not fit in the memory budget, even with every idle model evicted."""
 
 
+class RequestInterrupted(MMDemoError):
+    """The person stopped a running request (Interrupt); the message says at which step."""
+
+
 class ModelRuntimeError(MMDemoError):
     """A loaded model failed while running (a fault inside the model, not bad input)."""

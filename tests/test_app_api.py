@@ -122,6 +122,9 @@ def test_text_to_image_png_carries_its_settings_and_the_seed_reproduces(client):
     again, *_ = client.predict(prompt="a red bicycle", negative_prompt="blurry", num_images=2, seed=123,
                                randomize_seed=False, api_name="/text_to_image")
     assert np.array_equal(np.asarray(png), np.asarray(Image.open(again[0]["image"])))
+    # Each image has its own seed (seed + i), in the details, its caption and its PNG.
+    assert details["seeds"] == [123, 124] and [item["caption"] for item in gallery] == ["seed 123", "seed 124"]
+    assert json.loads(Image.open(gallery[1]["image"]).text["parameters"])["seed"] == 124
 
 
 def test_text_to_image_random_seed_is_reported(client):
@@ -206,7 +209,7 @@ def test_a_model_that_fails_to_load_reports_it_and_only_its_calls_fail(client):
     assert "Traceback" not in str(failed.value)
     summary, table = client.predict(api_name="/models_status")
     assert "broken-caption" in summary
-    assert ["broken-caption", "image-to-text", "failed"] in [row[:3] for row in table["data"]]
+    assert ["broken-caption", "failed", "image-to-text"] in [row[:3] for row in table["data"]]
     assert client.predict(handle_file(CAT), api_name="/caption")[0]  # the same tab, another model
     assert client.predict(handle_file(CAT), labels="cat", api_name="/zero_shot")[0]  # another tab
 

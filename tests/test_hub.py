@@ -180,7 +180,7 @@ def test_the_app_says_so_in_the_tab_and_the_models_panel(online, hub_cache, sile
         assert time.monotonic() - started < 5.0
 
         ctx = demo.mmdemo_context
-        rows = {row[0]: row[2] for row in models_panel.status_rows(ctx)}
+        rows = {row[0]: row[1] for row in models_panel.status_rows(ctx)}
         assert rows["blip-caption-base"] == "not loaded (local)"
         assert rows["clip-vit-base-patch32"] == "unavailable (no Hub, not cached)"
         assert "The Hub cannot be reached" in models_panel.summary(ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ from mmdemo.errors import (
     InvalidAudioError,
     InvalidImageError,
     InvalidInputError,
+    RequestInterrupted,
     TaskMismatchError,
     UnknownModelError,
 )
 from mmdemo.tasks import run, run_batch
 from mmdemo.tasks.zero_shot import parse_labels
+
+SPEECH = Path(__file__).resolve().parents[1] / "assets" / "speech.wav"
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +202,24 @@ def test_text_to_image_random_seed_is_reported_and_reusable(shared_registry):
     assert np.array_equal(np.asarray(result["images"][1]), np.asarray(replay["images"][1]))
 
 
+def test_text_to_image_each_image_has_its_own_reproducible_seed(shared_registry):
+    batch = run(shared_registry, "text-to-image", prompt="a cat", num_images=2, steps=2, seed=2**32 - 1)
+    assert batch["seeds"] == [2**32 - 1, 0]  # seed + i, wrapping past the largest seed
+    assert not np.array_equal(np.asarray(batch["images"][0]), np.asarray(batch["images"][1]))
+    for seed, image in zip(batch["seeds"], batch["images"]):
+        alone = run(shared_registry, "text-to-image", prompt="a cat", num_images=1, steps=2, seed=seed)
+        assert alone["seeds"] == [seed]
+        assert np.abs(np.asarray(alone["images"][0], dtype=int) - np.asarray(image, dtype=int)).max() <= 1
+
+
+def test_text_to_image_stops_at_the_next_step_when_asked(shared_registry):
+    done = []
+    with pytest.raises(RequestInterrupted, match="Interrupted at step 3/50"):
+        run(shared_registry, "text-to-image", prompt="a cat", steps=50, seed=1,
+            progress=lambda step, total: done.append(step), should_stop=lambda: len(done) >= 3)
+    assert done == [1, 2, 3]
+
+
 def test_text_to_image_warns_when_prompt_is_truncated(shared_registry):
     result = run(shared_registry, "text-to-image", prompt=" ".join(["word"] * 200), steps=1, seed=1)
     assert any("cut off" in warning for warning in result["warnings"])
@@ -234,6 +256,15 @@ def test_transcribe_long_audio_in_chunks_with_timestamps(shared_registry, model_
     assert isinstance(result["chunks"], list)
     for chunk in result["chunks"]:
         assert set(chunk) == {"start", "end", "text"}
+
+
+@pytest.mark.parametrize("model_id", ["tiny-whisper", "tiny-faster-whisper"])
+def test_transcribe_every_segment_has_an_end(shared_registry, model_id):
+    duration = sf.info(SPEECH).duration
+    result = run(shared_registry, "automatic-speech-recognition", model_id, audio=str(SPEECH), timestamps=True)
+    assert result["chunks"]
+    for chunk in result["chunks"]:
+        assert isinstance(chunk["end"], float) and chunk["start"] <= chunk["end"] <= round(duration, 2) + 0.01
 
 
 def test_transcribe_numpy_input_and_translate(shared_registry):

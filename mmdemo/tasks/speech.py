@@ -145,9 +145,11 @@ def _transcribe_transformers(model: WhisperBundle, requests: list[SpeechRequest]
         for index, output in zip(indices, outputs):
             result: dict[str, Any] = {"text": output["text"].strip(), "language": first.language}
             if first.timestamps:
+                # The pipeline leaves the end of a last segment that runs to the end of the audio as None.
+                end_of_audio = round(requests[index].audio.duration, 2)
                 result["chunks"] = [
-                    {"start": _seconds(chunk["timestamp"][0]), "end": _seconds(chunk["timestamp"][1]),
-                     "text": chunk["text"].strip()}
+                    {"start": _seconds(chunk["timestamp"][0]),
+                     "end": _seconds(chunk["timestamp"][1], default=end_of_audio), "text": chunk["text"].strip()}
                     for chunk in output.get("chunks", [])
                 ]
             results[index] = {**result, "batch": len(indices)}
@@ -198,5 +200,5 @@ def _transcribe_ctranslate2(model: WhisperBundle, request: SpeechRequest) -> dic
     return result
 
 
-def _seconds(value: Any) -> float | None:
-    return None if value is None else round(float(value), 2)
+def _seconds(value: Any, default: float | None = None) -> float | None:
+    return default if value is None else round(float(value), 2)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from ..catalog import ModelSpec
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RequestInterrupted
 from ..media import MediaLimits
 from ..registry import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
@@ -27,6 +27,7 @@ class TextToImageRequest:
     num_images: int = 1
     seed: int | None = None  # None: a random seed, reported back
     progress: ProgressCallback | None = None
+    should_stop: Callable[[], bool] | None = None  # checked after each step: True stops the request
 
 
 @dataclass
@@ -86,11 +87,15 @@ class TextToImageTask(Task):
             )
         warnings = self._prompt_warnings(model.pipeline, request)
         generator_device = "cpu" if model.placement.device == "mps" else model.placement.device
-        generator = torch.Generator(device=generator_device).manual_seed(request.seed)
+        # One generator per image, seeded seed + i: image i is made again alone from its own seed.
+        seeds = image_seeds(request.seed, request.num_images)
+        generators = [torch.Generator(device=generator_device).manual_seed(seed) for seed in seeds]
 
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
             if request.progress is not None:
                 request.progress(step + 1, request.steps)
+            if request.should_stop is not None and step + 1 < request.steps and request.should_stop():
+                raise RequestInterrupted(f"Interrupted at step {step + 1}/{request.steps}.")
             return callback_kwargs
 
         arguments: dict[str, Any] = dict(
@@ -100,7 +105,7 @@ class TextToImageTask(Task):
             width=request.width,
             height=request.height,
             num_images_per_prompt=request.num_images,
-            generator=generator,
+            generator=generators,
             callback_on_step_end=on_step_end,
         )
         if request.negative_prompt:
@@ -110,6 +115,7 @@ class TextToImageTask(Task):
         return {
             "images": images,
             "seed": request.seed,
+            "seeds": seeds,
             "settings": {
                 "prompt": request.prompt,
                 "negative_prompt": request.negative_prompt,
@@ -137,3 +143,8 @@ class TextToImageTask(Task):
         if request.negative_prompt and request.guidance <= 1.0:
             warnings.append("The negative prompt has no effect when guidance is 1 or less.")
         return warnings
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each image of a request: ``seed``, ``seed + 1``, ... (wrapping past ``MAX_SEED``)."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]

@@ -19,6 +19,18 @@ CSS = """
 .mmdemo-footer { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
 .mmdemo-note { font-size: var(--text-sm); color: var(--body-text-color-subdued); }
 .mmdemo-feedback { border-top: 1px solid var(--border-color-primary); padding-top: var(--spacing-lg); }
+/* A result that no longer matches the inputs (they changed, or a new request runs): greyed out. */
+.mmdemo-stale { opacity: 0.4; transition: opacity 0.15s; }
+/* Example texts keep their line breaks (labels one per line). */
+.table-wrap td.textbox .table { white-space: pre-line !important; }
+/* The 1-5 rating of each generated image on one line, even with two images side by side. */
+.mmdemo-feedback .row fieldset .wrap { flex-wrap: nowrap; gap: var(--spacing-sm); }
+.mmdemo-feedback .row fieldset .wrap label { padding: var(--spacing-sm) var(--spacing-md); }
+/* Phones: the inputs and the button come first, the introduction is left out. */
+@media (max-width: 640px) {
+  .mmdemo-intro { display: none; }
+  .mmdemo-input-image { height: 180px !important; }
+}
 """
 
 
@@ -26,21 +38,25 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(primary_hue="indigo", font=SYSTEM_FONTS, font_mono=MONO_FONTS)
 
 
-def header(ctx: AppContext) -> str:
-    text = ("# mmdemo\nTry multimodal models: caption a photo, ask about it, create images, classify with "
-            "your own labels, transcribe speech. Models load on first use; the line under each output "
-            "says which model and device answered, and how long it took. Rate or correct a result under "
-            "it: your feedback becomes fine-tuning data.")
+INTRO = ("Try multimodal models: caption a photo, ask about it, create images, classify with your own labels, "
+         "transcribe speech. Models load on first use; the line under each output says which model and device "
+         "answered, and how long it took. Rate or correct a result under it: your feedback becomes fine-tuning "
+         "data.")
+
+
+def header(ctx: AppContext) -> None:
+    """The title, the introduction (left out on phones) and, in the tiny profile, what its models are."""
+    gr.Markdown("# mmdemo")
+    gr.Markdown(INTRO, elem_classes="mmdemo-intro")
     if ctx.settings.profile == "tiny":
-        text += ("\n\n**Tiny profile:** offline, randomly initialised models of the real architectures, for "
-                 "testing. Their outputs are nonsense.")
-    return text
+        gr.Markdown("**Tiny profile:** offline, randomly initialised models of the real architectures, for "
+                    "testing. Their outputs are nonsense.")
 
 
 def build_blocks(ctx: AppContext) -> gr.Blocks:
     """All tabs in one Blocks, its queue configured (bounded, shared model concurrency)."""
     with gr.Blocks(title="mmdemo", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(header(ctx))
+        header(ctx)
         with gr.Tabs():
             for tab in TABS:
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):

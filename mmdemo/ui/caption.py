@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from .common import AppContext, asset, connect, examples, media_source, model_picker, output_area, standalone
+from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
+                     results_column, standalone)
 
 TASK = "image-to-text"
 TITLE = "Caption"
@@ -28,7 +29,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         with gr.Column():
             image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
-                             image_mode=None, height=320)
+                             image_mode=None, height=320, elem_classes="mmdemo-input-image")
             prefix = gr.Textbox("", label="Start of the caption (optional)", placeholder="a photograph of")
             model, note = model_picker(ctx, TASK)
             with gr.Accordion("Advanced settings", open=False):
@@ -38,9 +39,9 @@ def build(ctx: AppContext) -> SimpleNamespace:
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (when sampling)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (when sampling)")
             button = gr.Button("Caption", variant="primary")
-        with gr.Column():
+        with results_column() as results:
             caption = gr.Textbox("", label="Caption", lines=3, buttons=["copy"], interactive=False)
-            area = output_area(ctx, TASK)
+            area = output_area(ctx, TASK, results)
     examples([[asset("cat.jpg"), ""], [asset("coffee.jpg"), "a cup of"], [asset("astronaut.jpg"), ""],
               [asset("rocket.jpg"), ""]], inputs=[image, prefix])
     inputs = [image, prefix, model, max_new_tokens, num_beams, do_sample, temperature, top_p]

@@ -8,9 +8,10 @@ A tab module describes its endpoint with two small functions and lets :func:`con
 
 :func:`connect` wires the button to one queued, validated event in the shared model queue group, with
 the API name, batching where the task batches, a loading note and readable errors. It records every
-result in the feedback store (the result's ``output_id`` goes into ``details``). Every tab builds the
-part under its outputs with :func:`output_area`: the provenance line, the feedback row of
-:mod:`.feedback` and the raw result.
+result in the feedback store (the result's ``output_id`` goes into ``details``). Every tab puts its
+outputs in a :func:`results_column` and builds the part under them with :func:`output_area`: the
+provenance line, the feedback row of :mod:`.feedback` and the raw result. A result is greyed out as
+soon as an input changes or a new request starts, and cleared when that request fails.
 
 Nothing here imports torch: handlers only call ``mmdemo.tasks``, the registry and the feedback store.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import inspect
 import json
@@ -33,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import gradio as gr
 import gradio.queueing
@@ -49,6 +51,7 @@ from ..errors import (
     InvalidInputError,
     MMDemoError,
     ModelLoadError,
+    RequestInterrupted,
     TaskMismatchError,
     UnknownModelError,
 )
@@ -68,6 +71,8 @@ UNEXPECTED = ("Something went wrong on the server while handling this request (i
               "Please try again, or try another model.")
 OUTPUT_RETENTION_SECONDS = 3600  # generated files older than this are deleted when new ones are written
 STORE_RETRY_SECONDS = 30.0  # after the feedback store failed to open, calls wait this long before trying again
+RESULTS_CLASS = "mmdemo-results"  # a tab's results column
+STALE_CLASS = "mmdemo-stale"  # added to it while its result no longer matches the inputs (greyed out)
 
 Request = Callable[..., tuple[str | None, dict[str, Any]]]
 Present = Callable[[dict[str, Any]], tuple[Any, ...]]
@@ -249,6 +254,8 @@ def error_title(exc: MMDemoError) -> str:
         return "The model could not be loaded"
     if isinstance(exc, UnknownModelError):
         return "Unknown model"
+    if isinstance(exc, RequestInterrupted):
+        return "Interrupted"
     return "The model could not answer"
 
 
@@ -376,14 +383,20 @@ def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.D
     return model, note
 
 
+def results_column() -> gr.Column:
+    """The column that holds a tab's outputs and its :func:`output_area` (greyed out while stale)."""
+    return gr.Column(elem_classes=RESULTS_CLASS)
+
+
 @dataclass
 class OutputArea:
     """The part under every tab's outputs: the provenance line, the feedback row and the raw result
-    (whose ``output_id`` the feedback row saves against)."""
+    (whose ``output_id`` the feedback row saves against), in the tab's results column."""
 
     footer: gr.Markdown
     feedback: "FeedbackRow"
     details: gr.JSON
+    results: gr.Column
 
     @property
     def components(self) -> list[gr.components.Component]:
@@ -395,9 +408,10 @@ class OutputArea:
         return footer_line(result), json_safe(result)
 
 
-def output_area(ctx: AppContext, task: str) -> OutputArea:
-    """The provenance line, the feedback row for ``task`` and the raw result, under a tab's own outputs
-    (the labels name the task event's outputs in the API: ``answered_by``, ``details``)."""
+def output_area(ctx: AppContext, task: str, results: gr.Column) -> OutputArea:
+    """The provenance line, the feedback row for ``task`` and the raw result, under a tab's own outputs in
+    ``results`` (its :func:`results_column`; the labels name the task event's outputs in the API:
+    ``answered_by``, ``details``)."""
     from .feedback import feedback_row  # feedback builds on this module
 
     footer = gr.Markdown(label="Answered by", show_label=False, elem_classes="mmdemo-footer")
@@ -405,7 +419,12 @@ def output_area(ctx: AppContext, task: str) -> OutputArea:
     with gr.Accordion("Details (JSON)", open=False):
         details = gr.JSON(label="Details", show_label=False)
     row.connect(details)
-    return OutputArea(footer, row, details)
+    return OutputArea(footer, row, details, results)
+
+
+def results_shown(stale: bool) -> gr.Column:
+    """A results column greyed out (``stale``) or not."""
+    return gr.Column(elem_classes=[RESULTS_CLASS, STALE_CLASS] if stale else [RESULTS_CLASS])
 
 
 def footer_line(result: dict[str, Any]) -> str:
@@ -505,16 +524,22 @@ def connect(
     batch: bool = False,
     step_progress: bool = False,
     triggers: Sequence[Any] = (),
+    interrupt: gr.Button | None = None,
 ) -> Any:
     """Wire ``button`` (and ``triggers``) to the task: the endpoint ``/api_name``, in the shared model
     queue group, validated before queueing, batched if ``batch``, with a loading note and readable errors.
     Each result is recorded for feedback (``output_id`` in ``details``) and fills the feedback row.
+    The result is greyed out when an input changes or a request starts, and cleared when one fails.
+    ``interrupt`` (with ``step_progress``) stops the caller's running request after its current step.
 
     ``inputs`` are the components behind ``request``'s parameters, in the same order.
     """
     names = list(inspect.signature(request).parameters)
     if len(names) != len(inputs):
         raise ValueError(f"{api_name}: request takes {names} but {len(inputs)} inputs were given")
+    if interrupt is not None and batch:
+        raise ValueError(f"{api_name}: a batched event cannot be interrupted per request")
+    stop_flags = StopFlags() if interrupt is not None else None
 
     def finish(requests: list[tuple[str | None, dict[str, Any]]], results: list[dict[str, Any]],
                caller: gr.Request | None) -> list[tuple[Any, ...]]:
@@ -540,7 +565,11 @@ def connect(
                 progress(0, desc=f"Loading {model_id}")
             if step_progress:
                 task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")
-            result = tasks.run(ctx.registry, task, model_id, **task_inputs)
+            if stop_flags is None:
+                result = tasks.run(ctx.registry, task, model_id, **task_inputs)
+            else:
+                with stop_flags.running(caller) as should_stop:
+                    result = tasks.run(ctx.registry, task, model_id, should_stop=should_stop, **task_inputs)
             return finish([(model_id, task_inputs)], [result], caller)[0]
         parameters = [*inspect.signature(request).parameters.values(),
                       inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
@@ -563,24 +592,67 @@ def connect(
         concurrency_limit=ctx.concurrency,
         batch=batch,
         max_batch_size=max(1, ctx.settings.max_batch),
+        show_progress_on=[outputs[0]],  # one progress display, on the main output
     )
-    if batch:
-        # A batched call cannot report progress, so a quick step before it says when the model is loading
-        # (for requests that pass validation: a refused one leaves no stale note).
-        def show_loading(*values: Any) -> Any:
-            if all(check["is_valid"] for check in validate(*values)):
-                return loading_note(ctx, values[names.index("model")])
-            return gr.skip()
+    quick = dict(queue=False, show_progress="hidden", api_visibility="private")
+    # The shown result and its feedback row: cleared when a request fails, so that no old result (or
+    # "Saved #1") stands beside the new error.
+    shown = [*outputs, *area.components, area.feedback.box, area.results]
 
-        start = gr.on([button.click, *triggers], show_loading, inputs=list(inputs), outputs=[note], queue=False,
-                      preprocess=False, show_progress="hidden", api_visibility="private")
-        event = start.then(**main)
-    else:
-        event = gr.on([button.click, *triggers], **main)
-    event.then(functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False,
-               show_progress="hidden", api_visibility="private")
+    def cleared() -> list[Any]:
+        return [*(None for _ in [*outputs, *area.components]), gr.Column(visible=False), results_shown(False)]
+
+    def start_request(*values: Any) -> list[Any]:
+        """Before the request joins the queue: a refused one clears the old result at once; an accepted one
+        greys it out until its own arrives (and, batched, says when the model is loading: a batched call
+        cannot report progress)."""
+        if not all(check["is_valid"] for check in validate(*values)):
+            return [gr.skip(), *cleared()]
+        loading = loading_note(ctx, values[names.index("model")]) if batch else gr.skip()
+        return [loading, *(gr.skip() for _ in shown[:-1]), results_shown(True)]
+
+    start = gr.on([button.click, *triggers], start_request, inputs=list(inputs), outputs=[note, *shown],
+                  preprocess=False, **quick)
+    event = start.then(**main)
+    event.then(functools.partial(model_note, ctx), inputs=[model], outputs=[note], **quick)
+    event.success(lambda: results_shown(False), None, [area.results], **quick)
+    event.failure(cleared, None, shown, **quick)
+    gr.on([component.change for component in inputs], lambda: results_shown(True), None, [area.results], **quick)
+    if stop_flags is not None:
+        interrupt.click(stop_flags.stop, None, None, **quick)
     area.feedback.follow(event)
     return event
+
+
+class StopFlags:
+    """One stop flag per browser session with a running request, set by the Interrupt button: the task
+    checks it after each step (no state is shared between requests or kept on the model)."""
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def running(self, caller: gr.Request | None) -> Iterator[Callable[[], bool]]:
+        """While a request of ``caller``'s session runs: its ``should_stop``."""
+        session = getattr(caller, "session_hash", None)
+        flag = threading.Event()
+        if session:
+            with self._lock:
+                self._flags[session] = flag
+        try:
+            yield flag.is_set
+        finally:
+            with self._lock:
+                if session and self._flags.get(session) is flag:
+                    del self._flags[session]
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop the running request of ``request``'s session, if any."""
+        with self._lock:
+            flag = self._flags.get(getattr(request, "session_hash", None) or "")
+        if flag is not None:
+            flag.set()
 
 
 def standalone(build: Callable[[AppContext], SimpleNamespace], ctx: AppContext, title: str) -> gr.Blocks:

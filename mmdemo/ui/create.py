@@ -1,5 +1,6 @@
 """Create tab (text-to-image): a prompt and settings -> a gallery of PNGs (with their settings in the
-PNG metadata), the seed used (reusable) and a progress bar per denoising step. API: ``/text_to_image``."""
+PNG metadata), each image's seed (reusable: image i of a request is made with seed + i), a progress bar
+per denoising step and an Interrupt button. API: ``/text_to_image``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from ..cli import save_images
-from .common import AppContext, connect, examples, model_picker, output_area, standalone
+from .common import AppContext, connect, examples, model_picker, output_area, results_column, standalone
 
 TASK = "text-to-image"
 TITLE = "Create"
@@ -35,11 +36,11 @@ def model_defaults(ctx: AppContext, model_id: str | None) -> dict[str, Any]:
 def build(ctx: AppContext) -> SimpleNamespace:
     def present(result: dict[str, Any]) -> tuple[list[tuple[str, str]], int]:
         metadata = {**result["settings"], "model": result["model"]["id"]}
-        paths = save_images(result["images"], ctx.output_path(f"mmdemo-{result['seed']}"), metadata)
+        paths = save_images(result["images"], ctx.output_path(f"mmdemo-{result['seed']}"), metadata, result["seeds"])
         result["images"] = [Path(path).name for path in paths]  # the details show names, not pixels
         for warning in result["warnings"]:  # e.g. a prompt longer than the text encoder reads
             gr.Warning(warning)
-        return [(path, f"seed {result['seed']}") for path in paths], result["seed"]
+        return [(path, f"seed {seed}") for path, seed in zip(paths, result["seeds"])], result["seed"]
 
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -57,14 +58,17 @@ def build(ctx: AppContext) -> SimpleNamespace:
                     width = gr.Slider(64, 1536, value=first["width"], step=8, precision=0, label="Width")
                     height = gr.Slider(64, 1536, value=first["height"], step=8, precision=0, label="Height")
                 num_images = gr.Slider(1, 4, value=1, step=1, precision=0, label="Number of images")
-            button = gr.Button("Create", variant="primary")
-        with gr.Column():
+            with gr.Row():
+                button = gr.Button("Create", variant="primary", scale=3)
+                interrupt = gr.Button("Interrupt", variant="stop", scale=1)
+        with results_column() as results:
             gallery = gr.Gallery(label="Images", columns=2, height=420,
                                  buttons=["download", "fullscreen"], interactive=False, format="png")
             with gr.Row():
-                seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
+                seed_used = gr.Number(label="Seed used", precision=0, interactive=False,
+                                      info="Of the image selected in the gallery (the first by default)")
                 reuse = gr.Button("Reuse this seed", size="sm")
-            area = output_area(ctx, TASK)
+            area = output_area(ctx, TASK, results)
     examples([["an astronaut riding a horse, oil painting", ""],
               ["a cozy cabin in snowy mountains at night, digital art", "blurry"],
               ["a cup of coffee on a wooden table, photograph", ""]], inputs=[prompt, negative_prompt])
@@ -75,14 +79,25 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     model.change(settings_of, model, [steps, guidance, width, height], queue=False, show_progress="hidden",
                  api_visibility="private")
+    # A seed typed by the person is meant to be used: untick "Random seed" (reuse sets both itself).
+    seed.input(lambda: False, None, [randomize_seed], queue=False, show_progress="hidden", api_visibility="private")
+    gallery.select(seed_of_selected, area.details, [seed_used], queue=False, show_progress="hidden",
+                   api_visibility="private")
     reuse.click(lambda used: (used, False) if used is not None else (gr.skip(), gr.skip()), seed_used,
                 [seed, randomize_seed], queue=False, show_progress="hidden", api_visibility="private")
     inputs = [prompt, negative_prompt, model, steps, guidance, width, height, num_images, seed, randomize_seed]
     event = connect(ctx, task=TASK, button=button, request=request, inputs=inputs, present=present,
                     outputs=[gallery, seed_used], area=area, api_name="text_to_image", model=model, note=note,
-                    media=None, text="prompt", step_progress=True, triggers=[prompt.submit])
+                    media=None, text="prompt", step_progress=True, triggers=[prompt.submit], interrupt=interrupt)
     return SimpleNamespace(prompt=prompt, model=model, seed=seed, randomize_seed=randomize_seed, button=button,
-                           gallery=gallery, seed_used=seed_used, reuse=reuse, area=area, event=event)
+                           interrupt=interrupt, gallery=gallery, seed_used=seed_used, reuse=reuse, area=area,
+                           event=event)
+
+
+def seed_of_selected(details: dict[str, Any] | None, selected: gr.SelectData) -> Any:
+    """The seed of the gallery image that was selected, read from the result's ``seeds``."""
+    seeds = (details or {}).get("seeds") or []
+    return seeds[selected.index] if isinstance(selected.index, int) and selected.index < len(seeds) else gr.skip()
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

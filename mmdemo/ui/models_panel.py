@@ -17,7 +17,7 @@ from .. import tasks
 from .common import ADMIN_QUEUE, AppContext, format_bytes, readable_errors, standalone
 
 TITLE = "Models"
-HEADERS = ["model", "task", "state", "device", "dtype", "memory", "calls", "idle (s)"]
+HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
 EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
 # The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
 EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
@@ -39,12 +39,12 @@ def status_rows(ctx: AppContext) -> list[list[Any]]:
         entry = loaded.get(spec.id)
         if entry is not None:
             state = "in use" if entry["in_use"] else "loaded"
-            rows.append([spec.id, spec.task, state, entry["device"], entry["dtype"],
+            rows.append([spec.id, state, spec.task, entry["device"], entry["dtype"],
                          format_bytes(entry["memory_bytes"]), entry["calls"], entry["idle_seconds"]])
             continue
         state = ("loading" if spec.id in status["loading"] else "failed" if spec.id in status["errors"]
                  else NOT_LOADED_STATES[ctx.registry.availability(spec)])
-        rows.append([spec.id, spec.task, state, "", "", "", 0, ""])
+        rows.append([spec.id, state, spec.task, "", "", "", 0, ""])
     return rows
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import gradio as gr
 
-from .common import AppContext, asset, connect, examples, media_source, model_picker, output_area, standalone
+from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
+                     results_column, standalone)
 
 TASK = "automatic-speech-recognition"
 TITLE = "Transcribe"
@@ -41,13 +42,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
                 translate = gr.Checkbox(False, label="Translate into English")
                 timestamps = gr.Checkbox(False, label="Timestamps")
             button = gr.Button("Transcribe", variant="primary")
-        with gr.Column():
+        with results_column() as results:
             transcript = gr.Textbox("", label="Transcript", lines=5, interactive=False, buttons=["copy"])
-            with gr.Accordion("Segments (tick Timestamps)", open=True):
+            with gr.Accordion("Segments", open=True, visible=False) as segments_box:  # shown with Timestamps
                 segments = gr.Dataframe(headers=SEGMENT_HEADERS, label="Segments", show_label=False,
                                         interactive=False, wrap=True)
-            area = output_area(ctx, TASK)
+            area = output_area(ctx, TASK, results)
     examples([[asset("speech.wav")]], inputs=[audio])
+    timestamps.change(lambda shown: gr.Accordion(visible=shown), timestamps, [segments_box], queue=False,
+                      show_progress="hidden", api_visibility="private")
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[audio, model, language, translate, timestamps], present=present,
                     outputs=[transcript, segments], area=area, api_name="transcribe", model=model, note=note,
