@@ -132,7 +132,7 @@ def _text_correction(value: Any, what: str) -> str:
     text = value.strip()
     if not text:
         raise InvalidFeedbackError(
-            f"The corrected {what} is empty. Type the right {what}, or send only a thumbs up or down."
+            f"The corrected {what} is empty: type the right {what}, or leave the correction out."
         )
     _check_size(len(text.encode("utf-8")), what)
     return text
@@ -285,8 +285,7 @@ class ZeroShotSchema(TaskSchema):
             raise InvalidFeedbackError("The corrected labels must be a label or a list of labels (text).")
         if not "".join(items).strip():
             raise InvalidFeedbackError(
-                "The corrected labels are empty. Choose or type the right label(s), "
-                "or send only a thumbs up or down."
+                "The corrected labels are empty: choose or type the right label(s), or leave the correction out."
             )
         _check_size(sum(len(item.encode("utf-8")) for item in items), self.what)
         try:

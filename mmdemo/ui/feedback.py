@@ -135,24 +135,42 @@ class TextCorrection(Correction):
 
 
 class LabelsCorrection(Correction):
-    """The right label(s), chosen among the labels offered or typed; pre-set to the model's top label."""
+    """The right label(s), chosen among the labels offered or typed. It starts empty, so that what is
+    saved is exactly what the person chose; the line under it says what that is before they save."""
+
+    NONE_CHOSEN = "*No label chosen: no label correction will be saved.*"
 
     def __init__(self) -> None:
         self.components = [gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
                                        label="Right label(s)", interactive=True,
-                                       info="Choose among the labels, or type another and press Enter.")]
+                                       info="Choose the right label(s) among those offered, or type another and "
+                                            "press Enter. Only what you choose is saved.")]
+        self.preview = gr.Markdown(self.NONE_CHOSEN, elem_classes="mmdemo-labels-preview")
+        self.components[0].change(self.describe, self.components, [self.preview], queue=False,
+                                  show_progress="hidden", api_visibility="private")
 
     @staticmethod
     def offered(result: dict[str, Any]) -> list[str]:
         return [item["label"] for item in result.get("labels") or []]
 
+    @staticmethod
+    def chosen(value: Any) -> list[str]:
+        """The labels picked or typed, in order (blank ones left out)."""
+        picked = [value] if isinstance(value, str) else list(value or [])
+        return [label for label in picked if isinstance(label, str) and label.strip()]
+
+    def describe(self, value: Any) -> str:
+        """The "will be saved" line for the labels chosen so far."""
+        labels = self.chosen(value)
+        if not labels:
+            return self.NONE_CHOSEN
+        return "**Will be saved as the right label(s):** " + ", ".join(f"`{label}`" for label in labels)
+
     def fill(self, result: dict[str, Any]) -> list[Any]:
-        offered = self.offered(result)
-        return [gr.Dropdown(choices=offered, value=offered[:1])]
+        return [gr.Dropdown(choices=self.offered(result), value=[])]
 
     def read(self, result: dict[str, Any], values: list[Any]) -> Any:
-        chosen = [values[0]] if isinstance(values[0], str) else list(values[0] or [])
-        return None if chosen == self.offered(result)[:1] else chosen
+        return self.chosen(values[0]) or None
 
 
 class ImageRatings(Correction):
