@@ -117,12 +117,12 @@ def media_copy(ctx: AppContext, ref: str) -> str:
 def build(ctx: AppContext) -> SimpleNamespace:
     task_ids = list(tasks.TASK_RUNNERS)
     batch = gr.State({})  # this session's batch: campaign, task, instructions, output ids, position
-    intro = gr.Markdown()
+    intro = gr.Markdown(elem_classes="mmdemo-annotate-intro")
     with gr.Row(equal_height=True):
         campaign = gr.Dropdown([], value=None, label="Campaign", scale=3, interactive=True)
         size = gr.Number(10, label="Batch size", precision=0, minimum=1, maximum=100, scale=1)
         get = gr.Button("Get a batch", variant="primary", scale=1)
-    progress_line = gr.Markdown(elem_classes="mmdemo-note")
+    progress_line = gr.Markdown(elem_classes=["mmdemo-note", "mmdemo-annotate-batch"])  # Get a batch answers here
     with gr.Column(visible=False) as item_box:
         position = gr.Markdown(elem_classes="mmdemo-annotate-position")
         instructions = gr.Markdown()

@@ -94,7 +94,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         unload = gr.Button("Unload", variant="stop", scale=1)
         refresh_button = gr.Button("Refresh", scale=1)
     message = gr.Markdown(elem_classes="mmdemo-models-message")
-    with gr.Accordion("Export feedback (admins)", open=False):
+    with gr.Accordion("Export feedback (admins)", open=False, elem_id="mmdemo-export"):
         with gr.Row():
             export_task = gr.Dropdown(list(tasks.TASK_RUNNERS), value=next(iter(tasks.TASK_RUNNERS)), label="Task")
             export_format = gr.Dropdown(EXPORT_FORMATS, value="datasets", label="Format")
