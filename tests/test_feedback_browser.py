@@ -147,7 +147,7 @@ def test_models_panel_actions_answer_beside_their_buttons(app: Page):
     panel.get_by_label("Model", exact=True).click()
     app.get_by_role("option", name="broken-caption", exact=True).click()
     panel.get_by_role("button", name="Preload").click()
-    expect(panel.locator(".prose.mmdemo-models-message")).to_contain_text("Not done:", timeout=SLOW)
+    expect(panel.locator(".prose.mmdemo-models-message")).to_contain_text("Not loaded:", timeout=SLOW)
     expect(panel.locator(".prose.mmdemo-models-message")).to_contain_text("broken-caption")
 
     panel.get_by_role("button", name="Export feedback (admins)").click()

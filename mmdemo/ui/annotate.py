@@ -140,7 +140,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                     with gr.Column(visible=False) as columns[task]:
                         corrections[task] = correction_for(task)
                 comment = gr.Textbox("", label="Comment (optional)", lines=1)
-                gr.Markdown("*Submitting without a correction, a verdict or a comment counts as **Right**.*",
+                gr.Markdown("*Submitting with nothing changed or chosen accepts the suggestion (as **Right**).*",
                             elem_classes="mmdemo-note")
                 with gr.Row():
                     submit = gr.Button("Submit & next", variant="primary")

@@ -15,16 +15,12 @@ The store is imported on first use (it costs start-up time); nothing here import
 """
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from ..errors import MMDemoError
-from .common import UNEXPECTED, AppContext, readable_errors
-
-log = logging.getLogger(__name__)
+from .common import AppContext, answered_in, readable_errors
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
 FEEDBACK_CONCURRENCY = 16  # saves at once (quick database writes; SQLite commits them in groups)
@@ -254,19 +250,13 @@ class FeedbackRow:
                 gr.Button(variant="primary" if thumbs == -1 else "secondary"))
 
     def handler(self, thumbs: int | None) -> Any:
+        @answered_in(self.status, "Not saved")  # a refusal: said in the status line, the thumbs as they were
         def save(values: dict[gr.components.Component, Any], request: gr.Request) -> tuple[Any, ...]:
             result = values[self.details] or {}
             if not result.get("output_id"):
                 return "**Not saved:** this result was not recorded, so it cannot be rated.", gr.skip(), gr.skip()
-            try:
-                correction = self.correction.read(result, [values[c] for c in self.correction.components])
-                saved = save_feedback(self.ctx, request, result["output_id"], thumbs, correction,
-                                      values[self.comment])
-            except MMDemoError as exc:
-                return f"**Not saved:** {exc}", gr.skip(), gr.skip()
-            except Exception:
-                log.exception("saving feedback failed")
-                return f"**Not saved:** {UNEXPECTED}", gr.skip(), gr.skip()
+            correction = self.correction.read(result, [values[c] for c in self.correction.components])
+            saved = save_feedback(self.ctx, request, result["output_id"], thumbs, correction, values[self.comment])
             message = f"✓ **{saved.message}**" + ("" if saved.created else " (updated)")
             return (message, *self.thumbs_shown(thumbs)) if thumbs else (message, gr.skip(), gr.skip())
 

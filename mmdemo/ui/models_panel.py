@@ -116,10 +116,10 @@ def build(ctx: AppContext) -> SimpleNamespace:
     # Each action twice: the API endpoint (no trigger: a refusal is an error for the client), and the button,
     # whose refusal is said beside it. Unprocessed: a model id is checked against today's catalog, not the
     # choices the page was built with.
-    for action, button, api_name in ((preload_model, preload, "preload_model"), (unload_model, unload, "unload_model")):
-        gr.on([], readable_errors(action), model, [message, info, table], api_name=api_name, preprocess=False,
-              **admin)
-        button.click(answered_in(message)(action), model, [message, info, table], preprocess=False,
+    for action, button, refused in ((preload_model, preload, "Not loaded"), (unload_model, unload, "Not unloaded")):
+        gr.on([], readable_errors(action), model, [message, info, table], api_name=action.__name__,
+              preprocess=False, **admin)
+        button.click(answered_in(message, refused)(action), model, [message, info, table], preprocess=False,
                      api_visibility="private", **admin)
     export_inputs = [export_task, export_format, export_only]
     gr.on([], readable_errors(export_feedback), export_inputs, [archive, export_message], api_name="export_feedback",
