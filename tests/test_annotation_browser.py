@@ -129,8 +129,9 @@ def test_a_person_without_the_annotator_role_is_told_what_to_do(launch_app, page
     page.goto(app.url.replace("0.0.0.0", "127.0.0.1"))
     panel = open_tab(page, "Annotate")
     expect(panel.get_by_text("Annotation is for annotators.")).to_be_visible()
-    panel.get_by_role("button", name="Get a batch").click()
-    expect(page.get_by_text("Sign in with an account whose role is annotator")).to_be_visible()
+    panel.get_by_role("button", name="Get a batch").click()  # answered beside the button
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_contain_text(
+        "Not allowed: Annotation is for annotators. Sign in with an account whose role is annotator")
 
 
 def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_app, login_store, browser: Browser):
