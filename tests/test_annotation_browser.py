@@ -184,6 +184,11 @@ def test_every_annotate_action_answers_beside_its_button(launch_app, page: Page,
     create.click()  # no name
     expect(created).to_have_text("Not created: A campaign needs a name: 1 to 200 printable characters.")
     fill_text(field(panel, "Campaign name"), "empty one")
+    since = field(panel, "Recorded since (YYYY-MM-DD, optional)")
+    fill_text(since, "last week")
+    create.click()  # a bad date: refused before the campaign exists
+    expect(created).to_have_text("Not created: 'last week' is not a date; use YYYY-MM-DD or an ISO date and time.")
+    fill_text(since, "")
     create.click()  # nothing recorded yet: a campaign without items, said so
     expect(created).to_contain_text("Created empty one (image-to-text), but it has no items")
     create.click()  # the same name again

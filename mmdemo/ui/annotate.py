@@ -280,14 +280,19 @@ def build(ctx: AppContext) -> SimpleNamespace:
     @answered_in(admin_message, "Not created")
     def create_campaign(name: str, task: str, labels: float | None, lease: float | None, text: str, model: str,
                         since: str, unrated: bool, request: gr.Request) -> tuple[Any, Any]:
+        from ..feedback.store import parse_since
+
         ctx.require_admin(request, "create annotation campaigns")
         if model:
             ctx.registry.catalog.get(model, task)  # known, and of this task
+        since = since.strip()
+        if since:
+            parse_since(since)  # a bad date is refused before the campaign exists
         queue = queue_of(ctx)
         created = queue.create_campaign(name, task, instructions=text or "", labels_per_item=int(labels or 1),
                                         model=model or None, lease_minutes=float(lease or 30),
                                         created_by=ctx.annotator_of(request))
-        added = queue.add_recorded(created.id, model=model or None, since=since.strip() or None,
+        added = queue.add_recorded(created.id, model=model or None, since=since or None,
                                    without_feedback=bool(unrated))
         names = [c.name for c in queue.campaigns()]
         message = f"Created **{created.name}** ({created.task}) with {added} item(s)."
