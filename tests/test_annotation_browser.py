@@ -193,3 +193,12 @@ def test_every_annotate_action_answers_beside_its_button(launch_app, page: Page,
     expect(created).to_contain_text("Created empty one (image-to-text), but it has no items")
     create.click()  # the same name again
     expect(created).to_have_text("Not created: There is already a campaign named 'empty one'; choose another name.")
+    fill_text(field(panel, "Campaign name"), "zero labels")
+    set_number(field(panel, "Labels per item"), "0")  # out of range: refused by the queue, with its message
+    create.click()
+    expect(created).to_have_text("Not created: Labels per item must be a whole number from 1 to 20, not 0.")
+
+    choose(panel, "Campaign", "empty one")
+    set_number(field(panel, "Batch size"), "0")
+    panel.get_by_role("button", name="Get a batch").click()
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_have_text("Not done: A batch is 1 to 100 items, not 0.")

@@ -252,7 +252,7 @@ def test_a_non_admin_sees_the_section_read_only(app, browser):
 
 @pytest.mark.browser
 def test_start_and_cancel_answer_beside_the_buttons(app, browser):
-    from browser_util import open_tab, sign_in
+    from browser_util import field, fill_text, open_tab, set_number, sign_in
     from playwright.sync_api import expect
 
     page = sign_in(browser, app.url, "alice")
@@ -264,4 +264,8 @@ def test_start_and_cancel_answer_beside_the_buttons(app, browser):
     expect(answer).to_have_text("Nothing to cancel: No fine-tuning job is running.")
     section.get_by_role("button", name="Start fine-tuning").click()  # no name given
     expect(answer).to_have_text("Not started: Give the new model a name: letters, digits, '.', '_' or '-'.")
+    fill_text(field(section, "New model name"), new_name("blip-none"))
+    set_number(section.get_by_label("Epochs", exact=True), "0")  # out of range: the run's configuration says so
+    section.get_by_role("button", name="Start fine-tuning").click()
+    expect(answer).to_have_text("Not started: The number of epochs must be a whole number from 1 to 10000, not 0.")
     assert client_for(app, "alice").predict(api_name="/finetune_status")["state"] in ("idle", *DONE)  # none started

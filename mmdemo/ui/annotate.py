@@ -230,7 +230,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         if not name:
             raise gr.Error("Choose a campaign first.", title="No campaign", print_exception=False)
         queue = queue_of(ctx)
-        items = queue.next_batch(name, annotator, int(n or 10))
+        items = queue.next_batch(name, annotator, 10 if n is None else int(n))
         found = queue.campaign(name)
         state = {"campaign": found.name, "task": found.task, "instructions": found.instructions,
                  "ids": [item.output_id for item in items], "index": 0}
@@ -289,8 +289,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
         if since:
             parse_since(since)  # a bad date is refused before the campaign exists
         queue = queue_of(ctx)
-        created = queue.create_campaign(name, task, instructions=text or "", labels_per_item=int(labels or 1),
-                                        model=model or None, lease_minutes=float(lease or 30),
+        created = queue.create_campaign(name, task, instructions=text or "", labels_per_item=1 if labels is None else int(labels),
+                                        model=model or None, lease_minutes=30.0 if lease is None else float(lease),
                                         created_by=ctx.annotator_of(request))
         added = queue.add_recorded(created.id, model=model or None, since=since or None,
                                    without_feedback=bool(unrated))
@@ -314,12 +314,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     quiet = dict(queue=False, show_progress="minimal", api_visibility="private")
     gr.on(None, load, None, [intro, campaign], queue=False, show_progress="hidden", api_visibility="private")
-    get.click(get_batch, [campaign, size], [batch, progress_line, *item_outputs], **quiet)
+    # Unprocessed (here and for create): an out-of-range number is refused by the queue, beside the button,
+    # not by gradio's number box in a toast.
+    get.click(get_batch, [campaign, size], [batch, progress_line, *item_outputs], preprocess=False, **quiet)
     submit.click(submit_item, {batch, verdict, comment, *correction_components}, [batch, progress_line, *item_outputs],
                  **quiet)
     skip.click(skip_item, [batch], [batch, progress_line, *item_outputs], **quiet)
     create.click(create_campaign, [new_name, new_task, new_labels, new_lease, new_instructions, new_model, new_since,
-                                   new_unrated], [admin_message, campaign], **quiet)
+                                   new_unrated], [admin_message, campaign], preprocess=False, **quiet)
     show_progress.click(campaign_progress, [campaign], [summary, table], **quiet)
     return SimpleNamespace(campaign=campaign, get=get, item_box=item_box, submit=submit, skip=skip, status=status,
                            progress_line=progress_line, create=create, summary=summary, table=table, intro=intro)
@@ -350,7 +352,7 @@ def annotation_api(ctx: AppContext) -> None:
                  "lease_expires_at": item.lease_expires_at.isoformat(timespec="seconds"),
                  "input_media": [served(ref) for ref in item.output.input_media],
                  "output_media": [served(ref) for ref in item.output.output_media]}
-                for item in queue.next_batch(campaign, annotator, int(n or 10))]
+                for item in queue.next_batch(campaign, annotator, 10 if n is None else int(n))]
 
     def annotate_submit(campaign: str, output_id: str, thumbs: str | int | None = None,
                         correction: str | list[str] | dict | None = None, comment: str | None = None,

@@ -410,10 +410,11 @@ def build(ctx: AppContext) -> SimpleNamespace:
     gr.on(None, page_load, None, [access, task, base, available, status, details, timer, start, cancel], **quick)
     task.input(task_chosen, [task, only], [base, available], **quick)
     only.input(only_chosen, [task, only], [available], **quick)
-    # A refusal is said under the buttons (answer); the job's status stays as it was.
+    # A refusal is said under the buttons (answer); the job's status stays as it was. Unprocessed: the run's
+    # configuration judges the numbers (as for /finetune_start), not gradio's number boxes in a toast.
     start.click(start_clicked, [task, base, name, epochs, lr, batch_size, val_fraction, only],
                 [answer, status, details, timer], concurrency_id=START_QUEUE, concurrency_limit=1,
-                show_progress="hidden", api_visibility="private")
+                show_progress="hidden", preprocess=False, api_visibility="private")
     cancel.click(cancel_clicked, None, [answer, status, details, timer], queue=False, show_progress="hidden",
                  api_visibility="private")
     timer.tick(poll, [task], [status, details, timer, base], **quick)
