@@ -83,18 +83,25 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     held = {w.annotator: w.leased for w in AnnotationQueue(login_store).progress(name).annotators}
     assert held == {"bob": 2, "carol": 2}
 
-    # 3. bob corrects his first item (pre-filled with the suggestion), then skips the second
+    # 3. bob empties the caption (told what to do, in this tab's terms: it has no thumbs), corrects his
+    #    first item (pre-filled with the suggestion), then skips the second
     bob = pages["bob"].locator("#tab-annotate")
+    status = bob.locator(".prose.mmdemo-annotate-status")
     box = field(bob, "Correct caption")
     expect(box).to_have_value(shown["bob"])
+    box.fill("")
+    bob.get_by_role("button", name="Submit & next").click()
+    expect(status).to_contain_text("Not saved: The corrected caption is empty")
+    expect(bob).not_to_contain_text(re.compile("thumbs", re.IGNORECASE))
     correction = f"a blue square {tag}"
     box.fill(correction)
     bob.get_by_role("button", name="Submit & next").click()
-    expect(bob.locator(".prose.mmdemo-annotate-status")).to_contain_text(SAVED)
-    record_id = int(SAVED.search(bob.locator(".prose.mmdemo-annotate-status").inner_text()).group(1))
     expect(bob.locator(".prose.mmdemo-annotate-position")).to_contain_text("Item 2 of 2")
+    expect(status).to_contain_text(re.compile(r"Item 1: Saved #\d+"))  # under item 2, it names item 1
+    record_id = int(SAVED.search(status.inner_text()).group(1))
     bob.get_by_role("button", name="Skip").click()
     expect(bob.get_by_text("Batch done")).to_be_visible()
+    expect(bob.locator(".prose.mmdemo-annotate-batch")).to_contain_text("Item 2: skipped. Batch done.")
     record = login_store.get(record_id)
     assert (record.annotator, record.correction, record.output.output["text"]) == ("bob", correction, shown["bob"])
 
@@ -122,5 +129,76 @@ def test_a_person_without_the_annotator_role_is_told_what_to_do(launch_app, page
     page.goto(app.url.replace("0.0.0.0", "127.0.0.1"))
     panel = open_tab(page, "Annotate")
     expect(panel.get_by_text("Annotation is for annotators.")).to_be_visible()
+    panel.get_by_role("button", name="Get a batch").click()  # answered beside the button
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_contain_text(
+        "Not allowed: Annotation is for annotators. Sign in with an account whose role is annotator")
+
+
+def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_app, login_store, browser: Browser):
+    offered = ["cup of coffee", "cat", "tabby", "dog"]  # the model put "cup of coffee" first
+    scores = [0.7, 0.15, 0.1, 0.05]
+    output_id = login_store.record_output(
+        "zero-shot-image-classification", inputs={"image": image(7), "labels": offered},
+        output={"labels": [{"label": label, "score": score} for label, score in zip(offered, scores)],
+                "model": {"id": "tiny-clip", "revision": None, "backend": "transformers"}})
+    name = f"labels-{uuid.uuid4().hex[:6]}"
+    queue = AnnotationQueue(login_store)
+    queue.add_outputs(queue.create_campaign(name, "zero-shot-image-classification").id, [output_id])
+
+    bob = sign_in(browser, login_app.url, "bob").locator("#tab-annotate")
+    choose(bob, "Campaign", name)
+    bob.get_by_role("button", name="Get a batch").click()
+    expect(bob.locator(".prose.mmdemo-annotate-position")).to_contain_text(f"Item 1 of 1 · {name}")
+    preview = bob.locator(".prose.mmdemo-labels-preview").filter(visible=True)
+    expect(preview).to_contain_text("No label chosen")  # starts empty, not with the model's top label
+    labels = bob.get_by_label("Right label(s)").filter(visible=True)
+    for label in ("cat", "tabby"):
+        labels.click()
+        bob.page.get_by_role("option", name=label, exact=True).click()
+        expect(bob.locator(".token").filter(has_text=label)).to_have_count(1)
+    expect(preview).to_have_text("Will be saved as the right label(s): cat, tabby")
+    bob.get_by_role("button", name="Submit & next").click()
+    done = bob.locator(".prose.mmdemo-annotate-batch")
+    expect(done).to_contain_text(re.compile(r"Item 1: Saved #\d+\. Batch done"))
+    record = login_store.get(int(SAVED.search(done.inner_text()).group(1)))
+    assert (record.output_id, record.correction, record.annotator) == (output_id, ["cat", "tabby"], "bob")
+
+
+def test_every_annotate_action_answers_beside_its_button(launch_app, page: Page, tmp_path: Path):
+    # No login, on this machine only: everyone here may annotate and create campaigns.
+    app = launch_app(database_url=f"sqlite:///{tmp_path / 'feedback.db'}")
+    page.goto(app.url)
+    panel = open_tab(page, "Annotate")
+    intro = panel.locator(".prose.mmdemo-annotate-intro")
+    expect(intro).to_contain_text(re.compile(r"Not signed in: your labels are saved as anon-[0-9a-f]+"))
+    expect(intro).not_to_contain_text("Signed in as")
+
+    panel.get_by_role("button", name="Get a batch").click()  # no campaign chosen
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_have_text("No campaign: Choose a campaign first.")
+
+    panel.get_by_role("button", name="Campaigns and progress (admins)").click()
+    panel.get_by_role("button", name="Show progress of the campaign above").click()
+    expect(panel.locator(".prose.mmdemo-annotate-progress")).to_have_text("No campaign: Choose a campaign first.")
+    created = panel.locator(".prose.mmdemo-annotate-admin")
+    create = panel.get_by_role("button", name="Create campaign from recorded outputs")
+    create.click()  # no name
+    expect(created).to_have_text("Not created: A campaign needs a name: 1 to 200 printable characters.")
+    fill_text(field(panel, "Campaign name"), "empty one")
+    since = field(panel, "Recorded since (YYYY-MM-DD, optional)")
+    fill_text(since, "last week")
+    create.click()  # a bad date: refused before the campaign exists
+    expect(created).to_have_text("Not created: 'last week' is not a date; use YYYY-MM-DD or an ISO date and time.")
+    fill_text(since, "")
+    create.click()  # nothing recorded yet: a campaign without items, said so
+    expect(created).to_contain_text("Created empty one (image-to-text), but it has no items")
+    create.click()  # the same name again
+    expect(created).to_have_text("Not created: There is already a campaign named 'empty one'; choose another name.")
+    fill_text(field(panel, "Campaign name"), "zero labels")
+    set_number(field(panel, "Labels per item"), "0")  # out of range: refused by the queue, with its message
+    create.click()
+    expect(created).to_have_text("Not created: Labels per item must be a whole number from 1 to 20, not 0.")
+
+    choose(panel, "Campaign", "empty one")
+    set_number(field(panel, "Batch size"), "0")
     panel.get_by_role("button", name="Get a batch").click()
-    expect(page.get_by_text("Sign in with an account whose role is annotator")).to_be_visible()
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_have_text("Not done: A batch is 1 to 100 items, not 0.")

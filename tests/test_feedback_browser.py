@@ -1,5 +1,6 @@
 """Feedback as a person gives it, in a real browser: correct a caption, see "Saved #N", export from the
-Models panel and find the caption in the dataset; rate generated images; correct a zero-shot label."""
+Models panel and find the caption in the dataset; rate generated images; correct a zero-shot label (exactly
+the labels chosen are saved); the Models panel's actions answer beside their buttons."""
 
 from __future__ import annotations
 
@@ -100,20 +101,62 @@ def test_rate_generated_images_and_choose_one(app: Page, store):
     assert record.correction == {"image_ratings": [4, None], "preferred": 1} and record.task == "text-to-image"
 
 
-def test_correct_a_zero_shot_label(app: Page, store):
+def choose_labels(panel, labels: list[str]) -> None:
+    """Pick ``labels`` in the "Right label(s)" dropdown, one by one, as a person does."""
+    box = panel.get_by_label("Right label(s)")
+    for label in labels:
+        box.click()
+        panel.page.get_by_role("option", name=label, exact=True).click()
+        expect(panel.locator(".token").filter(has_text=label)).to_have_count(1)
+
+
+def test_a_zero_shot_correction_saves_exactly_the_labels_chosen(app: Page, store):
+    panel = open_tab(app, "Classify")
+    panel.locator("input[type=file]").first.set_input_files(str(CAT))
+    offered = ["cup of coffee", "cat", "tabby", "dog"]
+    field(panel, "Labels (separated by commas or new lines)").fill(", ".join(offered))
+    run(panel, "Classify", "tiny-clip")
+    top = panel.get_by_test_id("label-output-value").inner_text().strip()
+    assert top in offered
+    preview = panel.locator(".prose.mmdemo-labels-preview")
+    expect(preview).to_contain_text("No label chosen")  # the correction starts empty: nothing picked for you
+    expect(panel.locator(".token")).to_have_count(0)
+    chosen = [label for label in offered if label != top][1:]  # two labels, never the model's top one
+    choose_labels(panel, chosen)
+    expect(preview).to_have_text("Will be saved as the right label(s): " + ", ".join(chosen))
+    field(panel, "Comment (optional)").fill("two labels, not the top one")
+    panel.get_by_role("button", name="Thumbs down").click()
+    record = store.get(saved_id(panel))
+    assert (record.correction, record.thumbs, record.comment) == (chosen, -1, "two labels, not the top one")
+
+
+def test_a_typed_zero_shot_label_is_saved_as_typed(app: Page, store):
     panel = open_tab(app, "Classify")
     panel.locator("input[type=file]").first.set_input_files(str(CAT))
     field(panel, "Labels (separated by commas or new lines)").fill("cat, dog, car")
     run(panel, "Classify", "tiny-clip")
     labels = panel.get_by_label("Right label(s)")
-    top = panel.locator(".token").first.inner_text().strip()  # pre-set to the model's top label
-    assert top in ("cat", "dog", "car")
-    panel.get_by_title("Clear").click()
-    labels.click()
-    app.get_by_role("option", name="dog").click()
     labels.fill("tabby")
     labels.press("Enter")  # a label that was not offered
-    field(panel, "Comment (optional)").fill("a tabby, not a dog")
-    panel.get_by_role("button", name="Thumbs down").click()
-    record = store.get(saved_id(panel))
-    assert (record.correction, record.thumbs, record.comment) == (["dog", "tabby"], -1, "a tabby, not a dog")
+    expect(panel.locator(".prose.mmdemo-labels-preview")).to_have_text("Will be saved as the right label(s): tabby")
+    panel.get_by_role("button", name="Save feedback").click()
+    assert store.get(saved_id(panel)).correction == ["tabby"]
+
+
+def test_models_panel_actions_answer_beside_their_buttons(app: Page):
+    panel = open_tab(app, "Models")
+    panel.get_by_label("Model", exact=True).click()
+    app.get_by_role("option", name="broken-caption", exact=True).click()
+    panel.get_by_role("button", name="Preload").click()
+    expect(panel.locator(".prose.mmdemo-models-message")).to_contain_text("Not loaded:", timeout=SLOW)
+    expect(panel.locator(".prose.mmdemo-models-message")).to_contain_text("broken-caption")
+
+    panel.get_by_role("button", name="Export feedback (admins)").click()
+    export = panel.locator("#mmdemo-export")
+    export.get_by_label("Task").click()
+    app.get_by_role("option", name="automatic-speech-recognition").click()
+    export.get_by_label("Records").click()
+    app.get_by_role("option", name="corrected only").click()
+    export.get_by_role("button", name="Export", exact=True).click()
+    expect(export.locator(".prose.mmdemo-export-message")).to_contain_text(
+        "Not exported: No corrected feedback on automatic-speech-recognition to export")

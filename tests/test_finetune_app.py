@@ -1,7 +1,8 @@
 """Fine-tuning from the web app, as admins use it: through the API (gradio_client) and in a real browser.
 People's corrections of the tiny captioner, recorded through /caption and /feedback, train a new model
 in the background; its progress is polled, and the new model then answers /caption and is offered in
-the Caption tab after a reload. Non-admins are refused on the server; one job runs at a time."""
+the Caption tab after a reload. Non-admins are refused on the server; one job runs at a time; the form's
+buttons answer beside them."""
 
 from __future__ import annotations
 
@@ -247,3 +248,24 @@ def test_a_non_admin_sees_the_section_read_only(app, browser):
     expect(section.get_by_text("Fine-tuning is for admins. You (bob) can see this form")).to_be_visible()
     expect(section.get_by_role("button", name="Start fine-tuning")).to_be_disabled()
     expect(section.get_by_role("button", name="Cancel")).to_be_disabled()
+
+
+@pytest.mark.browser
+def test_start_and_cancel_answer_beside_the_buttons(app, browser):
+    from browser_util import field, fill_text, open_tab, set_number, sign_in
+    from playwright.sync_api import expect
+
+    page = sign_in(browser, app.url, "alice")
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    answer = section.locator(".prose.mmdemo-finetune-answer")
+    section.get_by_role("button", name="Cancel").click()  # no job runs
+    expect(answer).to_have_text("Nothing to cancel: No fine-tuning job is running.")
+    section.get_by_role("button", name="Start fine-tuning").click()  # no name given
+    expect(answer).to_have_text("Not started: Give the new model a name: letters, digits, '.', '_' or '-'.")
+    fill_text(field(section, "New model name"), new_name("blip-none"))
+    set_number(section.get_by_label("Epochs", exact=True), "0")  # out of range: the run's configuration says so
+    section.get_by_role("button", name="Start fine-tuning").click()
+    expect(answer).to_have_text("Not started: The number of epochs must be a whole number from 1 to 10000, not 0.")
+    assert client_for(app, "alice").predict(api_name="/finetune_status")["state"] in ("idle", *DONE)  # none started

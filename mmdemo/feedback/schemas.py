@@ -135,7 +135,7 @@ def _text_correction(value: Any, what: str) -> str:
     text = check_characters(value.strip(), f"corrected {what}", InvalidFeedbackError)
     if not text:
         raise InvalidFeedbackError(
-            f"The corrected {what} is empty. Type the right {what}, or send only a thumbs up or down."
+            f"The corrected {what} is empty: type the right {what}, or leave the correction out."
         )
     check_correction_size(len(text.encode("utf-8")), what)
     return text
@@ -288,8 +288,7 @@ class ZeroShotSchema(TaskSchema):
             raise InvalidFeedbackError("The corrected labels must be a label or a list of labels (text).")
         if not "".join(items).strip():
             raise InvalidFeedbackError(
-                "The corrected labels are empty. Choose or type the right label(s), "
-                "or send only a thumbs up or down."
+                "The corrected labels are empty: choose or type the right label(s), or leave the correction out."
             )
         for item in items:
             check_characters(item, f"corrected {self.what}", InvalidFeedbackError)

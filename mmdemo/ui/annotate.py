@@ -22,7 +22,7 @@ import gradio as gr
 from .. import tasks
 from ..errors import MMDemoError
 from ..tasks.base import require_int
-from .common import AppContext, json_safe, readable_errors, standalone, validated_api
+from .common import AppContext, answered_in, json_safe, readable_errors, standalone, validated_api
 from .feedback import correction_for, feedback_validator
 
 if TYPE_CHECKING:
@@ -60,6 +60,15 @@ def batch_size(n: Any) -> int:
     from ..feedback.annotation import DEFAULT_BATCH, MAX_BATCH
 
     return DEFAULT_BATCH if n is None or n == "" else require_int(n, "batch size", 1, MAX_BATCH)
+
+
+def signed_in_text(ctx: AppContext, request: gr.Request | None) -> str:
+    """Whom the labels are saved as: the login, or this browser session when nobody signed in."""
+    name = getattr(request, "username", None)
+    if name:
+        return f"Signed in as **{name}**."
+    return (f"Not signed in: your labels are saved as **{ctx.annotator_of(request)}**, the anonymous id of this "
+            "browser session.")
 
 
 # --- what an item looks like ---------------------------------------------------------------------------
@@ -117,12 +126,12 @@ def media_copy(ctx: AppContext, ref: str) -> str:
 def build(ctx: AppContext) -> SimpleNamespace:
     task_ids = list(tasks.TASK_RUNNERS)
     batch = gr.State({})  # this session's batch: campaign, task, instructions, output ids, position
-    intro = gr.Markdown()
+    intro = gr.Markdown(elem_classes="mmdemo-annotate-intro")
     with gr.Row(equal_height=True):
         campaign = gr.Dropdown([], value=None, label="Campaign", scale=3, interactive=True)
         size = gr.Number(10, label="Batch size", precision=0, minimum=1, maximum=100, scale=1)
         get = gr.Button("Get a batch", variant="primary", scale=1)
-    progress_line = gr.Markdown(elem_classes="mmdemo-note")
+    progress_line = gr.Markdown(elem_classes=["mmdemo-note", "mmdemo-annotate-batch"])  # Get a batch answers here
     with gr.Column(visible=False) as item_box:
         position = gr.Markdown(elem_classes="mmdemo-annotate-position")
         instructions = gr.Markdown()
@@ -140,7 +149,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                     with gr.Column(visible=False) as columns[task]:
                         corrections[task] = correction_for(task)
                 comment = gr.Textbox("", label="Comment (optional)", lines=1)
-                gr.Markdown("*Submitting the suggestion unchanged counts as a thumbs up.*",
+                gr.Markdown("*Submitting with nothing changed or chosen accepts the suggestion (as **Right**).*",
                             elem_classes="mmdemo-note")
                 with gr.Row():
                     submit = gr.Button("Submit & next", variant="primary")
@@ -218,13 +227,13 @@ def build(ctx: AppContext) -> SimpleNamespace:
             names = [c.name for c in queue_of(ctx).campaigns()]
         except Exception as exc:  # the store is unavailable: say so, keep the page usable
             return f"**The annotation campaigns are unavailable:** {exc}", gr.Dropdown(choices=[], value=None)
-        text = f"Signed in as **{ctx.annotator_of(request)}**. " + (
+        text = signed_in_text(ctx, request) + " " + (
             "Pick a campaign and get a batch: its items are yours until you submit or skip them (or the lease "
             "runs out)." if names else
             "No annotation campaigns yet: an admin creates one below or with `mmdemo annotate create`.")
         return text, gr.Dropdown(choices=names, value=names[0] if names else None)
 
-    @readable_errors
+    @answered_in(progress_line)
     def get_batch(name: str | None, n: float | None, request: gr.Request) -> list[Any]:
         annotator = require_annotator(ctx, request)
         if not name:
@@ -240,17 +249,19 @@ def build(ctx: AppContext) -> SimpleNamespace:
         return [state, line, *item_view(state)]
 
     def advance(state: dict[str, Any], request: gr.Request, message: str) -> list[Any]:
+        """The next item; ``message`` says what became of the item just done, naming it (it is shown under
+        the next one)."""
         state = {**state, "index": state.get("index", 0) + 1}
         view = item_view(state)
         annotator = ctx.annotator_of(request)
         line = progress_text(state["campaign"], annotator)
         if state["index"] >= len(state.get("ids") or []):
-            line = f"{message} **Batch done.** Get a batch for more. " + line
+            line = f"{message} **Batch done.** Get a batch for more.  \n" + line
         else:
             view[-1] = message
         return [state, line, *view]
 
-    @readable_errors
+    @answered_in(status, "Not saved")
     def submit_item(values: dict[Any, Any], request: gr.Request) -> list[Any]:
         annotator = require_annotator(ctx, request)
         state = values[batch] or {}
@@ -259,41 +270,48 @@ def build(ctx: AppContext) -> SimpleNamespace:
             raise gr.Error("There is no item to submit: get a batch first.", print_exception=False)
         output = ctx.store.get_output(ids[index])
         widgets = corrections[output.task]
-        try:
-            correction = widgets.read(suggestion_of(output), [values[c] for c in widgets.components])
-            thumbs = {"up": 1, "down": -1}.get(values[verdict])
-            saved = queue_of(ctx).submit(state["campaign"], ids[index], annotator, thumbs=thumbs,
-                                         correction=correction, comment=values[comment])
-        except MMDemoError as exc:  # said beside the item, which stays: fix it, or skip
-            return [gr.skip()] * (1 + len(item_outputs)) + [f"**Not saved:** {exc}"]
-        return advance(state, request, f"✓ {saved.message}.")
+        # A refusal is said beside the item (answered_in), which stays: fix it, or skip.
+        correction = widgets.read(suggestion_of(output), [values[c] for c in widgets.components])
+        thumbs = {"up": 1, "down": -1}.get(values[verdict])
+        saved = queue_of(ctx).submit(state["campaign"], ids[index], annotator, thumbs=thumbs,
+                                     correction=correction, comment=values[comment])
+        return advance(state, request, f"✓ **Item {index + 1}:** {saved.message}.")
 
-    @readable_errors
+    @answered_in(status, "Not skipped")
     def skip_item(state: dict[str, Any], request: gr.Request) -> list[Any]:
         annotator = require_annotator(ctx, request)
         ids, index = state.get("ids") or [], state.get("index", 0)
         if index >= len(ids):
             raise gr.Error("There is no item to skip: get a batch first.", print_exception=False)
         queue_of(ctx).skip(state["campaign"], ids[index], annotator)
-        return advance(state, request, "Skipped.")
+        return advance(state, request, f"**Item {index + 1}:** skipped.")
 
-    @readable_errors
+    @answered_in(admin_message, "Not created")
     def create_campaign(name: str, task: str, labels: float | None, lease: float | None, text: str, model: str,
                         since: str, unrated: bool, request: gr.Request) -> tuple[Any, Any]:
+        from ..feedback.store import parse_since
+
         ctx.require_admin(request, "create annotation campaigns")
         if model:
             ctx.registry.catalog.get(model, task)  # known, and of this task
+        since = since.strip()
+        if since:
+            parse_since(since)  # a bad date is refused before the campaign exists
         queue = queue_of(ctx)
-        created = queue.create_campaign(name, task, instructions=text or "", labels_per_item=int(labels or 1),
-                                        model=model or None, lease_minutes=float(lease or 30),
+        created = queue.create_campaign(name, task, instructions=text or "", labels_per_item=1 if labels is None else int(labels),
+                                        model=model or None, lease_minutes=30.0 if lease is None else float(lease),
                                         created_by=ctx.annotator_of(request))
-        added = queue.add_recorded(created.id, model=model or None, since=since.strip() or None,
+        added = queue.add_recorded(created.id, model=model or None, since=since or None,
                                    without_feedback=bool(unrated))
         names = [c.name for c in queue.campaigns()]
-        return (f"Created **{created.name}** ({created.task}) with {added} item(s).",
-                gr.Dropdown(choices=names, value=created.name))
+        message = f"Created **{created.name}** ({created.task}) with {added} item(s)."
+        if not added:
+            message = (f"Created **{created.name}** ({created.task}), but **it has no items**: no recorded "
+                       f"{created.task} output matches the choices above. Annotators get nothing from it until "
+                       f"items are added, on the server: `mmdemo annotate add {created.name}`.")
+        return message, gr.Dropdown(choices=names, value=created.name)
 
-    @readable_errors
+    @answered_in(summary)
     def campaign_progress(name: str | None, request: gr.Request) -> tuple[str, list[list[Any]]]:
         ctx.require_admin(request, "see the progress of every annotator")
         if not name:
@@ -305,12 +323,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     quiet = dict(queue=False, show_progress="minimal", api_visibility="private")
     gr.on(None, load, None, [intro, campaign], queue=False, show_progress="hidden", api_visibility="private")
-    get.click(get_batch, [campaign, size], [batch, progress_line, *item_outputs], **quiet)
+    # Unprocessed (here and for create): an out-of-range number is refused by the queue, beside the button,
+    # not by gradio's number box in a toast.
+    get.click(get_batch, [campaign, size], [batch, progress_line, *item_outputs], preprocess=False, **quiet)
     submit.click(submit_item, {batch, verdict, comment, *correction_components}, [batch, progress_line, *item_outputs],
                  **quiet)
     skip.click(skip_item, [batch], [batch, progress_line, *item_outputs], **quiet)
     create.click(create_campaign, [new_name, new_task, new_labels, new_lease, new_instructions, new_model, new_since,
-                                   new_unrated], [admin_message, campaign], **quiet)
+                                   new_unrated], [admin_message, campaign], preprocess=False, **quiet)
     show_progress.click(campaign_progress, [campaign], [summary, table], **quiet)
     return SimpleNamespace(campaign=campaign, get=get, item_box=item_box, submit=submit, skip=skip, status=status,
                            progress_line=progress_line, create=create, summary=summary, table=table, intro=intro)

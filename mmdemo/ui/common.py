@@ -300,6 +300,30 @@ def blamed_input(exc: MMDemoError, media: str | None, text: str) -> str:
     return text
 
 
+def answered_in(status: gr.Markdown, refused: str = "Not done") -> Callable[[Callable], Callable]:
+    """For a button's handler whose outputs include ``status``, the Markdown beside the button: a refusal
+    or a failure is said there ("**Not allowed:** ..."; ``refused`` titles mmdemo's errors) and the other
+    outputs stay as they were, instead of a toast or an error pill far from the button."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error as exc:
+                title, message = (exc.title if exc.title != "Error" else refused), exc.message
+            except MMDemoError as exc:
+                title, message = refused, str(exc)
+            except Exception:
+                log.exception("unexpected error in %s", getattr(fn, "__qualname__", fn))
+                title, message = "Something went wrong", UNEXPECTED
+            return {status: f"**{title}:** {message}"}
+
+        return wrapper
+
+    return decorate
+
+
 # --- inputs and outputs ------------------------------------------------------------------------------
 
 

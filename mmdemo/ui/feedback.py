@@ -15,7 +15,6 @@ The store is imported on first use (it costs start-up time); nothing here import
 """
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -24,9 +23,7 @@ import gradio as gr
 
 from ..errors import MMDemoError
 from ..tasks.base import check_characters
-from .common import UNEXPECTED, AppContext, readable_errors, validated_api
-
-log = logging.getLogger(__name__)
+from .common import AppContext, answered_in, readable_errors, validated_api
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
 FEEDBACK_CONCURRENCY = 16  # saves at once (quick database writes; SQLite commits them in groups)
@@ -198,24 +195,42 @@ class TextCorrection(Correction):
 
 
 class LabelsCorrection(Correction):
-    """The right label(s), chosen among the labels offered or typed; pre-set to the model's top label."""
+    """The right label(s), chosen among the labels offered or typed. It starts empty, so that what is
+    saved is exactly what the person chose; the line under it says what that is before they save."""
+
+    NONE_CHOSEN = "*No label chosen: no label correction will be saved.*"
 
     def __init__(self) -> None:
         self.components = [gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
                                        label="Right label(s)", interactive=True,
-                                       info="Choose among the labels, or type another and press Enter.")]
+                                       info="Choose the right label(s) among those offered, or type another and "
+                                            "press Enter. Only what you choose is saved.")]
+        self.preview = gr.Markdown(self.NONE_CHOSEN, elem_classes="mmdemo-labels-preview")
+        self.components[0].change(self.describe, self.components, [self.preview], queue=False,
+                                  show_progress="hidden", api_visibility="private")
 
     @staticmethod
     def offered(result: dict[str, Any]) -> list[str]:
         return [item["label"] for item in result.get("labels") or []]
 
+    @staticmethod
+    def chosen(value: Any) -> list[str]:
+        """The labels picked or typed, in order (blank ones left out)."""
+        picked = [value] if isinstance(value, str) else list(value or [])
+        return [label for label in picked if isinstance(label, str) and label.strip()]
+
+    def describe(self, value: Any) -> str:
+        """The "will be saved" line for the labels chosen so far."""
+        labels = self.chosen(value)
+        if not labels:
+            return self.NONE_CHOSEN
+        return "**Will be saved as the right label(s):** " + ", ".join(f"`{label}`" for label in labels)
+
     def fill(self, result: dict[str, Any]) -> list[Any]:
-        offered = self.offered(result)
-        return [gr.Dropdown(choices=offered, value=offered[:1])]
+        return [gr.Dropdown(choices=self.offered(result), value=[])]
 
     def read(self, result: dict[str, Any], values: list[Any]) -> Any:
-        chosen = [values[0]] if isinstance(values[0], str) else list(values[0] or [])
-        return None if chosen == self.offered(result)[:1] else chosen
+        return self.chosen(values[0]) or None
 
 
 class ImageRatings(Correction):
@@ -299,19 +314,13 @@ class FeedbackRow:
                 gr.Button(variant="primary" if thumbs == -1 else "secondary"))
 
     def handler(self, thumbs: int | None) -> Any:
+        @answered_in(self.status, "Not saved")  # a refusal: said in the status line, the thumbs as they were
         def save(values: dict[gr.components.Component, Any], request: gr.Request) -> tuple[Any, ...]:
             result = values[self.details] or {}
             if not result.get("output_id"):
                 return "**Not saved:** this result was not recorded, so it cannot be rated.", gr.skip(), gr.skip()
-            try:
-                correction = self.correction.read(result, [values[c] for c in self.correction.components])
-                saved = save_feedback(self.ctx, request, result["output_id"], thumbs, correction,
-                                      values[self.comment])
-            except MMDemoError as exc:
-                return f"**Not saved:** {exc}", gr.skip(), gr.skip()
-            except Exception:
-                log.exception("saving feedback failed")
-                return f"**Not saved:** {UNEXPECTED}", gr.skip(), gr.skip()
+            correction = self.correction.read(result, [values[c] for c in self.correction.components])
+            saved = save_feedback(self.ctx, request, result["output_id"], thumbs, correction, values[self.comment])
             message = f"✓ **{saved.message}**" + ("" if saved.created else " (updated)")
             return (message, *self.thumbs_shown(thumbs)) if thumbs else (message, gr.skip(), gr.skip())
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from ..errors import MMDemoError
-from .common import AppContext, json_safe, readable_errors, standalone
+from .common import AppContext, answered_in, json_safe, readable_errors, standalone
 from .models_panel import EXPORT_ONLY
 
 if TYPE_CHECKING:
@@ -354,6 +354,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     with gr.Row():
         start = gr.Button("Start fine-tuning", variant="primary")
         cancel = gr.Button("Cancel", variant="stop")
+    answer = gr.Markdown(elem_classes="mmdemo-finetune-answer")  # what became of the last click
     status = gr.Markdown(elem_classes="mmdemo-finetune-status")
     with gr.Accordion("Job status (JSON)", open=False):
         details = gr.JSON(label="Job status", show_label=False)
@@ -386,14 +387,16 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def only_chosen(task_id: str | None, only_value: str | None, request: gr.Request) -> str:
         return available_text(ctx, task_id, only_value) if ctx.role_of(request) == "admin" else ""
 
-    @readable_errors
+    @answered_in(answer, "Not started")
     def start_clicked(task_id: str | None, base_id: str | None, new_name: str | None, n_epochs: Any, rate: Any,
                       size: Any, fraction: Any, only_value: str | None, request: gr.Request) -> tuple[Any, ...]:
-        return shown(start_job(task_id, base_id, new_name, n_epochs, rate, size, fraction, only_value, request))
+        info = start_job(task_id, base_id, new_name, n_epochs, rate, size, fraction, only_value, request)
+        return "✓ Started: its progress follows below.", *shown(info)
 
-    @readable_errors
+    @answered_in(answer, "Not cancelled")
     def cancel_clicked(request: gr.Request) -> tuple[Any, ...]:
-        return shown(cancel_job(request))
+        info = cancel_job(request)
+        return "Cancelling: the job stops at its next step and publishes nothing.", *shown(info)
 
     @readable_errors
     def poll(task_id: str | None, request: gr.Request) -> tuple[Any, ...]:
@@ -407,15 +410,17 @@ def build(ctx: AppContext) -> SimpleNamespace:
     gr.on(None, page_load, None, [access, task, base, available, status, details, timer, start, cancel], **quick)
     task.input(task_chosen, [task, only], [base, available], **quick)
     only.input(only_chosen, [task, only], [available], **quick)
+    # A refusal is said under the buttons (answer); the job's status stays as it was. Unprocessed: the run's
+    # configuration judges the numbers (as for /finetune_start), not gradio's number boxes in a toast.
     start.click(start_clicked, [task, base, name, epochs, lr, batch_size, val_fraction, only],
-                [status, details, timer], concurrency_id=START_QUEUE, concurrency_limit=1, show_progress="hidden",
-                api_visibility="private")  # a refusal is said in a toast, over the status it leaves as it was
-    cancel.click(cancel_clicked, None, [status, details, timer], queue=False, show_progress="hidden",
+                [answer, status, details, timer], concurrency_id=START_QUEUE, concurrency_limit=1,
+                show_progress="hidden", preprocess=False, api_visibility="private")
+    cancel.click(cancel_clicked, None, [answer, status, details, timer], queue=False, show_progress="hidden",
                  api_visibility="private")
     timer.tick(poll, [task], [status, details, timer, base], **quick)
     return SimpleNamespace(slot=slot, task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
                            val_fraction=val_fraction, only=only, available=available, start=start, cancel=cancel,
-                           status=status, details=details, timer=timer, access=access)
+                           answer=answer, status=status, details=details, timer=timer, access=access)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

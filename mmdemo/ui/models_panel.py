@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from .. import tasks
-from .common import ADMIN_QUEUE, AppContext, format_bytes, readable_errors, standalone
+from .common import ADMIN_QUEUE, AppContext, answered_in, format_bytes, readable_errors, standalone
 
 TITLE = "Models"
 HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
@@ -78,19 +78,16 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def refresh(request: gr.Request) -> tuple[str, list[list[Any]]]:
         return summary(ctx, request), status_rows(ctx)
 
-    @readable_errors
     def preload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         ctx.registry.preload([model])
         return f"{model} is loaded.", *refresh(request)
 
-    @readable_errors
     def unload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         done = ctx.registry.unload(model)
         return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh(request)
 
-    @readable_errors
     def export_feedback(task: str, format: str, only: str, request: gr.Request) -> tuple[str, str]:
         ctx.require_admin(request, "export feedback")
         from ..feedback import export_archive
@@ -106,15 +103,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
         preload = gr.Button("Preload", variant="primary", scale=1)
         unload = gr.Button("Unload", variant="stop", scale=1)
         refresh_button = gr.Button("Refresh", scale=1)
-    message = gr.Markdown()
-    with gr.Accordion("Export feedback (admins)", open=False):
+    message = gr.Markdown(elem_classes="mmdemo-models-message")
+    with gr.Accordion("Export feedback (admins)", open=False, elem_id="mmdemo-export"):
         with gr.Row():
             export_task = gr.Dropdown(list(tasks.TASK_RUNNERS), value=next(iter(tasks.TASK_RUNNERS)), label="Task")
             export_format = gr.Dropdown(EXPORT_FORMATS, value="datasets", label="Format")
             export_only = gr.Dropdown(EXPORT_ONLY, value="approved", label="Records")
         export = gr.Button("Export")
+        export_message = gr.Markdown(elem_classes="mmdemo-export-message")
         archive = gr.File(label="Export (zip)", interactive=False)
-        export_message = gr.Markdown()
     with gr.Accordion("Fine-tune on feedback (admins)", open=False, elem_id="mmdemo-finetune"):
         finetune = finetune_panel.build(ctx)
 
@@ -125,11 +122,20 @@ def build(ctx: AppContext) -> SimpleNamespace:
           queue=False, show_progress="hidden", api_visibility="private")
     refresh_button.click(refresh, None, [info, table], api_name="models_status", queue=False)
     admin = dict(concurrency_id=ADMIN_QUEUE, concurrency_limit=1)
-    # Unprocessed: a model id is checked against today's catalog, not the choices the page was built with.
-    preload.click(preload_model, model, [message, info, table], api_name="preload_model", preprocess=False, **admin)
-    unload.click(unload_model, model, [message, info, table], api_name="unload_model", preprocess=False, **admin)
-    export.click(export_feedback, [export_task, export_format, export_only], [archive, export_message],
-                 api_name="export_feedback", concurrency_id=EXPORT_QUEUE, concurrency_limit=1)
+    exporting = dict(concurrency_id=EXPORT_QUEUE, concurrency_limit=1)
+    # Each action twice: the API endpoint (no trigger: a refusal is an error for the client), and the button,
+    # whose refusal is said beside it. Unprocessed: a model id is checked against today's catalog, not the
+    # choices the page was built with.
+    for action, button, refused in ((preload_model, preload, "Not loaded"), (unload_model, unload, "Not unloaded")):
+        gr.on([], readable_errors(action), model, [message, info, table], api_name=action.__name__,
+              preprocess=False, **admin)
+        button.click(answered_in(message, refused)(action), model, [message, info, table], preprocess=False,
+                     api_visibility="private", **admin)
+    export_inputs = [export_task, export_format, export_only]
+    gr.on([], readable_errors(export_feedback), export_inputs, [archive, export_message], api_name="export_feedback",
+          **exporting)
+    export.click(answered_in(export_message, "Not exported")(export_feedback), export_inputs, [archive, export_message],
+                 api_visibility="private", **exporting)
     return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
                            refresh=refresh, refresh_button=refresh_button, message=message, export=export,
                            archive=archive, export_message=export_message, finetune=finetune)
