@@ -88,8 +88,13 @@ def export_from_store(store: Any, task: str, columns: tuple[str, ...], work_dir:
     scratch = Path(tempfile.mkdtemp(prefix=".finetune-data-", dir=work_dir))
     try:
         out = scratch / "dataset"
-        export_dataset(store, task, out, format="datasets", only=only, since=since, val_fraction=val_fraction,
-                       seed=seed)
+        summary = export_dataset(store, task, out, format="datasets", only=only, since=since,
+                                 val_fraction=val_fraction, seed=seed)
+        if summary.missing_media:
+            raise InvalidDatasetError(
+                f"{summary.missing_media} of the {summary.records} {task} feedback records have lost their media file; "
+                "nothing was trained. Delete those records (mmdemo delete --record ID, the export's log names "
+                "them) or restore the files.")
         source = {"store": repr(store), "only": only, "since": since, "val_fraction": val_fraction, "seed": seed}
         yield load_export(out, task, columns, source=source)
     finally:
