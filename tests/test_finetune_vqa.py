@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,24 +27,10 @@ from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
 from mmdemo.tiny import VQA_ANSWERS, build_tiny_models
 
+from colour_squares import COLOURS, QUESTION, colour_of, square
+
 TASK = "visual-question-answering"
 VILT, BLIP = "tiny-vilt-vqa", "tiny-blip-vqa"
-QUESTION = "what colour is the square?"
-# Eight colours the tiny ViLT has no answer for (its answers: tiny.VQA_ANSWERS).
-COLOURS = {"purple": (128, 0, 128), "orange": (255, 140, 0), "pink": (255, 105, 180), "brown": (120, 70, 20),
-           "grey": (128, 128, 128), "cyan": (0, 200, 200), "yellow": (240, 230, 20), "navy": (0, 0, 110)}
-
-
-def square(colour: str, rng: random.Random) -> Image.Image:
-    """A 32 px picture: a square of ``colour`` (shade jittered), of random size and place, on a light ground."""
-    image = Image.new("RGB", (32, 32), (rng.randint(200, 255),) * 3)
-    side = rng.randint(12, 22)
-    x, y = rng.randint(0, 32 - side), rng.randint(0, 32 - side)
-    shade = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[colour])
-    image.paste(shade, (x, y, x + side, y + side))
-    return image
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(torch_one_thread):
     """Tiny models train several times faster on one thread than on two shared cores."""
@@ -265,12 +248,6 @@ def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_ac
     assert "Unknown model 'nope'" in capsys.readouterr().err
     assert main(["evaluate", *common, "--task", "caption", "--models", VILT, "--campaign", "held-out"]) == 2
     assert "not available" in capsys.readouterr().err
-
-
-def colour_of(picture: Image.Image) -> str:
-    """The colour of the square: its darkest pixel (the ground is lighter than every colour), named."""
-    pixel = min(picture.convert("RGB").getdata(), key=sum)
-    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], pixel)))
 
 
 # --- bad data --------------------------------------------------------------------------------------------------
