@@ -234,6 +234,15 @@ def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_ac
     assert evaluation["data"]["answers"] == 20
     assert evaluation["data"]["biased"] is True and evaluation["data"]["accepted_suggestions"] == {BLIP: 1}
     assert evaluation["base"]["vqa_accuracy"] == 0.0
+    assert result.metrics["data"]["source"]["held_out_rows_removed"] == 0  # the dataset holds none of them
+
+    # trained from the store, which holds the campaign's labels too: those rows are left out of training
+    with FeedbackStore.from_settings(settings) as store:
+        record_corrections(store, ModelRegistry.from_settings(settings), [(square(c, rng), c) for c in COLOURS])
+        from_store = job(settings, name="from-store", store=store, eval_campaign="held-out", val_fraction=0.0,
+                         max_steps=1).run()
+    assert from_store.metrics["data"]["rows"] == {"train": 8, "validation": 0}
+    assert from_store.metrics["data"]["source"]["held_out_rows_removed"] == 11  # 10 items, one with 2 answers
 
     # mmdemo evaluate: the same metric for any catalog models, as a table and as JSON
     common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]

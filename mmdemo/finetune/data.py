@@ -53,7 +53,7 @@ def load_export(path: Path, task: str, columns: tuple[str, ...], source: dict[st
     if not (path / "dataset_dict.json").is_file():
         raise InvalidDatasetError(
             f"{path} is not a `datasets` folder with splits; write one with `mmdemo export --format datasets`.")
-    with _quiet_progress():
+    with quiet_progress():
         splits = datasets.load_from_disk(str(path))
     train = splits.get("train")
     if train is None or train.num_rows == 0:
@@ -116,7 +116,7 @@ def fingerprint(splits: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
+def quiet_progress() -> Iterator[None]:
     from datasets import utils as progress
 
     quiet = progress.are_progress_bars_disabled()

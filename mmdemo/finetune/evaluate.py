@@ -44,6 +44,7 @@ class LabelledQuestion:
     answers: tuple[str, ...]
     group: str | None = None         # accepted / corrected (validation split only), else None
     suggested_by: str | None = None  # the model whose suggestion a person accepted, if one did
+    output_ids: tuple[str, ...] = ()  # the recorded outputs the labels are about (campaigns)
 
 
 # --- VQA accuracy ------------------------------------------------------------------------------------
@@ -138,8 +139,9 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
         accepted = record.correction is None
         answer = out.output["answer"] if accepted else record.correction
         group = groups.setdefault(out.input_key, {"ref": out.input_media[0], "question": out.inputs["question"],
-                                                  "answers": [], "suggested_by": None})
+                                                  "answers": [], "suggested_by": None, "output_ids": set()})
         group["answers"].append(answer)
+        group["output_ids"].add(out.id)
         if accepted:
             group["suggested_by"] = out.model_id
     if not groups:
@@ -152,7 +154,8 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
             raise InvalidDatasetError(f"An image of campaign {found.name!r} is missing from the media store "
                                       f"({group['ref']}).") from None
         questions.append(LabelledQuestion(Image.open(io.BytesIO(data)).convert("RGB"), group["question"],
-                                          tuple(group["answers"]), suggested_by=group["suggested_by"]))
+                                          tuple(group["answers"]), suggested_by=group["suggested_by"],
+                                          output_ids=tuple(sorted(group["output_ids"]))))
     return questions
 
 

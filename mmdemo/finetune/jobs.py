@@ -37,8 +37,8 @@ from ..files import replace_folder
 from ..registry import ModelRegistry, Placement
 from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig, check_model_name
-from .data import TrainingData, export_from_store, load_export
-from .errors import FinetuneCancelled, InvalidModelNameError
+from .data import TrainingData, export_from_store, load_export, quiet_progress
+from .errors import FinetuneCancelled, InvalidDatasetError, InvalidModelNameError
 from .evaluate import (
     LabelledQuestion,
     describe_source,
@@ -204,8 +204,9 @@ class FinetuneJob:
             staging.mkdir()
             try:
                 with self._training_data(adapter.columns) as exported:
-                    data = adapter.prepare_data(exported)
                     evaluation = self._evaluation_data(exported)
+                    exported = without_held_out(exported, evaluation)
+                    data = adapter.prepare_data(exported)
                     metrics, params_m = self._train(adapter, base, location, placement, data, staging, evaluation)
                 # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
@@ -407,6 +408,28 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         pass
     return True
+
+
+def without_held_out(data: TrainingData,
+                     evaluation: tuple[list[LabelledQuestion], dict[str, Any]] | None) -> TrainingData:
+    """``data`` without the rows about outputs that the evaluation campaign labelled (a store export
+    takes all feedback, the held-out campaign's included); how many went is noted in its source."""
+    held_out = {output_id for question in (evaluation[0] if evaluation else []) for output_id in question.output_ids}
+    if not held_out or "output_id" not in data.train.column_names:
+        return data
+
+    def keep(split: Any) -> Any:
+        with quiet_progress():
+                return split.filter(lambda ids: [i not in held_out for i in ids], input_columns="output_id",
+                                batched=True, keep_in_memory=True)
+
+    train, validation = keep(data.train), keep(data.validation)
+    removed = data.train.num_rows + data.validation.num_rows - train.num_rows - validation.num_rows
+    if train.num_rows == 0:
+        raise InvalidDatasetError("Every training row is a label of the evaluation campaign; train on other "
+                                  "feedback (--dataset, --since) or evaluate on another campaign.")
+    return TrainingData(train, validation, {**data.source, "held_out_rows_removed": removed}, data.fingerprint,
+                        {"train": train.num_rows, "validation": validation.num_rows})
 
 
 def _store_export_options(config: FinetuneConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .evaluate import group_vqa_rows, normalize_answer, undecoded
 class VqaAdapter(FinetuneAdapter):
     task = "visual-question-answering"
     kinds = frozenset({"vilt", "blip"})
-    columns = ("image", "question", "answer", "corrected", "merged_record_ids")
+    columns = ("image", "question", "answer", "corrected", "merged_record_ids", "output_id")
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch
