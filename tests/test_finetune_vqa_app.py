@@ -2,7 +2,9 @@
 corrected through the API (/vqa then /feedback), the store, the ``mmdemo finetune`` command (its own
 process), then the app restarted on the same data directory answers /vqa with the new model, which
 gets at least half of 64 held-out pictures right (the base gets none: the colours are not in its answers).
-Measured here: about 40 s of API calls, 15 s of training, 5 s of held-out questions."""
+Measured on the shared 2-core machine: 50-130 s for the 480 API calls (by load), 10-35 s for the command
+(20 epochs), 8-25 s for the restart and the held-out questions; held-out accuracy 0.97 (0.44 with 10 epochs
+at lr 1e-3, too close to the bar)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def test_vilt_learns_eight_colours_from_labels_given_through_the_api(launch_app,
     started = time.perf_counter()
     command = [sys.executable, "-m", "mmdemo", "finetune", "--profile", "tiny", "--data-dir", str(data),
                "--device", "cpu", "--task", "vqa", "--base", VILT, "--name", NEW, "--only", "corrected",
-               "--val-fraction", "0.1", "--epochs", "10", "--batch-size", "16", "--lr", "1e-3"]
+               "--val-fraction", "0.1", "--epochs", "20", "--batch-size", "16", "--lr", "2e-3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
