@@ -10,6 +10,8 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo delete --record 12
     mmdemo annotate create shelf --task caption && mmdemo annotate import ./photos --campaign shelf
     mmdemo finetune --task caption --base blip-caption-base --name blip-ours
+    mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
+    mmdemo evaluate --task vqa --models vilt-vqa,vilt-ours --campaign held-out
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     add_annotate_parser(commands, common)
     add_finetune_parser(commands, common)
+    add_evaluate_parser(commands, common)
     return parser
 
 
@@ -383,7 +386,8 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "finetune", parents=[common], help="fine-tune a catalog model on feedback into a new catalog model",
         description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
                     "<data_dir>/models/NAME, served as catalog model NAME.")
-    finetune.add_argument("--task", required=True, help="task id or alias (caption: image-to-text, BLIP)")
+    finetune.add_argument("--task", required=True,
+                          help="task id or alias: caption (BLIP), vqa (ViLT or BLIP)")
     finetune.add_argument("--base", required=True, help="catalog model id to start from (see `mmdemo models`)")
     finetune.add_argument("--name", required=True, help="id of the new model: letters, digits, '.', '_', '-'")
     finetune.add_argument("--dataset", type=Path,
@@ -400,6 +404,13 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (0.01)")
     finetune.add_argument("--grad-clip", type=float, help="maximum gradient norm, 0 for none (1.0)")
     finetune.add_argument("--max-length", type=int, help="target tokens per example (40)")
+    finetune.add_argument("--extend", action=argparse.BooleanOptionalAction,
+                          help="VQA (ViLT): answers the base does not know extend its answer head (default); "
+                               "--no-extend refuses them")
+    evaluation = finetune.add_mutually_exclusive_group()
+    evaluation.add_argument("--eval-campaign", help="score base and new model on this held-out campaign's labels")
+    evaluation.add_argument("--eval-dataset", type=Path,
+                            help="... or on this exported folder (default: the validation split, biased)")
     finetune.add_argument("--description", help="the catalog description of the new model")
     finetune.add_argument("--overwrite", action="store_true", help="replace an earlier fine-tuned model NAME")
     finetune.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
@@ -410,8 +421,10 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     from .finetune import FinetuneConfig, FinetuneJob
 
     names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
-             "grad_clip", "max_length", "description")
+             "grad_clip", "max_length", "description", "extend", "eval_campaign")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.eval_dataset is not None:
+        options["eval_dataset"] = str(args.eval_dataset)
     config = FinetuneConfig(TASK_ALIASES.get(args.task, args.task), base=args.base, name=args.name,
                             dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
 
@@ -431,6 +444,60 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS["finetune"] = cmd_finetune
+
+
+def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo evaluate``: the task's metric for catalog models on labelled data."""
+    evaluate = commands.add_parser(
+        "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
+        description="Score catalog models with the task's metric (VQA accuracy) on the labels of an annotation "
+                    "campaign or on an exported dataset folder, and print a table.")
+    evaluate.add_argument("--task", required=True, help="task id or alias (vqa)")
+    evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")
+    source.add_argument("--dataset", type=Path, help="a `mmdemo export --format datasets` folder")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from .finetune.evaluate import (
+        check_metric,
+        describe_source,
+        format_table,
+        questions_from_campaign,
+        questions_from_export,
+        score,
+        served_model_answers,
+    )
+    from .registry import ModelRegistry
+
+    task = TASK_ALIASES.get(args.task, args.task)
+    check_metric(task)
+    registry = ModelRegistry.from_settings(settings)
+    model_ids = [name.strip() for name in args.models.split(",") if name.strip()]
+    if not model_ids:
+        raise InvalidInputError("Name at least one catalog model in --models.")
+    for model_id in model_ids:
+        registry.catalog.get(model_id, task)  # known, and of this task, before any scoring
+    if args.campaign:
+        from .feedback import FeedbackStore
+
+        with FeedbackStore.from_settings(settings) as store:
+            questions = questions_from_campaign(store, args.campaign, task)
+        source = describe_source(questions, {"kind": "campaign", "campaign": args.campaign})
+    else:
+        questions = questions_from_export(args.dataset, task)
+        source = describe_source(questions, {"kind": "dataset", "dataset": str(args.dataset.resolve())})
+    results = {model_id: score(served_model_answers(registry, model_id, task), questions) for model_id in model_ids}
+    if args.json:
+        print(json.dumps({"task": task, "data": source, "models": results}, indent=2))
+    else:
+        print(format_table(results, source))
+    return 0
+
+
+COMMANDS["evaluate"] = cmd_evaluate
 
 if __name__ == "__main__":
     raise SystemExit(main())

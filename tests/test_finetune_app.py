@@ -154,7 +154,8 @@ def test_a_second_job_is_refused_while_one_runs_and_a_cancelled_one_publishes_no
     ({"name": BASE}, "already a catalog model"),
     ({"base": "tiny-clip"}, "cannot be fine-tuned"),
     ({"base": "no-such-model"}, "Unknown model 'no-such-model'"),
-    ({"task": "visual-question-answering", "base": "tiny-blip-vqa"}, "not available for visual-question-answering"),
+    ({"task": "text-to-image", "base": "tiny-stable-diffusion"}, "not available for text-to-image"),
+    ({"task": "visual-question-answering", "base": "tiny-vilt-vqa"}, "no corrected feedback on visual-question"),
     ({"epochs": 0}, "number of epochs"),
     ({"lr": -1.0}, "learning rate"),
 ])

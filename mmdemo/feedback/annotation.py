@@ -64,9 +64,9 @@ from .errors import (
     UnknownCampaignError,
     UnknownOutputError,
 )
-from .records import OutputRecord, SavedFeedback
+from .records import FeedbackRecord, OutputRecord, SavedFeedback
 from .schemas import clean_annotator, clean_comment, schema_for
-from .store import FeedbackStore, _check_output_id, _utc, parse_since
+from .store import FeedbackStore, _check_output_id, _feedback_query, _utc, parse_since
 from .tables import Timestamp, annotation_assignments, annotation_campaigns, annotation_items, feedback, outputs
 
 if TYPE_CHECKING:
@@ -530,6 +530,16 @@ class AnnotationQueue:
                                                      a.c.item_id.in_(mine)).returning(a.c.item_id)).all())
 
         return self.db.run_write(work)
+
+    def labels(self, ref: CampaignRef) -> list[FeedbackRecord]:
+        """The labels submitted in the campaign (one feedback record per item and annotator who
+        submitted it), in record order: what ``mmdemo evaluate --campaign`` scores models against."""
+        with self.db.read() as conn:
+            camp = self._campaign(conn, ref)
+        submitted = exists().where(items.c.campaign_id == camp.id, items.c.output_id == feedback.c.output_id,
+                                   a.c.item_id == items.c.id, a.c.annotator == feedback.c.annotator,
+                                   a.c.state == DONE)
+        return list(self.store._iter(_feedback_query().where(submitted), 500))
 
     # -- progress --
 

@@ -2,7 +2,7 @@
 
 The training loop (``train.py``) and the job (``jobs.py``) are the same for every task; an adapter
 says which model kinds it can train, which exported columns it reads, how to load a trainable model
-and how to turn rows into a batch whose forward pass returns a loss. Adding VQA, zero-shot or speech
+and how to turn rows into a batch whose forward pass returns a loss. Adding zero-shot or speech
 fine-tuning is one module with one adapter, listed in :func:`adapter_for`.
 """
 
@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..catalog import ModelSpec
 from ..registry import Placement
 from .errors import UnsupportedBaseError
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+    from .data import TrainingData
 
 
 class FinetuneAdapter(ABC):
@@ -29,6 +33,15 @@ class FinetuneAdapter(ABC):
     @abstractmethod
     def collate(self, model: Any, processor: Any, rows: dict[str, list[Any]], max_length: int) -> dict[str, Any]:
         """A batch of ``rows`` (column -> values) as the model's keyword arguments, ``labels`` included."""
+
+    def prepare_data(self, data: TrainingData) -> TrainingData:
+        """The exported rows as training examples (e.g. grouped); unchanged by default."""
+        return data
+
+    def prepare_model(self, model: Any, processor: Any, data: TrainingData, config: FinetuneConfig) -> dict[str, Any]:
+        """Fit the loaded model to ``data`` before training (e.g. a larger answer head); returns what it
+        changed, for metrics.json. Raises a typed error when the data does not fit the model."""
+        return {}
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         """The mean loss of ``batch`` (a scalar tensor)."""
@@ -50,8 +63,9 @@ class FinetuneAdapter(ABC):
 def finetune_adapters() -> dict[str, FinetuneAdapter]:
     """Every task that can be fine-tuned, with its adapter (``adapter.kinds``: the models it trains)."""
     from .caption import CaptionAdapter
+    from .vqa import VqaAdapter
 
-    return {adapter.task: adapter for adapter in (CaptionAdapter(),)}
+    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter())}
 
 
 def adapter_for(task: str) -> FinetuneAdapter:

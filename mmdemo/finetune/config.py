@@ -36,7 +36,9 @@ class FinetuneConfig:
     ``dataset``: a folder written by ``mmdemo export --format datasets``; None exports the store's
     feedback for ``task`` (``only``, ``since``, ``val_fraction`` and ``seed`` pick and split it, as
     ``mmdemo export`` does). ``epochs`` passes over the training split, stopping early after
-    ``max_steps`` optimizer steps if given. The checkpoint kept is the epoch with the lowest
+    ``max_steps`` optimizer steps if given. ``eval_campaign`` / ``eval_dataset``: labelled data the
+    base did not select, on which the base and the new model are scored (tasks with a metric, see
+    ``evaluate.py``); without them the validation split is scored, biased. The checkpoint kept is the epoch with the lowest
     validation loss (the last epoch when the validation split is empty).
     """
 
@@ -55,6 +57,9 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off
     max_length: int = 40                 # target tokens per example, longer ones are cut
+    extend: bool = True                  # answers a fixed-head model (ViLT) does not know extend its head
+    eval_campaign: str | None = None     # before/after evaluation on this campaign's labels (held out)
+    eval_dataset: str | None = None      # ... or on this exported folder; neither: the validation split
     description: str = ""
     overwrite: bool = False              # replace an earlier fine-tuned model of this name
     device: str | None = None            # filled in by the job: where it trained
@@ -73,6 +78,10 @@ class FinetuneConfig:
                     f"{', '.join(given)} apply when exporting from the feedback store; the dataset "
                     f"{self.dataset} already has its rows and split."
                 )
+        if self.eval_campaign is not None and self.eval_dataset is not None:
+            raise InvalidInputError("Evaluate on a campaign or on a dataset, not both.")
+        if not isinstance(self.extend, bool):
+            raise InvalidInputError(f"extend must be true or false, not {self.extend!r}.")
         if self.only is not None and self.only not in ONLY_CHOICES:
             raise InvalidInputError(f"Unknown filter {self.only!r}; use one of {', '.join(ONLY_CHOICES)}.")
         if self.val_fraction is not None:

@@ -53,7 +53,7 @@ def load_export(path: Path, task: str, columns: tuple[str, ...], source: dict[st
     if not (path / "dataset_dict.json").is_file():
         raise InvalidDatasetError(
             f"{path} is not a `datasets` folder with splits; write one with `mmdemo export --format datasets`.")
-    with _quiet_progress():
+    with quiet_progress():
         splits = datasets.load_from_disk(str(path))
     train = splits.get("train")
     if train is None or train.num_rows == 0:
@@ -88,8 +88,13 @@ def export_from_store(store: Any, task: str, columns: tuple[str, ...], work_dir:
     scratch = Path(tempfile.mkdtemp(prefix=".finetune-data-", dir=work_dir))
     try:
         out = scratch / "dataset"
-        export_dataset(store, task, out, format="datasets", only=only, since=since, val_fraction=val_fraction,
-                       seed=seed)
+        summary = export_dataset(store, task, out, format="datasets", only=only, since=since,
+                                 val_fraction=val_fraction, seed=seed)
+        if summary.missing_media:
+            raise InvalidDatasetError(
+                f"{summary.missing_media} of the {summary.records} {task} feedback records have lost their media file; "
+                "nothing was trained. Delete those records (mmdemo delete --record ID, the export's log names "
+                "them) or restore the files.")
         source = {"store": repr(store), "only": only, "since": since, "val_fraction": val_fraction, "seed": seed}
         yield load_export(out, task, columns, source=source)
     finally:
@@ -111,7 +116,7 @@ def fingerprint(splits: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
+def quiet_progress() -> Iterator[None]:
     from datasets import utils as progress
 
     quiet = progress.are_progress_bars_disabled()

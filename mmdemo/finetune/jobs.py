@@ -7,7 +7,8 @@ The checkpoint is written to a hidden staging folder beside its final place and 
 ``<data_dir>/models/<name>/`` only when complete, so a crash or a cancel never leaves a folder the
 catalog would serve. The folder holds the model and processor (``save_pretrained``),
 ``run_config.json`` (the resolved :class:`FinetuneConfig`), ``metrics.json`` (losses per epoch, the
-data's fingerprint and size, the base model and revision) and ``mmdemo-model.json`` (its catalog
+data's fingerprint and size, the base model and revision, and for tasks with a metric the base's and
+the new model's scores on the evaluation data, ``evaluation``) and ``mmdemo-model.json`` (its catalog
 entry).
 """
 
@@ -36,8 +37,20 @@ from ..files import replace_folder
 from ..registry import ModelRegistry, Placement
 from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig, check_model_name
-from .data import TrainingData, export_from_store, load_export
-from .errors import FinetuneCancelled, InvalidModelNameError
+from .data import TrainingData, export_from_store, load_export, quiet_progress
+from .errors import FinetuneCancelled, InvalidDatasetError, InvalidModelNameError
+from .evaluate import (
+    LabelledQuestion,
+    describe_source,
+    format_table,
+    has_metric,
+    loaded_model_answers,
+    questions_from_campaign,
+    questions_from_export,
+    questions_from_rows,
+    score,
+    undecoded,
+)
 from .train import Progress, train, training_dtype
 
 log = logging.getLogger(__name__)
@@ -76,9 +89,23 @@ class FinetuneResult:
         losses = f"train loss {_fmt(m['initial']['train_loss'])} -> {_fmt(best['train_loss'])}"
         if best["val_loss"] is not None:
             losses += f", validation loss {_fmt(m['initial']['val_loss'])} -> {_fmt(best['val_loss'])}"
-        return (f"Fine-tuned '{m['base']['id']}' into '{self.name}' on {data['train']} training and "
+        text = (f"Fine-tuned '{m['base']['id']}' into '{self.name}' on {data['train']} training and "
                 f"{data['validation']} validation rows: {m['steps']} steps in {m['seconds']:.1f}s, kept epoch "
                 f"{best['epoch']} ({losses}). Saved to {self.path}; it is in the catalog as '{self.name}'.")
+        added = m.get("model_changes", {}).get("answers_added")
+        if added:
+            text += f"\nIts answer head grew by {len(added)} answer(s): {', '.join(added[:10])}."
+        return text + ("\n" + self.evaluation_table() if self.evaluation_table() else "")
+
+    def evaluation_table(self) -> str:
+        """The before/after table of the job's evaluation ('' when the task has no metric yet)."""
+        evaluation = self.metrics.get("evaluation")
+        if not evaluation:
+            return ""
+        if "base" not in evaluation:
+            return f"No evaluation: no labelled questions ({evaluation['data'].get('kind')})."
+        rows = {f"{self.metrics['base']['id']} (base)": evaluation["base"], f"{self.name} (new)": evaluation["new"]}
+        return format_table(rows, evaluation["data"])
 
 
 class FinetuneJob:
@@ -176,9 +203,12 @@ class FinetuneJob:
             staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             try:
-                with self._training_data(adapter.columns) as data:
-                    metrics, params_m = self._train(adapter, base, location, placement, data, staging)
-                # 4. the run's record and the catalog entry, then the atomic move into place
+                with self._training_data(adapter.columns) as exported:
+                    evaluation = self._evaluation_data(exported)
+                    exported = without_held_out(exported, evaluation)
+                    data = adapter.prepare_data(exported)
+                    metrics, params_m = self._train(adapter, base, location, placement, data, staging, evaluation)
+                # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
                            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -202,11 +232,14 @@ class FinetuneJob:
         return result
 
     def _train(self, adapter: FinetuneAdapter, base: ModelSpec, location: str, placement: Placement,
-               data: TrainingData, staging: Path) -> tuple[dict[str, Any], float]:
-        """Steps 2 and 3: load the base, train it, the best epoch's checkpoint saved in ``staging``.
+               data: TrainingData, staging: Path,
+               evaluation: tuple[list[LabelledQuestion], dict[str, Any]] | None) -> tuple[dict[str, Any], float]:
+        """Steps 2 and 3: load the base, train it, the best epoch's checkpoint saved in ``staging``; the
+        base and the checkpoint scored on ``evaluation`` (questions, where they come from) if given.
         Returns the metrics (with the base's identity) and the model's size in millions of parameters."""
         from ..registry import free_device_memory
-        from ..tasks import _quiet_libraries
+        from ..tasks import _quiet_libraries, get_task
+        from ..tasks.bundle import TransformersBundle
 
         # 2. the base model, float32 weights on the registry's device
         _quiet_libraries()  # no progress bars for loading and saving weights
@@ -216,17 +249,53 @@ class FinetuneJob:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(base.id, f"{type(exc).__name__}: {exc}") from exc
+        questions, scores = (evaluation[0], {}) if evaluation else ([], {})
         try:
-            # 3. train, writing the best epoch's checkpoint into the staging folder
+            # 3. the base scored before training; the model fitted to the data (e.g. new answers)
+            if questions:
+                scores["base"] = score(loaded_model_answers(base, TransformersBundle(model.eval(), processor,
+                                                                                     placement)), questions)
+            changes = adapter.prepare_model(model, processor, data, self.config)
+            # 4. train, writing the best epoch's checkpoint into the staging folder
             metrics = train(model, processor, adapter, data, self.config, placement,
                             save_best=lambda epoch: adapter.save(model, processor, staging),
                             report=self._report, should_stop=self._cancel.is_set)
             metrics["base"] = {"id": base.id, "kind": base.kind, "source": base.source, "revision": base.revision,
                                "commit": getattr(model.config, "_commit_hash", None)}
-            return metrics, sum(p.numel() for p in model.parameters()) / 1e6
+            if changes:
+                metrics["model_changes"] = changes
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
         finally:
             del model, processor  # the device memory goes back before a registry loads the result
             free_device_memory(placement.device)
+        if evaluation:
+            # 5. the saved checkpoint, loaded as the app will load it, scored on the same questions
+            if questions:
+                saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
+                bundle = get_task(base.task).load(saved, str(staging), placement)
+                scores["new"] = score(loaded_model_answers(saved, bundle), questions)
+                del bundle
+                free_device_memory(placement.device)
+            metrics["evaluation"] = {"data": evaluation[1], **scores}
+        return metrics, params_m
+
+    def _evaluation_data(self, exported: TrainingData) -> tuple[list[LabelledQuestion], dict[str, Any]] | None:
+        """The questions the base and the new model are scored on, and where they come from; None when
+        the task has no metric yet. Read before training, so that bad evaluation data fails early."""
+        config = self.config
+        if not has_metric(config.task):
+            return None
+        if config.eval_dataset is not None:
+            questions = questions_from_export(Path(config.eval_dataset), config.task)
+            source = {"kind": "dataset", "dataset": str(Path(config.eval_dataset).resolve())}
+        elif config.eval_campaign is not None:
+            with self._store() as store:
+                questions = questions_from_campaign(store, config.eval_campaign, config.task)
+            source = {"kind": "campaign", "campaign": config.eval_campaign}
+        else:
+            questions = questions_from_rows(undecoded(exported.validation), split_groups=True)
+            source = {"kind": "validation split"}
+        return questions, describe_source(questions, source)
 
     @contextlib.contextmanager
     def _training_data(self, columns: tuple[str, ...]) -> Iterator[TrainingData]:
@@ -235,13 +304,21 @@ class FinetuneJob:
         if config.dataset is not None:
             yield load_export(Path(config.dataset), config.task, columns)
             return
+        with self._store() as store, export_from_store(
+                store, config.task, columns, self.settings.exports_dir, only=config.only, since=config.since,
+                val_fraction=config.val_fraction, seed=config.seed) as data:
+            yield data
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[Any]:
+        """The job's feedback store, or one opened from the settings for as long as it is needed."""
+        if self.store is not None:
+            yield self.store
+            return
         from ..feedback import FeedbackStore
 
-        with contextlib.ExitStack() as stack:
-            store = self.store or stack.enter_context(FeedbackStore.from_settings(self.settings))
-            yield stack.enter_context(export_from_store(
-                store, config.task, columns, self.settings.exports_dir, only=config.only, since=config.since,
-                val_fraction=config.val_fraction, seed=config.seed))
+        with FeedbackStore.from_settings(self.settings) as store:
+            yield store
 
     def _serve(self, result: FinetuneResult) -> None:
         """Tell a running registry about the new model: hot-swap it in if loaded, else (re)register it.
@@ -331,6 +408,28 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         pass
     return True
+
+
+def without_held_out(data: TrainingData,
+                     evaluation: tuple[list[LabelledQuestion], dict[str, Any]] | None) -> TrainingData:
+    """``data`` without the rows about outputs that the evaluation campaign labelled (a store export
+    takes all feedback, the held-out campaign's included); how many went is noted in its source."""
+    held_out = {output_id for question in (evaluation[0] if evaluation else []) for output_id in question.output_ids}
+    if not held_out or "output_id" not in data.train.column_names:
+        return data
+
+    def keep(split: Any) -> Any:
+        with quiet_progress():
+                return split.filter(lambda ids: [i not in held_out for i in ids], input_columns="output_id",
+                                batched=True, keep_in_memory=True)
+
+    train, validation = keep(data.train), keep(data.validation)
+    removed = data.train.num_rows + data.validation.num_rows - train.num_rows - validation.num_rows
+    if train.num_rows == 0:
+        raise InvalidDatasetError("Every training row is a label of the evaluation campaign; train on other "
+                                  "feedback (--dataset, --since) or evaluate on another campaign.")
+    return TrainingData(train, validation, {**data.source, "held_out_rows_removed": removed}, data.fingerprint,
+                        {"train": train.num_rows, "validation": validation.num_rows})
 
 
 def _store_export_options(config: FinetuneConfig) -> dict[str, Any]:

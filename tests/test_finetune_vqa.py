@@ -1,0 +1,284 @@
+"""Fine-tuning visual question answering on feedback, with a before/after evaluation: tiny ViLT (its answer
+head extended with new answers, or the job refused) and tiny BLIP VQA trained on people's corrections,
+published as catalog models that answer through the registry and the app; VQA accuracy of base and new
+model in metrics.json and from ``mmdemo evaluate``; and a tiny ViLT that learns 8 colours it cannot know,
+end to end through the API, the store, the ``mmdemo finetune`` command and ``/vqa``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from mmdemo.cli import main
+from mmdemo.config import Settings
+from mmdemo.errors import InvalidInputError
+from mmdemo.feedback import AnnotationQueue, FeedbackStore, NothingToExportError, export_dataset
+from mmdemo.finetune import METRICS_FILE, FinetuneConfig, FinetuneJob, InvalidDatasetError, adapter_for
+from mmdemo.finetune.data import load_export
+from mmdemo.finetune.evaluate import normalize_answer, vqa_accuracy
+from mmdemo.finetune.vqa import soft_scores
+from mmdemo.registry import ModelRegistry, Placement
+from mmdemo.tasks import run
+from mmdemo.tiny import VQA_ANSWERS, build_tiny_models
+
+from colour_squares import COLOURS, QUESTION, colour_of, square
+
+TASK = "visual-question-answering"
+VILT, BLIP = "tiny-vilt-vqa", "tiny-blip-vqa"
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(torch_one_thread):
+    """Tiny models train several times faster on one thread than on two shared cores."""
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
+    build_tiny_models(folder, names=["vilt-vqa", "blip-vqa"])
+    return folder
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_models) -> Settings:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
+    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+
+
+def record_corrections(store: FeedbackStore, registry: ModelRegistry, labels: list[tuple[Image.Image, str]],
+                       model: str = VILT, annotator: str = "alice") -> list[str]:
+    """Each picture asked about through the task layer, recorded, and its answer corrected (or accepted)."""
+    output_ids = []
+    for image, answer in labels:
+        result = run(registry, TASK, model, image=image, question=QUESTION)
+        output_id = store.record_result(TASK, {"image": image, "question": QUESTION}, result)
+        if answer == result["answer"]:
+            store.add_feedback(output_id, annotator=annotator, thumbs=1)
+        else:
+            store.add_feedback(output_id, annotator=annotator, thumbs=-1, correction=answer)
+        output_ids.append(output_id)
+    return output_ids
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory, tiny_models) -> SimpleNamespace:
+    """32 corrected answers (the 8 colours, 4 pictures each) plus 4 answers ViLT knows, exported; and a
+    held-out export of 16 other pictures (another store: data the base model never saw corrected)."""
+    root = tmp_path_factory.mktemp("vqa-feedback")
+    (root / "app").mkdir()
+    (root / "app" / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
+    registry = ModelRegistry.from_settings(Settings(profile="tiny", data_dir=root / "app", device="cpu"))
+    rng = random.Random(1)
+    store = FeedbackStore(None, root / "app")
+    labels = [(square(c, rng), c) for c in COLOURS for _ in range(4)] + [(square("navy", rng), "blue")] * 2
+    record_corrections(store, registry, labels)
+    held = FeedbackStore(None, root / "held")
+    record_corrections(held, registry, [(square(c, rng), c) for c in COLOURS for _ in range(2)], annotator="bob")
+    train = export_dataset(store, TASK, root / "train", val_fraction=0.0).out_dir
+    heldout = export_dataset(held, TASK, root / "heldout", val_fraction=0.0).out_dir
+    held.close()
+    yield SimpleNamespace(store=store, registry=registry, train=train, heldout=heldout, root=root)
+    store.close()
+
+
+def job(settings: Settings, base: str = VILT, name: str = "vilt-ft", **options) -> FinetuneJob:
+    job_options = {k: options.pop(k) for k in ("store", "registry") if k in options}
+    fast = dict(epochs=4, batch_size=8, lr=1e-3, seed=0)
+    return FinetuneJob(FinetuneConfig(TASK, base=base, name=name, **{**fast, **options}), settings, **job_options)
+
+
+def listing(settings: Settings) -> list[str]:
+    found = os.listdir(settings.models_dir) if settings.models_dir.exists() else []
+    return sorted(name for name in found if name != ".locks")
+
+
+# --- the metric ------------------------------------------------------------------------------------------
+
+
+def test_vqa_accuracy_normalises_answers_and_counts_people():
+    assert normalize_answer("  The Two dogs. ") == "2 dogs" and normalize_answer("yes!") == "yes"
+    assert normalize_answer("3.5") == "3.5" and normalize_answer("an apple, red") == "apple red"
+    assert vqa_accuracy("Two", ["2"]) == 1.0 and vqa_accuracy("two", ["3"]) == 0.0  # one answer: exact match
+    several = ["red", "red", "dark red", "red", "maroon"]
+    assert vqa_accuracy("red", several) == 1.0  # 3 of them said it
+    assert vqa_accuracy("dark red", several) == pytest.approx(1 / 3) and vqa_accuracy("blue", several) == 0.0
+
+
+def test_vilt_soft_scores_follow_vqav2(tiny_models):
+    model, _ = adapter_for(TASK).load(SimpleNamespace(kind="vilt", source_scheme="local-dir"),
+                                      str(tiny_models / "vilt-vqa"), Placement("cpu", "float32"))
+    ids = {label: int(i) for i, label in model.config.id2label.items()}
+    scores = soft_scores(model, [["red"], ["red", "red", "blue"], ["Yes", "yes", "yes", "yes"]])
+    assert scores[0, ids["red"]] == 1.0 and scores[0].sum() == 1.0
+    assert scores[1, ids["red"]] == pytest.approx(2 / 3) and scores[1, ids["blue"]] == pytest.approx(1 / 3)
+    assert scores[2, ids["yes"]] == 1.0 and scores[2].sum() == 1.0
+
+
+# --- ViLT: the head grows, known answers keep their rows ----------------------------------------------------
+
+
+def test_vilt_extension_keeps_known_rows_and_appends_new_answers(settings, colours):
+    adapter = adapter_for(TASK)
+    placement = Placement("cpu", "float32")
+    base = ModelRegistry.from_settings(settings).catalog.get(VILT)
+    model, processor = adapter.load(base, str(settings.tiny_dir / "vilt-vqa"), placement)
+    before = model.classifier[-1].weight.detach().clone(), model.classifier[-1].bias.detach().clone()
+    data = adapter.prepare_data(load_export(colours.train, TASK, adapter.columns))
+    changes = adapter.prepare_model(model, processor, data, FinetuneConfig(TASK, base=VILT, name="x"))
+
+    assert changes == {"answers_known": len(VQA_ANSWERS), "answers_added": list(COLOURS)}  # "blue" is known
+    head = model.classifier[-1]
+    known = len(VQA_ANSWERS)
+    assert head.out_features == known + 8 and model.config.num_labels == known + 8
+    assert head.weight[:known].equal(before[0]) and head.bias[:known].equal(before[1])  # copied exactly
+    assert [model.config.id2label[i] for i in range(known + 8)] == [*VQA_ANSWERS, *COLOURS]
+
+    # the job saves the grown head: the checkpoint answers with the new labels through the registry
+    result = job(settings, dataset=str(colours.train), eval_dataset=str(colours.heldout), epochs=6).run()
+    saved = json.loads((result.path / "config.json").read_text())
+    assert [saved["id2label"][str(i)] for i in range(known + 8)] == [*VQA_ANSWERS, *COLOURS]
+    assert saved["label2id"]["purple"] == known
+    assert result.metrics["model_changes"]["answers_added"] == list(COLOURS)
+    registry = ModelRegistry.from_settings(settings)
+    answer = run(registry, TASK, "vilt-ft", image=square("cyan", random.Random(5)), question=QUESTION, top_k=20)
+    assert answer["model"]["id"] == "vilt-ft" and answer["answer"] in COLOURS  # it learnt a colour is asked for
+    assert len(registry.call("vilt-ft", lambda bundle: bundle.model.config.id2label)) == known + 8
+
+
+def test_a_short_vilt_job_lowers_the_loss_and_reports_base_and_new_accuracy(settings, colours):
+    result = job(settings, dataset=str(colours.train), eval_dataset=str(colours.heldout), epochs=6).run()
+    metrics = json.loads((result.path / METRICS_FILE).read_text())
+    assert metrics["epochs"][-1]["train_loss"] < 0.7 * metrics["initial"]["train_loss"]
+    evaluation = metrics["evaluation"]
+    assert evaluation["data"]["kind"] == "dataset" and evaluation["data"]["questions"] == 16
+    assert evaluation["data"]["biased"] is False
+    assert evaluation["base"] == {"vqa_accuracy": 0.0, "questions": 16}  # it cannot say "purple"
+    assert evaluation["new"]["questions"] == 16 and 0.0 <= evaluation["new"]["vqa_accuracy"] <= 1.0
+    assert "tiny-vilt-vqa (base)" in result.describe() and "vilt-ft (new)" in result.describe()
+
+
+def test_without_extend_an_unknown_answer_is_refused_and_the_served_model_is_unchanged(settings, colours):
+    first = job(settings, dataset=str(colours.train), max_steps=1).run()
+    weights = (first.path / "model.safetensors").read_bytes()
+    refused = job(settings, dataset=str(colours.train), extend=False, overwrite=True)
+    with pytest.raises(InvalidDatasetError, match="'purple', 'orange'.*--extend"):
+        refused.run()
+    assert listing(settings) == ["vilt-ft"] and (first.path / "model.safetensors").read_bytes() == weights
+    assert main(["finetune", "--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu",
+                 "--task", "vqa", "--base", VILT, "--name", "other", "--dataset", str(colours.train),
+                 "--no-extend"]) == 2
+    assert listing(settings) == ["vilt-ft"]
+
+
+# --- BLIP VQA: it writes the answer ---------------------------------------------------------------------------
+
+
+def test_a_short_blip_vqa_job_lowers_the_loss_and_answers_through_the_registry(settings, colours):
+    result = job(settings, BLIP, "blip-vqa-ft", dataset=str(colours.train), max_steps=8, lr=1e-3).run()
+    metrics = result.metrics
+    assert metrics["epochs"][-1]["train_loss"] < metrics["initial"]["train_loss"]
+    assert "model_changes" not in metrics  # a generative model has no answer head to grow
+    assert metrics["evaluation"]["data"]["kind"] == "validation split"  # empty here: nothing to score
+    registry = ModelRegistry.from_settings(settings)
+    assert registry.catalog.get("blip-vqa-ft", TASK).kind == "blip"
+    answer = run(registry, TASK, "blip-vqa-ft", image=square("pink", random.Random(2)), question=QUESTION,
+                 max_new_tokens=3)
+    assert answer["model"]["id"] == "blip-vqa-ft" and isinstance(answer["answer"], str)
+
+
+# --- honest evaluation --------------------------------------------------------------------------------------------
+
+
+def test_the_validation_split_is_reported_as_biased_accepted_and_corrected_apart(settings, colours):
+    result = job(settings, store=colours.store, val_fraction=0.5, seed=3, max_steps=2).run()
+    evaluation = result.metrics["evaluation"]
+    assert evaluation["data"]["kind"] == "validation split" and evaluation["data"]["biased"] is True
+    assert "biased" in evaluation["data"]["note"] and "biased" in result.describe()
+    base = evaluation["base"]
+    # the store has thumbs-up rows (the base's own answer, "blue" is one it gives for navy squares?) and
+    # corrected rows: whatever the base answered on the accepted ones, the corrected ones are where it was wrong
+    assert base["corrected"]["vqa_accuracy"] == 0.0 and base["corrected"]["questions"] >= 1
+    if "accepted" in base:
+        assert base["accepted"]["vqa_accuracy"] == 1.0
+    assert base["questions"] == sum(base[g]["questions"] for g in ("accepted", "corrected") if g in base)
+    assert set(evaluation["new"]) == set(base)
+
+
+def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_accepted(settings, colours, capsys):
+    rng = random.Random(9)
+    folder = settings.data_dir / "held-out-pictures"
+    folder.mkdir()
+    for n, colour in enumerate([*COLOURS, "cyan", "cyan"]):
+        square(colour, rng).save(folder / f"{n:02d}.png")
+    with FeedbackStore.from_settings(settings) as store:
+        queue = AnnotationQueue(store)
+        queue.create_campaign("held-out", TASK, labels_per_item=2, model=BLIP)
+        queue.import_folder("held-out", folder, ModelRegistry.from_settings(settings),
+                            inputs={"question": QUESTION})
+        for annotator in ("carol", "dave"):
+            for n, item in enumerate(queue.next_batch("held-out", annotator, 20)):
+                if annotator == "dave" and n == 0:
+                    queue.submit("held-out", item.output_id, annotator)  # accepts BLIP's suggestion
+                else:
+                    picture = Image.open(store.media_path(item.output.input_media[0]))
+                    queue.submit("held-out", item.output_id, annotator, correction=colour_of(picture))
+    result = job(settings, dataset=str(colours.train), eval_campaign="held-out", epochs=6).run()
+    evaluation = result.metrics["evaluation"]
+    assert evaluation["data"]["kind"] == "campaign" and evaluation["data"]["questions"] == 10
+    assert evaluation["data"]["answers"] == 20
+    assert evaluation["data"]["biased"] is True and evaluation["data"]["accepted_suggestions"] == {BLIP: 1}
+    assert evaluation["base"]["vqa_accuracy"] == 0.0
+    assert result.metrics["data"]["source"]["held_out_rows_removed"] == 0  # the dataset holds none of them
+
+    # trained from the store, which holds the campaign's labels too: those rows are left out of training
+    with FeedbackStore.from_settings(settings) as store:
+        record_corrections(store, ModelRegistry.from_settings(settings), [(square(c, rng), c) for c in COLOURS])
+        from_store = job(settings, name="from-store", store=store, eval_campaign="held-out", val_fraction=0.0,
+                         max_steps=1).run()
+    assert from_store.metrics["data"]["rows"] == {"train": 8, "validation": 0}
+    assert from_store.metrics["data"]["source"]["held_out_rows_removed"] == 11  # 10 items, one with 2 answers
+
+    # mmdemo evaluate: the same metric for any catalog models, as a table and as JSON
+    common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]
+    assert main(["evaluate", *common, "--task", "vqa", "--models", f"{VILT},vilt-ft", "--campaign", "held-out",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["models"]["vilt-ft"] == evaluation["new"] and printed["models"][VILT] == evaluation["base"]
+    assert main(["evaluate", *common, "--task", "vqa", "--models", "vilt-ft", "--dataset", str(colours.heldout)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["model", "VQA", "accuracy"] and "vilt-ft" in table
+    assert main(["evaluate", *common, "--task", "vqa", "--models", "nope", "--dataset", str(colours.heldout)]) == 1
+    assert "Unknown model 'nope'" in capsys.readouterr().err
+    assert main(["evaluate", *common, "--task", "caption", "--models", VILT, "--campaign", "held-out"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+# --- bad data --------------------------------------------------------------------------------------------------
+
+
+def test_no_records_or_missing_media_fail_clearly_and_leave_the_served_model_alone(settings, colours, tmp_path):
+    empty = FeedbackStore(None, tmp_path / "empty")
+    with pytest.raises(NothingToExportError, match="No approved feedback on visual-question-answering"):
+        job(settings, store=empty).run()
+    empty.close()
+    assert listing(settings) == []
+
+    served = job(settings, dataset=str(colours.train), max_steps=1).run()
+    weights = (served.path / "model.safetensors").read_bytes()
+    with FeedbackStore.from_settings(settings) as store:
+        rng = random.Random(4)
+        registry = ModelRegistry.from_settings(settings)
+        record_corrections(store, registry, [(square(c, rng), c) for c in COLOURS])
+        lost = store.get(3).output.input_media[0]
+        store.media_path(lost).unlink()
+        with pytest.raises(InvalidDatasetError, match="1 of the 8 .* lost their media file"):
+            job(settings, store=store, overwrite=True).run()
+    assert listing(settings) == ["vilt-ft"] and (served.path / "model.safetensors").read_bytes() == weights
+    with pytest.raises(InvalidInputError, match="not both"):
+        FinetuneConfig(TASK, base=VILT, name="x", eval_campaign="a", eval_dataset="b")
