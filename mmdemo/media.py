@@ -430,7 +430,8 @@ def _open_image_bytes(data: bytes, limits: MediaLimits) -> Image.Image:
         return _normalise(img)
 
 
-def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS, *, max_aspect_ratio: float | None = None) -> Image.Image:
+def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS, *,
+               max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode ``source`` into a new, fully loaded RGB PIL image.
 
     ``source`` may be a path (str / PathLike), bytes, a binary file object, a PIL image or a numpy

@@ -78,6 +78,8 @@ class TextToImageTask(Task):
         seed = request.seed
         if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0):
             seed = random.randint(0, MAX_SEED)  # -1 or empty also means "random", as in most UIs
+        prompt = require_text(request.prompt, "prompt", MAX_PROMPT_CHARS)
+        negative_prompt = require_text(request.negative_prompt, "negative_prompt", MAX_PROMPT_CHARS, required=False)
         width = require_int(request.width, "width", 64, 2048)
         height = require_int(request.height, "height", 64, 2048)
         if width * height > limits.max_image_pixels:
@@ -85,8 +87,8 @@ class TextToImageTask(Task):
                                     "width")
         return replace(
             request,
-            prompt=require_text(request.prompt, "prompt", MAX_PROMPT_CHARS),
-            negative_prompt=require_text(request.negative_prompt, "negative_prompt", MAX_PROMPT_CHARS, required=False),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
             steps=require_int(request.steps, "steps", 1, 150, what="number of steps"),
             guidance=require_float(request.guidance, "guidance", 0.0, 30.0, what="guidance scale"),
             width=width,
