@@ -214,9 +214,8 @@ OVERSIZED_TEXT = [  # task, inputs, the field refused, the start of its message
 @pytest.mark.parametrize("task, inputs, field, message", OVERSIZED_TEXT, ids=[f"{c[0]}-{c[2]}" for c in OVERSIZED_TEXT])
 def test_oversized_text_is_refused_before_any_work(fresh_registry, photo, task, inputs, field, message):
     registry = fresh_registry()
-    media = {"audio": (16_000, speech_like(1))} if task == "automatic-speech-recognition" else {"image": photo}
-    if task == "text-to-image":
-        media = {}
+    media = {"automatic-speech-recognition": {"audio": (16_000, speech_like(1))}, "text-to-image": {}}.get(
+        task, {"image": photo})
     with pytest.raises(InvalidInputError) as refused:
         run(registry, task, **media, **inputs)
     assert str(refused.value).startswith(message) and len(str(refused.value)) < 200
@@ -249,9 +248,9 @@ def test_a_refused_setting_names_its_field(fresh_registry, photo, task, inputs, 
     media = {"image-to-text": {"image": photo}, "visual-question-answering": {"image": photo},
              "zero-shot-image-classification": {"image": photo},
              "automatic-speech-recognition": {"audio": (16_000, speech_like(1))}}.get(task, {})
-    model = inputs.pop("model", None)
+    settings = {key: value for key, value in inputs.items() if key != "model"}
     with pytest.raises(InvalidInputError) as refused:
-        run(registry, task, model, **media, **inputs)
+        run(registry, task, inputs.get("model"), **media, **settings)
     assert refused.value.field == field
     message = str(refused.value)
     assert not message.startswith(("The a ", "The an ", "The the ")), message
