@@ -15,7 +15,15 @@ class MMDemoError(Exception):
 
 
 class InvalidInputError(MMDemoError, ValueError):
-    """The request itself is wrong (empty prompt, bad labels, out-of-range setting)."""
+    """The request itself is wrong (empty prompt, bad labels, out-of-range setting).
+
+    ``field`` names the request field (the API parameter) the message concerns, when it concerns one, so
+    that the UI shows the message next to that control.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidImageError(InvalidInputError):

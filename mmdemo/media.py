@@ -40,8 +40,10 @@ __all__ = [
     "Audio",
     "DEFAULT_LIMITS",
     "IMAGE_FORMATS",
+    "MAX_ASPECT_RATIO",
     "MediaLimits",
     "encode_png",
+    "fit_aspect_ratio",
     "image_digest",
     "load_audio",
     "load_image",
@@ -70,6 +72,7 @@ class MediaLimits:
 
 
 DEFAULT_LIMITS = MediaLimits()
+MAX_ASPECT_RATIO = 4.0  # images for models: a longer side more than 4x the shorter one is padded
 
 # Formats we let PIL open. Restricting them keeps exotic decoders (EPS runs Ghostscript, for one)
 # away from uploads. JPEG includes MPO, what many phone cameras write. AVIF only where PIL has it.
@@ -427,7 +430,8 @@ def _open_image_bytes(data: bytes, limits: MediaLimits) -> Image.Image:
         return _normalise(img)
 
 
-def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
+def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS, *,
+               max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode ``source`` into a new, fully loaded RGB PIL image.
 
     ``source`` may be a path (str / PathLike), bytes, a binary file object, a PIL image or a numpy
@@ -440,7 +444,38 @@ def load_image(source: Any, limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image
     Normalises: EXIF orientation; embedded ICC profiles to sRGB; transparency composited on white
     (RGBA, LA, PA, P with transparency); 1, L, P, CMYK, YCbCr, LAB to RGB; 16/32-bit and float
     images scaled to 8-bit by the range they actually use; animated images give their first frame.
+    With ``max_aspect_ratio`` (images for models), a longer strip is padded (see :func:`fit_aspect_ratio`).
     """
+    image = _load_image(source, limits)
+    return image if max_aspect_ratio is None else fit_aspect_ratio(image, max_aspect_ratio, limits)
+
+
+def fit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO,
+                     limits: MediaLimits = DEFAULT_LIMITS) -> Image.Image:
+    """``image`` centred on white bands that make it at most ``max_ratio`` times wider than tall (or taller
+    than wide); ``image`` itself when it already is. Model processors fail on extreme strips (ViLT's
+    resize rounds the short side to 0) or blow them up (CLIP scales the short side to 224 before cropping).
+
+    A strip so long that its padded canvas would exceed ``limits.max_image_pixels`` is shrunk first.
+    """
+    width, height = image.size
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side <= max_ratio * short_side:
+        return image
+    longest = math.isqrt(int(limits.max_image_pixels * max_ratio))  # canvas: longest x longest / max_ratio
+    if long_side > longest:
+        scale = longest / long_side
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        long_side = max(width, height)
+    padded_side = math.ceil(long_side / max_ratio)
+    size = (width, padded_side) if width >= height else (padded_side, height)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
+
+
+def _load_image(source: Any, limits: MediaLimits) -> Image.Image:
     if source is None:
         raise InvalidImageError("No image was given.")
     if isinstance(source, Image.Image):

@@ -203,6 +203,44 @@ def test_no_image_is_refused_with_a_hint(client):
         client.predict(None, labels="cat", api_name="/zero_shot")
 
 
+LONG = "x" * 2001
+BLAMED = {  # a refused setting: the endpoint, its arguments, the parameter the message is shown on, the message
+    "steps": ("/text_to_image", dict(prompt="a cat", steps=0), "The number of steps must be between 1 and 150"),
+    "width": ("/text_to_image", dict(prompt="a cat", width=4096), "The width must be between 64 and 2048"),
+    "height": ("/text_to_image", dict(prompt="a cat", height=32), "The height must be between 64 and 2048"),
+    "num_images": ("/text_to_image", dict(prompt="a cat", num_images=9), "The number of images must be between"),
+    "seed": ("/text_to_image", dict(prompt="a cat", seed=2**33, randomize_seed=False), "The seed must be between"),
+    "guidance": ("/text_to_image", dict(prompt="a cat", guidance=31), "The guidance scale must be between"),
+    "prompt": ("/text_to_image", dict(prompt=LONG), "The prompt is 2,001 characters long; the limit is 2,000."),
+    "negative_prompt": ("/text_to_image", dict(prompt="a cat", negative_prompt="x" * 10_000_000),
+                        "The negative prompt is 10,000,000 characters long; the limit is 2,000."),
+    "prefix": ("/caption", dict(image=handle_file(CAT), prefix=LONG), "The start of the caption is 2,001 characters"),
+    "max_new_tokens": ("/caption", dict(image=handle_file(CAT), max_new_tokens=0), "The maximum caption length"),
+    "top_p": ("/caption", dict(image=handle_file(CAT), top_p=0), "The top-p must be between"),
+    "top_k": ("/vqa", dict(image=handle_file(CAT), question="what?", top_k=0), "The number of answers must be"),
+    "question": ("/vqa", dict(image=handle_file(CAT), question=LONG), "The question is 2,001 characters long"),
+    "template": ("/zero_shot", dict(image=handle_file(CAT), labels="cat", template="a {} {x}"),
+                 'The template may contain braces only as "{}"'),
+    "labels": ("/zero_shot", dict(image=handle_file(CAT), labels="cat, " + "x" * 101), "The label 'xxxxx"),
+    "multi_label": ("/zero_shot", dict(image=handle_file(CAT), labels="cat", model="tiny-clip", multi_label=True),
+                    "Multi-label scores need"),
+    "language": ("/transcribe", dict(audio=handle_file(SPEECH), language="x" * 100_000),
+                 "The language is 100,000 characters long; the limit is 20."),
+}
+
+
+@pytest.mark.parametrize("parameter", list(BLAMED))
+def test_a_refused_setting_is_reported_on_its_own_parameter(client, parameter):
+    """Each message names the parameter it concerns (the UI shows it under that control), not the tab's
+    main text; an oversized text is refused, never cut."""
+    endpoint, arguments, expected = BLAMED[parameter]
+    with pytest.raises(ValidationError) as refused:
+        client.predict(**arguments, api_name=endpoint)
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "1 parameter(s) failed validation:"  # only the parameter concerned is marked
+    assert lines[1].startswith(f"- {parameter}: {expected}")
+
+
 def test_a_model_that_fails_to_load_reports_it_and_only_its_calls_fail(client):
     with pytest.raises(AppError, match="could not be loaded") as failed:
         client.predict(handle_file(CAT), model="broken-caption", api_name="/caption")

@@ -173,10 +173,126 @@ def test_zero_shot_template_needs_a_placeholder(shared_registry, photo):
         run(shared_registry, "zero-shot-image-classification", image=photo, labels="a", template="a photo")
 
 
+@pytest.mark.parametrize("template", ["{:x>10000000}{{}}", "a {} {x}", "a {0} {}", "{}}", "a {{}} photo"])
+def test_zero_shot_template_takes_no_braces_but_its_slot(fresh_registry, photo, template):
+    """A format spec would have made 10 M characters per label; a named field failed after queueing."""
+    registry = fresh_registry()
+    with pytest.raises(InvalidInputError, match='(braces only as|exactly once).*"{}"') as refused:
+        run(registry, "zero-shot-image-classification", "tiny-clip", image=photo, labels="cat, dog", template=template)
+    assert refused.value.field == "template"
+    assert registry.status()["loaded"] == []  # refused before any model was loaded
+
+
+def test_zero_shot_labels_and_templates_are_filled_in_literally(shared_registry, photo):
+    result = run(shared_registry, "zero-shot-image-classification", "tiny-clip", image=photo,
+                 labels=["{0}", "{name}", "50% {:>9}"], template="art: {} (100%)")
+    assert sorted(item["label"] for item in result["labels"]) == ["50% {:>9}", "{0}", "{name}"]
+    cache = shared_registry.call("tiny-clip", lambda bundle: dict(bundle.text_cache))
+    assert (("{0}", "{name}", "50% {:>9}"), "art: {} (100%)") in cache
+
+
 def test_parse_labels_keeps_order_and_odd_characters():
     assert parse_labels("Ünïcode, emoji 🐱,  multiple   spaces ,ÜNÏCODE") == ("Ünïcode", "emoji 🐱", "multiple spaces")
     with pytest.raises(InvalidInputError, match="limit is 100"):
         parse_labels([f"label {i}" for i in range(101)])
+
+
+# --- every free-text input: refused over its limit, never cut; errors name their field ------------
+
+BIG = "x" * 10_000_000
+OVERSIZED_TEXT = [  # task, inputs, the field refused, the start of its message
+    ("text-to-image", dict(prompt="x" * 2001), "prompt", "The prompt is 2,001 characters long; the limit is 2,000."),
+    ("text-to-image", dict(prompt="a cat", negative_prompt=BIG), "negative_prompt",
+     "The negative prompt is 10,000,000 characters long"),
+    ("image-to-text", dict(prefix=BIG), "prefix", "The start of the caption is 10,000,000 characters long"),
+    ("visual-question-answering", dict(question=BIG), "question", "The question is 10,000,000 characters long"),
+    ("zero-shot-image-classification", dict(labels="cat", template=BIG + "{}"), "template", "The template is"),
+    ("zero-shot-image-classification", dict(labels=BIG), "labels", "The list of labels is 10,000,000 characters"),
+    ("zero-shot-image-classification", dict(labels=["cat", BIG]), "labels", "The label is 10,000,000 characters"),
+    ("zero-shot-image-classification", dict(labels=[f"label {i}" for i in range(10_000)]), "labels",
+     "10000 labels given"),
+    ("automatic-speech-recognition", dict(language=BIG), "language", "The language is 10,000,000 characters"),
+]
+
+
+@pytest.mark.parametrize("task, inputs, field, message", OVERSIZED_TEXT, ids=[f"{c[0]}-{c[2]}" for c in OVERSIZED_TEXT])
+def test_oversized_text_is_refused_before_any_work(fresh_registry, photo, task, inputs, field, message):
+    registry = fresh_registry()
+    media = {"automatic-speech-recognition": {"audio": (16_000, speech_like(1))}, "text-to-image": {}}.get(
+        task, {"image": photo})
+    with pytest.raises(InvalidInputError) as refused:
+        run(registry, task, **media, **inputs)
+    assert str(refused.value).startswith(message) and len(str(refused.value)) < 200
+    assert refused.value.field == field
+    assert registry.status()["loaded"] == []
+
+
+@pytest.mark.parametrize("task, inputs, field", [
+    ("text-to-image", dict(prompt="x", steps=0), "steps"),
+    ("text-to-image", dict(prompt="x", guidance=float("nan")), "guidance"),
+    ("text-to-image", dict(prompt="x", width=4096), "width"),
+    ("text-to-image", dict(prompt="x", height=2048, width=2048), "width"),  # over the pixel limit set below
+    ("text-to-image", dict(prompt="x", num_images=2.5), "num_images"),
+    ("text-to-image", dict(prompt="x", seed=2**40), "seed"),
+    ("text-to-image", dict(prompt=" "), "prompt"),
+    ("image-to-text", dict(max_new_tokens=0), "max_new_tokens"),
+    ("image-to-text", dict(num_beams="many"), "num_beams"),
+    ("image-to-text", dict(temperature=9), "temperature"),
+    ("image-to-text", dict(top_p=0), "top_p"),
+    ("visual-question-answering", dict(question="q", top_k=0), "top_k"),
+    ("visual-question-answering", dict(question="q", max_new_tokens=1000), "max_new_tokens"),
+    ("visual-question-answering", dict(question=""), "question"),
+    ("zero-shot-image-classification", dict(labels=" , "), "labels"),
+    ("zero-shot-image-classification", dict(labels="a", template="no slot"), "template"),
+    ("zero-shot-image-classification", dict(labels="a", model="tiny-clip", multi_label=True), "multi_label"),
+    ("automatic-speech-recognition", dict(language="klingon"), "language"),
+])
+def test_a_refused_setting_names_its_field(fresh_registry, photo, task, inputs, field):
+    registry = fresh_registry(max_image_pixels=1_000_000)
+    media = {"image-to-text": {"image": photo}, "visual-question-answering": {"image": photo},
+             "zero-shot-image-classification": {"image": photo},
+             "automatic-speech-recognition": {"audio": (16_000, speech_like(1))}}.get(task, {})
+    settings = {key: value for key, value in inputs.items() if key != "model"}
+    with pytest.raises(InvalidInputError) as refused:
+        run(registry, task, inputs.get("model"), **media, **settings)
+    assert refused.value.field == field
+    message = str(refused.value)
+    assert not message.startswith(("The a ", "The an ", "The the ")), message
+
+
+# --- extreme aspect ratios ------------------------------------------------------------------------
+
+IMAGE_MODELS = [
+    ("image-to-text", "tiny-blip-caption", {}),
+    ("visual-question-answering", "tiny-vilt-vqa", {"question": "what is it?"}),
+    ("visual-question-answering", "tiny-blip-vqa", {"question": "what is it?"}),
+    ("zero-shot-image-classification", "tiny-clip", {"labels": "cat, dog"}),
+    ("zero-shot-image-classification", "tiny-siglip", {"labels": "cat, dog"}),
+]
+
+
+@pytest.mark.parametrize("size", [(1, 400), (400, 1), (40, 400), (400, 40)])
+@pytest.mark.parametrize("task, model_id, inputs", IMAGE_MODELS, ids=[m[1] for m in IMAGE_MODELS])
+def test_every_image_model_takes_extreme_strips(shared_registry, task, model_id, inputs, size):
+    """ViLT's processor rounded the short side of a 1:400 strip to 0 ("Size must contain 'height' and
+    'width' keys"); the strip is padded instead, for every model."""
+    strip = Image.new("RGB", size, "red")
+    result = run(shared_registry, task, model_id, image=strip, **inputs)
+    assert result.get("text") is not None or result.get("answer") is not None or result.get("labels")
+
+
+def test_strips_are_padded_within_the_pixel_limit():
+    from mmdemo.media import MAX_ASPECT_RATIO, MediaLimits, fit_aspect_ratio, load_image
+
+    padded = load_image(Image.new("RGB", (400, 2), "red"), max_aspect_ratio=MAX_ASPECT_RATIO)
+    assert padded.size == (400, 100)
+    assert padded.getpixel((200, 50)) == (255, 0, 0) and padded.getpixel((200, 0)) == (255, 255, 255)
+    assert load_image(Image.new("RGB", (2, 400))).size == (2, 400)  # only images for models are padded
+    square = Image.new("RGB", (300, 100), "blue")
+    assert fit_aspect_ratio(square) is square  # within the ratio: untouched
+    limits = MediaLimits(max_image_pixels=10_000)
+    long_strip = fit_aspect_ratio(Image.new("RGB", (9_000, 1), "red"), 4, limits)  # 9,000 x 2,250 padded
+    assert long_strip.size[0] / long_strip.size[1] <= 4 and long_strip.size[0] * long_strip.size[1] <= 10_000
 
 
 # --- text-to-image --------------------------------------------------------------------------------
@@ -226,7 +342,7 @@ def test_text_to_image_warns_when_prompt_is_truncated(shared_registry):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"prompt": ""}, "enter a prompt"),
+    ({"prompt": ""}, "Please enter a prompt; it is empty."),
     ({"prompt": "x", "width": 100}, "multiples of 8"),
     ({"prompt": "x", "steps": 0}, "between 1 and 150"),
     ({"prompt": "x", "guidance": float("nan")}, "guidance"),

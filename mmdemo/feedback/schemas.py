@@ -180,7 +180,7 @@ class TaskSchema:
         return media, text
 
     def clean_text_input(self, name: str, value: Any) -> Any:
-        return require_text(value, f"the {name.replace('_', ' ')}", max_chars=MAX_TEXT_INPUT_CHARS)
+        return require_text(value, name, max_chars=MAX_TEXT_INPUT_CHARS)
 
     def clean_output(self, output: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         """Return (the output as JSON-ready dict without media or model info, the output media)."""

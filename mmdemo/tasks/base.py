@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
 
@@ -54,21 +55,27 @@ class Task(ABC):
         return {**required, **inputs}
 
 
-def require_text(value: Any, what: str, max_chars: int = 2000) -> str:
-    """A stripped, non-empty piece of text, or an ``InvalidInputError`` naming ``what``."""
+def require_text(value: Any, field: str, max_chars: int, *, what: str | None = None, required: bool = True) -> str:
+    """A stripped piece of text of at most ``max_chars`` characters, or an ``InvalidInputError`` about
+    ``field``; ``""`` when empty and not ``required``. Call it before any other work on the text.
+
+    ``what`` names it in messages (default: the field's name in words, "negative_prompt" -> "negative prompt").
+    """
+    what = what or _words(field)
     text = "" if value is None else str(value).strip()
-    if not text:
-        raise InvalidInputError(f"Please enter {what}; it is empty.")
-    check_characters(text, what)
     if len(text) > max_chars:
-        raise InvalidInputError(f"The {what} is {len(text)} characters long; the limit is {max_chars}.")
+        raise InvalidInputError(f"The {what} is {len(text):,} characters long; the limit is {max_chars:,}.", field)
+    check_characters(text, what, field=field)
+    if not text and required:
+        raise InvalidInputError(f"Please enter {_article(what)} {what}; it is empty.", field)
     return text
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL; surrogates, which in a str are always unpaired
 
 
-def check_characters(text: str, what: str, error: type[InvalidInputError] = InvalidInputError) -> str:
+def check_characters(text: str, what: str, error: type[InvalidInputError] = InvalidInputError,
+                     field: str | None = None) -> str:
     """``text`` unless it holds a character no database keeps alike: NUL (PostgreSQL refuses it, SQLite
     keeps it) or an unpaired UTF-16 surrogate (not Unicode text: it cannot be encoded). Refused with an
     ``error`` naming ``what`` (the field) and where the character is."""
@@ -76,36 +83,45 @@ def check_characters(text: str, what: str, error: type[InvalidInputError] = Inva
     if found is None:
         return text
     char, where = found.group(), found.start() + 1
-    field = what.removeprefix("a ").removeprefix("the ")
+    name = what.removeprefix("a ").removeprefix("the ")
     if char == "\x00":
         found_what, why = "a NUL character (\\x00)", "it cannot be stored"
     else:
         found_what, why = f"an unpaired surrogate (\\u{ord(char):04x})", "it is not valid Unicode text"
-    raise error(f"There is {found_what} in the {field} (character {where}); {why}: remove it and try again.")
+    message = f"There is {found_what} in the {name} (character {where}); {why}: remove it and try again."
+    raise error(message) if field is None else error(message, field)
 
 
-def require_int(value: Any, what: str, low: int, high: int) -> int:
-    """A whole number in ``[low, high]`` (``3`` and ``3.0`` pass, ``3.5`` does not)."""
-    number = require_float(value, what, low, high)
+def require_int(value: Any, field: str, low: int, high: int, *, what: str | None = None) -> int:
+    """A whole number in ``[low, high]`` (``3`` and ``3.0`` pass, ``3.5`` does not); errors are about ``field``."""
+    number = require_float(value, field, low, high, what=what)
     if not number.is_integer():
-        raise InvalidInputError(f"The {what} must be a whole number, not {_shown(value)}.")
+        raise InvalidInputError(f"The {what or _words(field)} must be a whole number, not {_shown(value)}.", field)
     return int(number)
 
 
-def require_float(value: Any, what: str, low: float, high: float) -> float:
-    """A number in ``[low, high]``; NaN, infinity and text that is not a number are refused."""
+def require_float(value: Any, field: str, low: float, high: float, *, what: str | None = None) -> float:
+    """A number in ``[low, high]``; NaN, infinity and text that is not a number are refused (about ``field``)."""
+    what = what or _words(field)
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidInputError(f"The {what} must be a number, not {_shown(value)}.") from None
+        raise InvalidInputError(f"The {what} must be a number, not {_shown(value)}.", field) from None
     if not low <= number <= high:  # also refuses NaN and infinity
-        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {_shown(value)}.")
+        raise InvalidInputError(f"The {what} must be between {low} and {high}; got {_shown(value)}.", field)
     return number
 
 
+def _words(field: str) -> str:
+    return field.replace("_", " ")
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return reprlib.repr(value)  # short, however large the value
 
 
 def load_kwargs(spec: ModelSpec, placement: Placement) -> dict[str, Any]:

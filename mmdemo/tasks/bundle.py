@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..registry import Placement
@@ -13,6 +14,18 @@ class TransformersBundle:
     model: Any
     processor: Any
     placement: Placement
+    processor_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def inputs(self, **processor_arguments: Any) -> Any:
+        """The processor's tensors for the model, on its device and in its dtype (see :func:`move_inputs`).
+
+        The processor runs one call at a time (the model does not): a fast tokenizer keeps its padding and
+        truncation settings between calls, and changing them while another thread encodes fails ("Already
+        borrowed") or encodes that thread's text with the other settings.
+        """
+        with self.processor_lock:
+            batch = self.processor(**processor_arguments, return_tensors="pt")
+        return move_inputs(batch, self)
 
 
 def move_inputs(batch: Any, bundle: TransformersBundle) -> Any:

@@ -9,10 +9,10 @@ from typing import Any, Mapping
 from PIL import Image
 
 from ..catalog import ModelSpec
-from ..media import MediaLimits, load_image
+from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
-from .base import Task, load_kwargs, require_float, require_int
-from .bundle import TransformersBundle, generation_settings, move_inputs
+from .base import Task, load_kwargs, require_float, require_int, require_text
+from .bundle import TransformersBundle, generation_settings
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,13 @@ class CaptionTask(Task):
         request = CaptionRequest(**self._known_fields(inputs))
         return replace(
             request,
-            image=load_image(request.image, limits),
-            prefix=(request.prefix or "").strip()[:500],
-            max_new_tokens=require_int(request.max_new_tokens, "maximum caption length", 1, 200),
-            num_beams=require_int(request.num_beams, "number of beams", 1, 10),
+            image=load_image(request.image, limits, max_aspect_ratio=MAX_ASPECT_RATIO),
+            prefix=require_text(request.prefix, "prefix", 500, what="start of the caption", required=False),
+            max_new_tokens=require_int(request.max_new_tokens, "max_new_tokens", 1, 200, what="maximum caption length"),
+            num_beams=require_int(request.num_beams, "num_beams", 1, 10, what="number of beams"),
             do_sample=bool(request.do_sample),
             temperature=require_float(request.temperature, "temperature", 0.01, 5.0),
-            top_p=require_float(request.top_p, "top-p", 0.01, 1.0),
+            top_p=require_float(request.top_p, "top_p", 0.01, 1.0, what="top-p"),
         )
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> TransformersBundle:
@@ -69,7 +69,7 @@ class CaptionTask(Task):
             first = requests[indices[0]]
             images = [requests[i].image for i in indices]
             text = [first.prefix] * len(indices) if first.prefix else None
-            inputs = move_inputs(model.processor(images=images, text=text, return_tensors="pt", padding=True), model)
+            inputs = model.inputs(images=images, text=text, padding=True)
             with torch.inference_mode():
                 output = model.model.generate(
                     **inputs,

@@ -21,10 +21,11 @@ from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import Audio, MediaLimits, load_audio
 from ..registry import Placement
-from .base import Task, load_kwargs
+from .base import Task, load_kwargs, require_text
 
 SAMPLING_RATE = 16_000
 CHUNK_SECONDS = 30
+MAX_LANGUAGE_CHARS = 20  # a code ("en", "haw") or "auto"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SpeechTask(Task):
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> SpeechRequest:
         request = SpeechRequest(**self._known_fields(inputs))
-        language = (request.language or "").strip().lower()
+        language = require_text(request.language, "language", MAX_LANGUAGE_CHARS, required=False).lower()
         if language not in ("", "auto"):
             _require_whisper_language(language)
         return replace(
@@ -100,7 +101,7 @@ class SpeechTask(Task):
             if request.language and model.languages and request.language not in model.languages:
                 raise InvalidInputError(
                     f"Language '{request.language}' is not known to this model. Use a code such as "
-                    f"{', '.join(sorted(model.languages)[:8])}, or leave it empty to detect it."
+                    f"{', '.join(sorted(model.languages)[:8])}, or leave it empty to detect it.", "language"
                 )
         if model.backend == "ctranslate2":
             return [{**_transcribe_ctranslate2(model, request), "batch": 1} for request in requests]
@@ -115,7 +116,7 @@ def _require_whisper_language(language: str) -> None:
     if language not in LANGUAGES:
         raise InvalidInputError(
             f"Language '{language}' is not a Whisper language code. Use a code such as en, de, es or fr, "
-            "or leave it empty to detect it."
+            "or leave it empty to detect it.", "language"
         )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import queue
 import random
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Mapping
 
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError, RequestInterrupted
@@ -14,6 +17,7 @@ from .base import Task, load_kwargs, require_float, require_int, require_text
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000  # the prompt and the negative prompt each
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,38 @@ class TextToImageRequest:
 
 @dataclass
 class DiffusersBundle:
-    pipeline: Any
+    pipeline: Any  # the loaded pipeline; calls run on views of it (see call_view)
     placement: Placement
     size_multiple: int
+    spare_views: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+
+    @contextmanager
+    def call_view(self) -> Iterator[Any]:
+        """A pipeline for one call: the loaded modules, shared (no weights copied, nothing moved), with a
+        scheduler and tokenizers of its own. Schedulers keep the call's timesteps and step index on
+        themselves, tokenizers their padding settings and the pipeline its guidance scale, so concurrent
+        calls on one pipeline would overwrite each other's. A view is reused once its call is over: there
+        are as many as calls ever ran at once."""
+        try:
+            view = self.spare_views.get_nowait()
+        except queue.Empty:
+            view = _pipeline_view(self.pipeline)
+        try:
+            yield view
+        finally:
+            self.spare_views.put(view)
+
+
+def _pipeline_view(pipeline: Any) -> Any:
+    from transformers import PreTrainedTokenizerBase
+
+    components = {name: copy.deepcopy(part) if isinstance(part, PreTrainedTokenizerBase) else part
+                  for name, part in pipeline.components.items()}
+    components["scheduler"] = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    _, options = pipeline._get_signature_keys(pipeline)  # settings such as requires_safety_checker
+    view = type(pipeline)(**components, **{name: pipeline.config[name] for name in options if name in pipeline.config})
+    view.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return view
 
 
 class TextToImageTask(Task):
@@ -46,19 +79,22 @@ class TextToImageTask(Task):
         seed = request.seed
         if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0):
             seed = random.randint(0, MAX_SEED)  # -1 or empty also means "random", as in most UIs
+        prompt = require_text(request.prompt, "prompt", MAX_PROMPT_CHARS)
+        negative_prompt = require_text(request.negative_prompt, "negative_prompt", MAX_PROMPT_CHARS, required=False)
         width = require_int(request.width, "width", 64, 2048)
         height = require_int(request.height, "height", 64, 2048)
         if width * height > limits.max_image_pixels:
-            raise InvalidInputError(f"{width}x{height} is larger than the {limits.max_image_pixels:,}-pixel limit.")
+            raise InvalidInputError(f"{width}x{height} is larger than the {limits.max_image_pixels:,}-pixel limit.",
+                                    "width")
         return replace(
             request,
-            prompt=require_text(request.prompt, "a prompt", max_chars=2000),
-            negative_prompt=(request.negative_prompt or "").strip()[:2000],
-            steps=require_int(request.steps, "number of steps", 1, 150),
-            guidance=require_float(request.guidance, "guidance scale", 0.0, 30.0),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=require_int(request.steps, "steps", 1, 150, what="number of steps"),
+            guidance=require_float(request.guidance, "guidance", 0.0, 30.0, what="guidance scale"),
             width=width,
             height=height,
-            num_images=require_int(request.num_images, "number of images", 1, 8),
+            num_images=require_int(request.num_images, "num_images", 1, 8, what="number of images"),
             seed=require_int(seed, "seed", 0, MAX_SEED),
         )
 
@@ -83,9 +119,8 @@ class TextToImageTask(Task):
         if request.width % multiple or request.height % multiple:
             raise InvalidInputError(
                 f"Width and height must be multiples of {multiple} for this model; got "
-                f"{request.width}x{request.height}."
+                f"{request.width}x{request.height}.", "width"
             )
-        warnings = self._prompt_warnings(model.pipeline, request)
         generator_device = "cpu" if model.placement.device == "mps" else model.placement.device
         # One generator per image, seeded seed + i: image i is made again alone from its own seed.
         seeds = image_seeds(request.seed, request.num_images)
@@ -110,8 +145,9 @@ class TextToImageTask(Task):
         )
         if request.negative_prompt:
             arguments["negative_prompt"] = request.negative_prompt
-        with torch.inference_mode():
-            images = model.pipeline(**arguments).images
+        with model.call_view() as pipeline, torch.inference_mode():
+            warnings = self._prompt_warnings(pipeline, request)
+            images = pipeline(**arguments).images
         return {
             "images": images,
             "seed": request.seed,

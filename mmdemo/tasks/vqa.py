@@ -8,10 +8,10 @@ from typing import Any, Mapping
 from PIL import Image
 
 from ..catalog import ModelSpec
-from ..media import MediaLimits, load_image
+from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
 from .base import Task, load_kwargs, require_int, require_text
-from .bundle import TransformersBundle, move_inputs
+from .bundle import TransformersBundle
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,10 @@ class VqaTask(Task):
         request = VqaRequest(**self._known_fields(inputs))
         return replace(
             request,
-            question=require_text(request.question, "a question", max_chars=500),
-            image=load_image(request.image, limits),
-            top_k=require_int(request.top_k, "number of answers", 1, 20),
-            max_new_tokens=require_int(request.max_new_tokens, "maximum answer length", 1, 100),
+            question=require_text(request.question, "question", 500),
+            image=load_image(request.image, limits, max_aspect_ratio=MAX_ASPECT_RATIO),
+            top_k=require_int(request.top_k, "top_k", 1, 20, what="number of answers"),
+            max_new_tokens=require_int(request.max_new_tokens, "max_new_tokens", 1, 100, what="maximum answer length"),
         )
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> TransformersBundle:
@@ -48,10 +48,7 @@ class VqaTask(Task):
     def predict(self, model: TransformersBundle, request: VqaRequest) -> dict[str, Any]:
         import torch
 
-        inputs = move_inputs(
-            model.processor(images=request.image, text=request.question, return_tensors="pt", truncation=True),
-            model,
-        )
+        inputs = model.inputs(images=request.image, text=request.question, truncation=True)
         with torch.inference_mode():
             if model.model.config.model_type == "vilt":
                 # ViLT is trained with a sigmoid per answer (VQAv2 soft scores): report those.

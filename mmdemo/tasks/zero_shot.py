@@ -16,13 +16,16 @@ from PIL import Image
 
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
-from ..media import MediaLimits, load_image
+from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
 from .base import Task, check_characters, load_kwargs, require_text
-from .bundle import TransformersBundle, move_inputs
+from .bundle import TransformersBundle
 
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
+MAX_LABELS_TEXT_CHARS = MAX_LABELS * (MAX_LABEL_CHARS + 2)  # the labels as one text: each label and ", "
+MAX_TEMPLATE_CHARS = 200
+LABEL_SLOT = "{}"  # where the template takes the label
 TEXT_CACHE_SIZE = 64
 MULTI_LABEL_KINDS = frozenset({"siglip"})  # trained with a per-pair sigmoid loss
 
@@ -46,22 +49,43 @@ def parse_labels(labels: Any) -> tuple[str, ...]:
     """Labels from a list or a comma/newline separated string: stripped, deduplicated, in order."""
     if labels is None:
         items: list[str] = []
-    elif isinstance(labels, str):
-        items = re.split(r"[,\n]", labels)
+    elif isinstance(labels, (list, tuple)):
+        if len(labels) > MAX_LABELS:
+            raise InvalidInputError(f"{len(labels)} labels given; the limit is {MAX_LABELS}.", "labels")
+        items = [require_text(item, "labels", MAX_LABEL_CHARS, what="label", required=False) for item in labels]
     else:
-        items = [str(item) for item in labels]
+        text = require_text(labels, "labels", MAX_LABELS_TEXT_CHARS, what="list of labels", required=False)
+        items = re.split(r"[,\n]", text)
     unique: dict[str, str] = {}
     for item in items:
-        label = check_characters(" ".join(item.split()), "labels")
+        label = check_characters(" ".join(item.split()), "labels", field="labels")
         if label and label.casefold() not in unique:
             if len(label) > MAX_LABEL_CHARS:
-                raise InvalidInputError(f"The label '{label[:30]}...' is longer than {MAX_LABEL_CHARS} characters.")
+                raise InvalidInputError(f"The label '{label[:30]}...' is longer than {MAX_LABEL_CHARS} characters.",
+                                        "labels")
             unique[label.casefold()] = label
     if not unique:
-        raise InvalidInputError("Please give at least one label (separate labels with commas or new lines).")
+        raise InvalidInputError("Please give at least one label (separate labels with commas or new lines).", "labels")
     if len(unique) > MAX_LABELS:
-        raise InvalidInputError(f"{len(unique)} labels given; the limit is {MAX_LABELS}.")
+        raise InvalidInputError(f"{len(unique)} labels given; the limit is {MAX_LABELS}.", "labels")
     return tuple(unique.values())
+
+
+def parse_template(template: Any) -> str:
+    """A template with one ``{}`` where the label goes and no other braces (labels are put in by plain
+    substitution, never ``str.format``)."""
+    text = require_text(template, "template", MAX_TEMPLATE_CHARS)
+    if text.count(LABEL_SLOT) != 1:
+        raise InvalidInputError(f'The template must contain "{LABEL_SLOT}" exactly once, where the label goes.',
+                                "template")
+    if "{" in text.replace(LABEL_SLOT, "") or "}" in text.replace(LABEL_SLOT, ""):
+        raise InvalidInputError(f'The template may contain braces only as "{LABEL_SLOT}", where the label goes.',
+                                "template")
+    return text
+
+
+def fill_template(template: str, label: str) -> str:
+    return template.replace(LABEL_SLOT, label)
 
 
 class ZeroShotTask(Task):
@@ -71,20 +95,18 @@ class ZeroShotTask(Task):
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> ZeroShotRequest:
         request = ZeroShotRequest(**self._known_fields(inputs))
-        template = require_text(request.template, "a prompt template", max_chars=200)
-        if template.count("{}") != 1:
-            raise InvalidInputError('The template must contain "{}" exactly once, where the label goes.')
+        template = parse_template(request.template)
         if request.multi_label and spec.kind not in MULTI_LABEL_KINDS:
             raise InvalidInputError(
                 f"Multi-label scores need a sigmoid-trained model such as SigLIP; {spec.id} only ranks labels "
-                "against each other (single-label)."
+                "against each other (single-label).", "multi_label"
             )
         return replace(
             request,
             labels=parse_labels(request.labels),
             template=template,
             multi_label=bool(request.multi_label),
-            image=load_image(request.image, limits),
+            image=load_image(request.image, limits, max_aspect_ratio=MAX_ASPECT_RATIO),
         )
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> ZeroShotBundle:
@@ -103,7 +125,7 @@ class ZeroShotTask(Task):
         """One image forward pass for the whole batch; label embeddings come from the cache."""
         import torch
 
-        pixels = move_inputs(model.processor(images=[r.image for r in requests], return_tensors="pt"), model)
+        pixels = model.inputs(images=[r.image for r in requests])
         with torch.inference_mode():
             image_embeds = _normalise(_features(model.model.get_image_features(**pixels)))
             scale = model.model.logit_scale.exp()
@@ -128,10 +150,9 @@ class ZeroShotTask(Task):
             if key in model.text_cache:
                 model.text_cache.move_to_end(key)
                 return model.text_cache[key]
-        texts = [template.format(label) for label in labels]
+        texts = [fill_template(template, label) for label in labels]
         padding = "max_length" if model.kind == "siglip" else True  # SigLIP was trained on padded text
-        tokens = model.processor(text=texts, return_tensors="pt", padding=padding, truncation=True)
-        tokens = move_inputs(tokens, model)
+        tokens = model.inputs(text=texts, padding=padding, truncation=True)
         embeds = _normalise(_features(model.model.get_text_features(**tokens)))
         with model.cache_lock:
             model.text_cache[key] = embeds

@@ -59,7 +59,7 @@ def batch_size(n: Any) -> int:
     """How many items to lease: a whole number from 1 to the queue's limit (None: the default, 10)."""
     from ..feedback.annotation import DEFAULT_BATCH, MAX_BATCH
 
-    return DEFAULT_BATCH if n is None or n == "" else require_int(n, "batch size", 1, MAX_BATCH)
+    return DEFAULT_BATCH if n is None or n == "" else require_int(n, "n", 1, MAX_BATCH, what="batch size")
 
 
 def signed_in_text(ctx: AppContext, request: gr.Request | None) -> str:

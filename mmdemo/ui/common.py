@@ -291,8 +291,11 @@ def validated_api(fn: Callable, validator: Callable[..., list[dict[str, Any]]], 
     registered.validator = validator
 
 
-def blamed_input(exc: MMDemoError, media: str | None, text: str) -> str:
-    """The input a validation message is shown on: the media, the model, or the tab's main text."""
+def blamed_input(exc: MMDemoError, media: str | None, text: str, names: Sequence[str] = ()) -> str:
+    """The input a validation message is shown on: the endpoint parameter among ``names`` that the error
+    names (its ``field``), else the media, the model, or the tab's main text."""
+    if isinstance(exc, InvalidInputError) and exc.field in names:
+        return exc.field
     if media and isinstance(exc, (InvalidImageError, ImageTooLargeError, InvalidAudioError, AudioTooLongError)):
         return media
     if isinstance(exc, (UnknownModelError, TaskMismatchError)):
@@ -521,7 +524,7 @@ def input_validator(ctx: AppContext, task: str, request: Request, media: str | N
             model_id, inputs = request(*values)
             tasks.prepare(ctx.registry, task, model_id, inputs)
         except MMDemoError as exc:
-            blamed = blamed_input(exc, media, text)
+            blamed = blamed_input(exc, media, text, names)
             return [gr.validate(name != blamed, str(exc) if name == blamed else "") for name in names]
         except Exception:  # noqa: BLE001 - the handler will meet it again and report it
             log.exception("validating a %s request failed", task)
