@@ -11,7 +11,7 @@ from pathlib import Path
 
 import browser_util
 import pytest
-from browser_util import field, fill_text, open_tab, set_number
+from browser_util import field, fill_text, open_as_admin, open_tab, set_number
 from playwright.sync_api import Browser, Page, expect
 
 from mmdemo.feedback import AnnotationQueue, export_dataset
@@ -165,9 +165,9 @@ def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_
 
 
 def test_every_annotate_action_answers_beside_its_button(launch_app, page: Page, tmp_path: Path):
-    # No login, on this machine only: everyone here may annotate and create campaigns.
+    # No login: the browser that opened the admin link may annotate and create campaigns.
     app = launch_app(database_url=f"sqlite:///{tmp_path / 'feedback.db'}")
-    page.goto(app.url)
+    open_as_admin(page, app)
     panel = open_tab(page, "Annotate")
     intro = panel.locator(".prose.mmdemo-annotate-intro")
     expect(intro).to_contain_text(re.compile(r"Not signed in: your labels are saved as anon-[0-9a-f]+"))
@@ -201,4 +201,4 @@ def test_every_annotate_action_answers_beside_its_button(launch_app, page: Page,
     choose(panel, "Campaign", "empty one")
     set_number(field(panel, "Batch size"), "0")
     panel.get_by_role("button", name="Get a batch").click()
-    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_have_text("Not done: A batch is 1 to 100 items, not 0.")
+    expect(panel.locator(".prose.mmdemo-annotate-batch")).to_have_text("Not done: The batch size must be between 1 and 100; got 0.")

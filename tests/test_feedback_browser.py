@@ -143,7 +143,8 @@ def test_a_typed_zero_shot_label_is_saved_as_typed(app: Page, store):
     assert store.get(saved_id(panel)).correction == ["tabby"]
 
 
-def test_models_panel_actions_answer_beside_their_buttons(app: Page):
+def test_models_panel_actions_answer_beside_their_buttons(app: Page, tiny_app):
+    open_as_admin(app, tiny_app)
     panel = open_tab(app, "Models")
     panel.get_by_label("Model", exact=True).click()
     app.get_by_role("option", name="broken-caption", exact=True).click()

@@ -32,7 +32,8 @@ TITLE = "Annotate"
 ROLES = ("annotator", "admin")
 ANNOTATE_QUEUE = "annotate"  # quick database work, beside the model queue
 NEED_LOGIN = ("**Annotation is for annotators.** Sign in with an account whose role is `annotator` or "
-              "`admin` (the app needs an auth file: `MMDEMO_AUTH_FILE`; see README, Login).")
+              "`admin` (with an auth file: `MMDEMO_AUTH_FILE`), or, where the app has no login, open the admin "
+              "link it printed at start-up (see README, Login).")
 INPUT_NAMES = {"question": "Question", "labels": "Labels offered", "prompt": "Prompt",
                "negative_prompt": "Negative prompt", "prefix": "Caption prefix", "language": "Language"}
 SUGGESTION = {"image-to-text": "text", "visual-question-answering": "answer", "automatic-speech-recognition": "text"}

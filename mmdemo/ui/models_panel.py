@@ -26,8 +26,7 @@ EXPORT_ONLY = [("approved: corrected or thumbs up", "approved"), ("corrected onl
 
 
 # A model that is not loaded: where it would load from (see ModelRegistry.availability).
-NOT_LOADED_STATES = {"local": "not loaded (local)", "hub": "not loaded (download)",
-                     "unavailable": "unavailable (no Hub, not cached)"}
+NOT_LOADED_STATES = {"local": "not loaded", "hub": "not downloaded", "unavailable": "unavailable"}
 
 
 def status_rows(ctx: AppContext) -> list[list[Any]]:
