@@ -5,6 +5,14 @@ from __future__ import annotations
 from playwright.sync_api import Browser, Page, expect
 
 
+def open_app(page: Page, url: str, width: int = 1280, height: int = 900) -> Page:
+    """``page`` on the app at ``url`` (a desktop-sized window), once its tabs are up."""
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto(url)
+    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
+    return page
+
+
 def open_tab(page: Page, name: str):
     page.get_by_role("tab", name=name).click()
     panel = page.locator(f"#tab-{name.lower()}")

@@ -219,6 +219,19 @@ def pg_database(pg_server):
     return pg_server.create_database()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_on_each_database(request, tmp_path):
+    """A new feedback store on SQLite, then on PostgreSQL (emptied first), with its data dir in ``tmp_path``."""
+    from mmdemo.feedback import FeedbackStore
+
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_database")
+        request.getfixturevalue("pg_server").reset_database(url)
+    with FeedbackStore(url, tmp_path / "data") as store:
+        yield store
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """torch on one thread for a module (tiny models train faster so on two shared cores), then as before."""

@@ -62,15 +62,9 @@ class Clock:
 # --- fixtures ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    """A store on each database (PostgreSQL: emptied first)."""
-    url = None
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_database")
-        request.getfixturevalue("pg_server").reset_database(url)
-    with FeedbackStore(url, tmp_path / "data") as store:
-        yield store
+@pytest.fixture
+def store(store_on_each_database):
+    return store_on_each_database
 
 
 @pytest.fixture

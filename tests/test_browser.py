@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import soundfile as sf
-from browser_util import field, open_as_admin, open_tab, set_number
+from browser_util import field, open_app, open_as_admin, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -27,10 +27,7 @@ SLOW = 60_000  # ms: the first call of a model loads it (and imports transformer
 
 @pytest.fixture
 def app(page: Page, tiny_app) -> Page:
-    page.set_viewport_size({"width": 1280, "height": 900})
-    page.goto(tiny_app.url)
-    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
-    return page
+    return open_app(page, tiny_app.url)
 
 
 def footer(panel):

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from browser_util import field, open_as_admin, open_tab, set_number
+from browser_util import field, open_app, open_as_admin, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 from mmdemo.feedback import FeedbackStore
@@ -25,10 +25,7 @@ SAVED = re.compile(r"Saved #(\d+)")
 
 @pytest.fixture
 def app(page: Page, tiny_app) -> Page:
-    page.set_viewport_size({"width": 1280, "height": 1000})
-    page.goto(tiny_app.url)
-    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
-    return page
+    return open_app(page, tiny_app.url, height=1000)
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,9 @@ def zero_shot_output(store: FeedbackStore) -> str:
 # --- the store, on both databases -----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    url = None
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_database")
-        request.getfixturevalue("pg_server").reset_database(url)
-    with FeedbackStore(url, tmp_path / "data") as store:
-        yield store
+@pytest.fixture
+def store(store_on_each_database):
+    return store_on_each_database
 
 
 @pytest.mark.parametrize("kind", list(BAD_CHARACTERS))

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from browser_util import field, fill_text, open_tab, set_number
+from browser_util import field, fill_text, open_app, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -19,10 +19,7 @@ SAVED = re.compile(r"Saved #\d+")
 
 @pytest.fixture
 def app(page: Page, tiny_app) -> Page:
-    page.set_viewport_size({"width": 1280, "height": 900})
-    page.goto(tiny_app.url)
-    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
-    return page
+    return open_app(page, tiny_app.url)
 
 
 def footer(panel):

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from browser_util import fill_text, open_tab, set_number
+from browser_util import fill_text, open_app, open_tab, set_number
 from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
@@ -24,10 +24,7 @@ def small_app(launch_app):
 
 @pytest.fixture
 def app(page: Page, small_app) -> Page:
-    page.set_viewport_size({"width": 1280, "height": 900})
-    page.goto(small_app.url)
-    expect(page.get_by_role("tab", name="Caption")).to_be_visible()
-    return page
+    return open_app(page, small_app.url)
 
 
 def textbox(panel, label: str):
