@@ -489,11 +489,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         questions = questions_from_export(args.dataset, task)
         source = describe_source(questions, {"kind": "dataset", "dataset": str(args.dataset.resolve())})
-    results = {model_id: score(served_model_answers(registry, model_id, task), questions) for model_id in model_ids}
+    results = {model_id: score(served_model_answers(registry, model_id, task), questions, task)
+               for model_id in model_ids}
     if args.json:
         print(json.dumps({"task": task, "data": source, "models": results}, indent=2))
     else:
-        print(format_table(results, source))
+        print(format_table(results, source, task))
     return 0
 
 
