@@ -129,7 +129,8 @@ def test_a_multi_label_record_gives_several_positives(tiny_models, colours):
     spec = SimpleNamespace(kind="clip", source_scheme="local-dir", defaults={})
     model, processor = adapter.load(spec, str(tiny_models / "clip"), Placement("cpu", "float32"))
     rows = {"image": [square("navy", random.Random(0)), square("cyan", random.Random(0))],
-            "labels": [["navy", "dark"], ["cyan"]], "candidate_labels": [LABELS, LABELS], "template": ["a {} square", None]}
+            "labels": [["navy", "dark"], ["cyan"]], "candidate_labels": [LABELS, LABELS],
+            "template": ["a {} square", None]}
     batch = adapter.collate(model, processor, rows, 40)
     texts = processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert len(texts) == 8 + 1 + 8  # the 8 colours and "dark" in the record's template, the 8 in the default
