@@ -12,6 +12,7 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo finetune --task caption --base blip-caption-base --name blip-ours
     mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
     mmdemo evaluate --task vqa --models vilt-vqa,vilt-ours --campaign held-out
+    mmdemo finetune --task zero-shot --base tiny-clip --name clip-ours --eval-dataset ./gold
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -387,7 +388,7 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
                     "<data_dir>/models/NAME, served as catalog model NAME.")
     finetune.add_argument("--task", required=True,
-                          help="task id or alias: caption (BLIP), vqa (ViLT or BLIP)")
+                          help="task id or alias: caption (BLIP), vqa (ViLT or BLIP), zero-shot (CLIP or SigLIP)")
     finetune.add_argument("--base", required=True, help="catalog model id to start from (see `mmdemo models`)")
     finetune.add_argument("--name", required=True, help="id of the new model: letters, digits, '.', '_', '-'")
     finetune.add_argument("--dataset", type=Path,
@@ -450,9 +451,10 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo evaluate``: the task's metric for catalog models on labelled data."""
     evaluate = commands.add_parser(
         "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
-        description="Score catalog models with the task's metric (VQA accuracy) on the labels of an annotation "
+        description="Score catalog models with the task's metric (VQA accuracy; zero-shot top-1 accuracy and "
+                    "multi-label F1) on the labels of an annotation "
                     "campaign or on an exported dataset folder, and print a table.")
-    evaluate.add_argument("--task", required=True, help="task id or alias (vqa)")
+    evaluate.add_argument("--task", required=True, help="task id or alias (vqa, zero-shot)")
     evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")
@@ -489,11 +491,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         questions = questions_from_export(args.dataset, task)
         source = describe_source(questions, {"kind": "dataset", "dataset": str(args.dataset.resolve())})
-    results = {model_id: score(served_model_answers(registry, model_id, task), questions) for model_id in model_ids}
+    results = {model_id: score(served_model_answers(registry, model_id, task), questions, task)
+               for model_id in model_ids}
     if args.json:
         print(json.dumps({"task": task, "data": source, "models": results}, indent=2))
     else:
-        print(format_table(results, source))
+        print(format_table(results, source, task))
     return 0
 
 

@@ -8,7 +8,7 @@ What each task becomes (columns, besides the provenance columns every row has):
 ==============================  ================================================================
 image-to-text                   image, text (the correction, else the accepted output)
 visual-question-answering       image, question, answer
-zero-shot-image-classification  image, labels, candidate_labels (the label set offered)
+zero-shot-image-classification  image, labels, candidate_labels (the label set offered), template
 automatic-speech-recognition    audio ({bytes, path}, ``Audio(decode=False)``), text, language
 text-to-image                   config ``ratings``: prompt, negative_prompt, image, rating (1-5),
                                 preferred; config ``preferences``: prompt, negative_prompt,
@@ -70,6 +70,7 @@ COLUMN_DOCS = {
     "answer": "the target answer: the correction, else the accepted model answer",
     "labels": "the right label(s): the correction, else the model's top label",
     "candidate_labels": "the label set offered to the model",
+    "template": "the template the labels were put in ({} is the label); null: the model's default",
     "language": "the language given for the audio, if any",
     "prompt": "the text-to-image prompt",
     "negative_prompt": "the negative prompt ('' if none)",

@@ -302,13 +302,14 @@ class ZeroShotSchema(TaskSchema):
         from datasets import Image, List, Value
 
         return {"default": dict(image=Image(), labels=List(Value("string")),
-                                     candidate_labels=List(Value("string")))}
+                                     candidate_labels=List(Value("string")), template=Value("string"))}
 
     def examples(self, record: FeedbackRecord) -> Iterator[Example]:
         out = record.output
         # Without a correction the accepted answer is the model's top label.
         labels = record.correction if record.correction is not None else [out.output["labels"][0]["label"]]
-        row = {"labels": list(labels), "candidate_labels": list(out.inputs["labels"])}
+        row = {"labels": list(labels), "candidate_labels": list(out.inputs["labels"]),
+               "template": out.inputs.get("template")}  # None: the model's default template
         yield self._example(record, "default", row, {"image": out.input_media[0]})
 
 

@@ -52,6 +52,12 @@ class FinetuneAdapter(ABC):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
+    def serving_bundle(self, model: Any, processor: Any, spec: ModelSpec, placement: Placement) -> Any:
+        """The loaded ``model`` in the form the task's ``predict`` takes (to score the base before training)."""
+        from ..tasks.bundle import TransformersBundle
+
+        return TransformersBundle(model.eval(), processor, placement)
+
     def check_base(self, spec: ModelSpec) -> None:
         if spec.task != self.task or spec.kind not in self.kinds:
             raise UnsupportedBaseError(
@@ -64,8 +70,9 @@ def finetune_adapters() -> dict[str, FinetuneAdapter]:
     """Every task that can be fine-tuned, with its adapter (``adapter.kinds``: the models it trains)."""
     from .caption import CaptionAdapter
     from .vqa import VqaAdapter
+    from .zero_shot import ZeroShotAdapter
 
-    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter())}
+    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter(), ZeroShotAdapter())}
 
 
 def adapter_for(task: str) -> FinetuneAdapter:

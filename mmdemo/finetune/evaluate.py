@@ -14,6 +14,12 @@ Where the labels come from decides what the numbers mean:
 VQA accuracy is the standard VQA normalisation (lower case, punctuation and articles dropped, number
 words as digits) and, when several people answered a question, ``min(#people who gave the answer / 3,
 1)``; with one answer it is an exact match after normalisation.
+
+Zero-shot classification: the model ranks the labels offered with the image (plus the right ones, if a
+person typed a label that was not offered), through the record's template or the model's default.
+Single-label images score top-1 accuracy; multi-label images (several right labels) score micro F1 of
+the model's top k labels, k being the number of right labels. The right labels of an image several
+people labelled are those at least half of them gave.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any, Callable, Iterable
 from .errors import InvalidDatasetError, UnsupportedBaseError
 
 VQA = "visual-question-answering"
+ZERO_SHOT = "zero-shot-image-classification"
 ACCEPTED, CORRECTED = "accepted", "corrected"
 BIASED_NOTE = ("biased: only the training data's own validation split was available. The base model looks "
                "perfect on accepted rows (they copy its answer) and hopeless on corrected rows (chosen because "
@@ -45,6 +52,8 @@ class LabelledQuestion:
     group: str | None = None         # accepted / corrected (validation split only), else None
     suggested_by: str | None = None  # the model whose suggestion a person accepted, if one did
     output_ids: tuple[str, ...] = ()  # the recorded outputs the labels are about (campaigns)
+    labels_offered: tuple[str, ...] = ()  # zero-shot: the labels the model chooses from
+    template: str | None = None      # zero-shot: the record's template (None: the model's default)
 
 
 # --- VQA accuracy ------------------------------------------------------------------------------------
@@ -92,10 +101,13 @@ def group_vqa_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
+def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool,
+                        task: str = VQA) -> list[LabelledQuestion]:
     """:class:`LabelledQuestion` s from exported rows; ``split_groups`` marks each accepted or corrected."""
     from PIL import Image
 
+    if task == ZERO_SHOT:
+        return labelled_images_from_rows(rows, split_groups=split_groups)
     found = []
     for group in group_vqa_rows(rows):
         image = Image.open(io.BytesIO(group["image"])).convert("RGB")
@@ -116,9 +128,9 @@ def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]
     from .data import load_export
 
     check_metric(task)
-    data = load_export(Path(path), task, ("image", "question", "answer", "merged_record_ids"))
+    data = load_export(Path(path), task, _EXPORT_COLUMNS[task])
     rows = [row for split in (data.train, data.validation) for row in undecoded(split)]
-    return questions_from_rows(rows, split_groups=False)
+    return questions_from_rows(rows, split_groups=False, task=task)
 
 
 def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[LabelledQuestion]:
@@ -137,8 +149,10 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
     for record in queue.labels(found):
         out = record.output
         accepted = record.correction is None
-        answer = out.output["answer"] if accepted else record.correction
-        group = groups.setdefault(out.input_key, {"ref": out.input_media[0], "question": out.inputs["question"],
+        answer = _accepted_answer(task, out.output) if accepted else record.correction
+        group = groups.setdefault(out.input_key, {"ref": out.input_media[0], "question": out.inputs.get("question", ""),
+                                                  "labels_offered": out.inputs.get("labels", []),
+                                                  "template": out.inputs.get("template"),
                                                   "answers": [], "suggested_by": None, "output_ids": set()})
         group["answers"].append(answer)
         group["output_ids"].add(out.id)
@@ -153,22 +167,58 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
         except FileNotFoundError:
             raise InvalidDatasetError(f"An image of campaign {found.name!r} is missing from the media store "
                                       f"({group['ref']}).") from None
-        questions.append(LabelledQuestion(Image.open(io.BytesIO(data)).convert("RGB"), group["question"],
-                                          tuple(group["answers"]), suggested_by=group["suggested_by"],
-                                          output_ids=tuple(sorted(group["output_ids"]))))
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        labelled = dict(suggested_by=group["suggested_by"], output_ids=tuple(sorted(group["output_ids"])))
+        if task == ZERO_SHOT:
+            right = agreed_labels(group["answers"])
+            questions.append(LabelledQuestion(image, "", right, labels_offered=offered(group["labels_offered"], right),
+                                              template=group["template"], **labelled))
+        else:
+            questions.append(LabelledQuestion(image, group["question"], tuple(group["answers"]), **labelled))
     return questions
+
+
+def _accepted_answer(task: str, output: dict[str, Any]) -> Any:
+    """The label of an accepted suggestion: VQA's answer, zero-shot's top label (as the export takes it)."""
+    return [output["labels"][0]["label"]] if task == ZERO_SHOT else output["answer"]
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
 
 
+# Per task: (column title, result key, key of the count it is over) of each metric, headline first.
+_METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    VQA: (("VQA accuracy", "vqa_accuracy", "questions"),),
+    ZERO_SHOT: (("top-1 accuracy", "top1_accuracy", "single_label"), ("F1 multi-label", "f1", "multi_label")),
+}
+_EXPORT_COLUMNS = {
+    VQA: ("image", "question", "answer", "merged_record_ids"),
+    ZERO_SHOT: ("image", "labels", "candidate_labels", "template", "merged_record_ids"),
+}
+
+
 def has_metric(task: str) -> bool:
-    return task == VQA
+    return task in _METRICS
 
 
 def check_metric(task: str) -> None:
     if not has_metric(task):
-        raise UnsupportedBaseError(f"Evaluation is not available for {task} yet; tasks: {VQA}.")
+        raise UnsupportedBaseError(f"Evaluation is not available for {task} yet; tasks: {', '.join(_METRICS)}.")
+
+
+def task_inputs(task: str, question: LabelledQuestion) -> dict[str, Any]:
+    """What the task is asked, besides the image: the question, or the labels (and the record's template)."""
+    if task == ZERO_SHOT:
+        return {"labels": list(question.labels_offered),
+                **({"template": question.template} if question.template else {})}
+    return {"question": question.question}
+
+
+def prediction_of(task: str, result: dict[str, Any]) -> Any:
+    """The part of a task's result that is scored: the answer, or the labels best first."""
+    if task == ZERO_SHOT:
+        return [item["label"] for item in result["labels"]]
+    return result["answer"]
 
 
 def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion], str]:
@@ -178,10 +228,10 @@ def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion],
 
     task = get_task(spec.task)
 
-    def answer(question: LabelledQuestion) -> str:
-        request = task.prepare({**spec.defaults, "image": question.image, "question": question.question},
+    def answer(question: LabelledQuestion) -> Any:
+        request = task.prepare({**spec.defaults, "image": question.image, **task_inputs(spec.task, question)},
                                MediaLimits(), spec)
-        return task.predict(bundle, request)["answer"]
+        return prediction_of(spec.task, task.predict(bundle, request))
 
     return answer
 
@@ -190,22 +240,24 @@ def served_model_answers(registry: Any, model_id: str, task: str = VQA) -> Calla
     """Answers of a catalog model through the registry (``mmdemo.tasks.run``)."""
     from ..tasks import run
 
-    return lambda question: run(registry, task, model_id, image=question.image, question=question.question)["answer"]
+    return lambda question: prediction_of(task, run(registry, task, model_id, image=question.image,
+                                                    **task_inputs(task, question)))
 
 
-def score(answer: Callable[[LabelledQuestion], str], questions: list[LabelledQuestion]) -> dict[str, Any]:
-    """VQA accuracy of ``answer`` (question -> the model's answer) over ``questions``, overall and per group."""
-    per_group: dict[str, list[float]] = {}
-    values = []
-    for question in questions:
-        value = vqa_accuracy(answer(question), question.answers)
-        values.append(value)
-        if question.group:
-            per_group.setdefault(question.group, []).append(value)
-    result: dict[str, Any] = {"vqa_accuracy": _mean(values), "questions": len(values)}
-    for group, group_values in sorted(per_group.items()):
-        result[group] = {"vqa_accuracy": _mean(group_values), "questions": len(group_values)}
+def score(answer: Callable[[LabelledQuestion], Any], questions: list[LabelledQuestion],
+          task: str = VQA) -> dict[str, Any]:
+    """The task's metric of ``answer`` (question -> the model's prediction) over ``questions``, overall
+    and per group (accepted / corrected)."""
+    summarise = zero_shot_metrics if task == ZERO_SHOT else _vqa_metrics
+    scored = [(question, answer(question)) for question in questions]
+    result = summarise(scored)
+    for group in sorted({question.group for question in questions if question.group}):
+        result[group] = summarise([pair for pair in scored if pair[0].group == group])
     return result
+
+
+def _vqa_metrics(scored: list[tuple[LabelledQuestion, str]]) -> dict[str, Any]:
+    return {"vqa_accuracy": _mean([vqa_accuracy(answer, q.answers) for q, answer in scored]), "questions": len(scored)}
 
 
 def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -> dict[str, Any]:
@@ -225,15 +277,21 @@ def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -
     return info
 
 
-def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any]) -> str:
-    """A plain-text table: one line per model, VQA accuracy overall (and accepted / corrected apart)."""
+def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], task: str = VQA) -> str:
+    """A plain-text table: one line per model, the task's metrics overall (and accepted / corrected apart)."""
+    metrics = _METRICS[task]
     groups = [g for g in (ACCEPTED, CORRECTED) if any(g in r for r in results.values())]
     width = max([len("model"), *map(len, results)])
-    header = f"{'model':<{width}}  {'VQA accuracy':>12}" + "".join(f"  {g + ' rows':>14}" for g in groups)
+    columns = [(title, None, metric) for title, *metric in metrics]
+    columns += [(f"{g} rows" if len(metrics) == 1 else f"{title}, {g}", g, metric)
+                for g in groups for title, *metric in metrics]
+    widths = [max(14, len(title)) for title, _, _ in columns]
+    header = f"{'model':<{width}}" + "".join(f"  {title:>{w}}" for (title, _, _), w in zip(columns, widths))
     lines = [header]
     for name, result in results.items():
-        cells = "".join(f"  {_cell(result.get(g)):>14}" for g in groups)
-        lines.append(f"{name:<{width}}  {_cell(result):>12}{cells}")
+        cells = "".join(f"  {_cell(result.get(g) if g else result, *metric):>{w}}"
+                        for (_, g, metric), w in zip(columns, widths))
+        lines.append(f"{name:<{width}}{cells}")
     where = source.get("campaign") or source.get("dataset") or source.get("kind", "")
     lines.append(f"on {source['questions']} questions ({where})")
     if source.get("note"):
@@ -241,11 +299,73 @@ def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
-def _cell(result: dict[str, Any] | None) -> str:
-    if not result or result["vqa_accuracy"] is None:
+def _cell(result: dict[str, Any] | None, key: str, count: str) -> str:
+    if not result or result.get(key) is None:
         return "-"
-    return f"{result['vqa_accuracy']:.3f} ({result['questions']})"
+    return f"{result[key]:.3f} ({result[count]})"
 
 
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
+
+
+# --- zero-shot classification ------------------------------------------------------------------------------
+
+
+def agreed_labels(votes: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    """The labels at least half of the people gave (each vote: one person's labels), in first-given order."""
+    votes = [list(dict.fromkeys(label.strip() for label in vote)) for vote in votes]
+    counts = Counter(label.casefold() for vote in votes for label in vote)
+    first = {}
+    for vote in votes:
+        for label in vote:
+            first.setdefault(label.casefold(), label)
+    return tuple(label for key, label in first.items() if 2 * counts[key] >= len(votes))
+
+
+def offered(candidates: Iterable[str], right: Iterable[str]) -> tuple[str, ...]:
+    """The labels the model chooses from: those offered, then any right label a person typed in."""
+    found = {label.casefold(): label for label in candidates}
+    for label in right:
+        found.setdefault(label.casefold(), label)
+    return tuple(found.values())
+
+
+def labelled_images_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
+    """Exported zero-shot rows (image bytes, labels, candidate_labels, template, merged_record_ids)
+    grouped by (image, labels offered, template), the right labels agreed as :func:`agreed_labels`."""
+    from PIL import Image
+
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        data = row["image"]["bytes"]
+        key = (hashlib.sha256(data).hexdigest(), tuple(row["candidate_labels"]), row.get("template"))
+        group = groups.setdefault(key, {"image": data, "votes": [], "corrected": False})
+        group["votes"] += [row["labels"]] * (1 + len(row.get("merged_record_ids") or []))
+        group["corrected"] = group["corrected"] or bool(row.get("corrected"))
+    found = []
+    for (_, candidates, template), group in groups.items():
+        right = agreed_labels(group["votes"])
+        kind = (CORRECTED if group["corrected"] else ACCEPTED) if split_groups else None
+        found.append(LabelledQuestion(Image.open(io.BytesIO(group["image"])).convert("RGB"), "", right, kind,
+                                      labels_offered=offered(candidates, right), template=template))
+    return found
+
+
+def zero_shot_metrics(scored: list[tuple[LabelledQuestion, list[str]]]) -> dict[str, Any]:
+    """Top-1 accuracy over single-label images, micro F1 of the top-k labels over multi-label ones."""
+    hits: list[float] = []
+    true_pos = false_pos = false_neg = multi = 0
+    for question, ranked in scored:
+        right = {label.casefold() for label in question.answers}
+        chosen = {label.casefold() for label in ranked[:len(right)]}
+        if len(right) == 1:
+            hits.append(float(chosen == right))
+            continue
+        multi += 1
+        true_pos += len(chosen & right)
+        false_pos += len(chosen - right)
+        false_neg += len(right - chosen)
+    f1 = round(2 * true_pos / (2 * true_pos + false_pos + false_neg), 4) if multi else None
+    return {"top1_accuracy": _mean(hits), "single_label": len(hits), "f1": f1, "multi_label": multi,
+            "questions": len(scored)}

@@ -105,7 +105,7 @@ class FinetuneResult:
         if "base" not in evaluation:
             return f"No evaluation: no labelled questions ({evaluation['data'].get('kind')})."
         rows = {f"{self.metrics['base']['id']} (base)": evaluation["base"], f"{self.name} (new)": evaluation["new"]}
-        return format_table(rows, evaluation["data"])
+        return format_table(rows, evaluation["data"], self.spec.task)
 
 
 class FinetuneJob:
@@ -239,7 +239,6 @@ class FinetuneJob:
         Returns the metrics (with the base's identity) and the model's size in millions of parameters."""
         from ..registry import free_device_memory
         from ..tasks import _quiet_libraries, get_task
-        from ..tasks.bundle import TransformersBundle
 
         # 2. the base model, float32 weights on the registry's device
         _quiet_libraries()  # no progress bars for loading and saving weights
@@ -253,8 +252,9 @@ class FinetuneJob:
         try:
             # 3. the base scored before training; the model fitted to the data (e.g. new answers)
             if questions:
-                scores["base"] = score(loaded_model_answers(base, TransformersBundle(model.eval(), processor,
-                                                                                     placement)), questions)
+                scores["base"] = score(loaded_model_answers(base, adapter.serving_bundle(model, processor, base,
+                                                                                         placement)),
+                                       questions, base.task)
             changes = adapter.prepare_model(model, processor, data, self.config)
             # 4. train, writing the best epoch's checkpoint into the staging folder
             metrics = train(model, processor, adapter, data, self.config, placement,
@@ -273,7 +273,7 @@ class FinetuneJob:
             if questions:
                 saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
                 bundle = get_task(base.task).load(saved, str(staging), placement)
-                scores["new"] = score(loaded_model_answers(saved, bundle), questions)
+                scores["new"] = score(loaded_model_answers(saved, bundle), questions, base.task)
                 del bundle
                 free_device_memory(placement.device)
             metrics["evaluation"] = {"data": evaluation[1], **scores}
@@ -293,7 +293,7 @@ class FinetuneJob:
                 questions = questions_from_campaign(store, config.eval_campaign, config.task)
             source = {"kind": "campaign", "campaign": config.eval_campaign}
         else:
-            questions = questions_from_rows(undecoded(exported.validation), split_groups=True)
+            questions = questions_from_rows(undecoded(exported.validation), split_groups=True, task=config.task)
             source = {"kind": "validation split"}
         return questions, describe_source(questions, source)
 
