@@ -29,7 +29,9 @@ CSS = """
 /* Phones: the inputs and the button come first, the introduction is left out. */
 @media (max-width: 640px) {
   .mmdemo-intro { display: none; }
-  .mmdemo-input-image { height: 180px !important; }
+  .mmdemo-input-image { height: 150px !important; }
+  .mmdemo-input-audio { height: 150px !important; min-height: 0 !important; }
+  .mmdemo-input-audio * { min-height: 0 !important; }
 }
 """
 

@@ -34,7 +34,8 @@ def present(result: dict[str, Any]) -> tuple[str, list[list[Any]]]:
 def build(ctx: AppContext) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         with gr.Column():
-            audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
+            audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath",
+                             elem_classes="mmdemo-input-audio")
             model, note = model_picker(ctx, TASK)
             with gr.Row():
                 language = gr.Dropdown(LANGUAGES, value="auto", allow_custom_value=True,
