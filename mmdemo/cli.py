@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from .config import Settings, apply_environment
 from .errors import InvalidInputError, MMDemoError
+from .logs import configure_logging
 
 TASK_ALIASES = {
     "caption": "image-to-text",
@@ -168,10 +169,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    configure_logging(level)
     try:
         settings = settings_from_args(args)
+        configure_logging(level, settings.log_format)
         apply_environment(settings)
         return COMMANDS[args.command](args, settings)
     except InvalidInputError as exc:
