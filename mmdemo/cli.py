@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -189,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import serve
 
-    serve(settings)
+    if not serve(settings):
+        # Calls were cut off after the grace period: their threads may still run in native code, where the
+        # interpreter's exit would abort; leave at once (the store is closed, the log flushed).
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 

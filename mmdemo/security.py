@@ -37,7 +37,7 @@ from urllib.parse import parse_qs
 from starlette.exceptions import HTTPException
 
 from .config import Settings
-from .logs import REQUEST_ID, new_request_id
+from .logs import new_request_id, request_id_set
 
 if TYPE_CHECKING:
     from .auth import AuthFile
@@ -280,7 +280,12 @@ class RequestGuard:
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = new_request_id(headers.get("x-request-id"))
-        send = _with_header(send, b"x-request-id", request_id.encode())
+        with request_id_set(request_id):
+            await self._guard(scope, receive, _with_header(send, b"x-request-id", request_id.encode()),
+                              headers, request_id)
+
+    async def _guard(self, scope: dict, receive: Callable, send: Callable, headers: dict[str, str],
+                     request_id: str) -> None:
         cookies = parse_cookies(headers.get("cookie", ""))
         signer = self.gate.signer
         anonymous_id = signer.unsign(VISITOR_COOKIE, cookies.get(VISITOR_COOKIE))
@@ -329,7 +334,7 @@ class RequestGuard:
                     message = {**message, "headers": [*message.get("headers", []), *set_cookies]}
             await send(message)
 
-        token, request_token = CURRENT_VISITOR.set(visitor), REQUEST_ID.set(request_id)
+        token = CURRENT_VISITOR.set(visitor)
         try:
             await self.app(scope, counted_receive, send_with_cookie)
         except BodyTooLarge:
@@ -340,7 +345,6 @@ class RequestGuard:
                 await _plain(send, 429, str(exc), [(b"retry-after", str(exc.retry_after).encode())])
         finally:
             CURRENT_VISITOR.reset(token)
-            REQUEST_ID.reset(request_token)
 
     async def _admin_login(self, scope: dict, send: Callable, visitor: Visitor, set_cookies: list) -> None:
         token = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]

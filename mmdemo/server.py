@@ -217,9 +217,10 @@ def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
     return thread
 
 
-def serve(settings: Settings) -> None:
-    """Check the feedback store, build the app and serve it until interrupted; meanwhile models in
-    ``settings.preload`` load and the feedback store is tidied."""
+def serve(settings: Settings) -> bool:
+    """Check the feedback store, build the app and serve it until SIGTERM or Ctrl-C, then drain (see
+    :func:`drain`); meanwhile models in ``settings.preload`` load and the feedback store is tidied.
+    True when every call finished within the grace period."""
     apply_environment(settings)
     from .ui.app import build_blocks
 
@@ -242,7 +243,7 @@ def serve(settings: Settings) -> None:
               f"(it sets a cookie in that browser):\n    {admin_url(settings, ctx.gate)}", flush=True)
     while not stop.wait(0.5):
         pass
-    drain(demo, ctx, settings.shutdown_grace_s)
+    return drain(demo, ctx, settings.shutdown_grace_s)
 
 
 def stop_on_signals() -> threading.Event:

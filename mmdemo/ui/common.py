@@ -120,7 +120,7 @@ class AppContext:
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
         self.gate = Gatekeeper(self.settings, self.auth)
-        self.ops = Operations(self.settings, store_check=lambda: self.store.ping())
+        self.ops = Operations(self.settings, store_check=lambda: self.open_store().ping())
         self.ops.metrics.add_gauges(registry_gauges(self.registry))
 
     @classmethod
