@@ -272,3 +272,21 @@ def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tin
         assert store.get_output(slow_details["output_id"]).task == "text-to-image"
     finally:
         store.close()
+
+
+def test_a_failed_preload_keeps_the_app_not_ready_with_the_reason(tiny_settings: Settings):
+    from mmdemo.ops import Operations
+
+    ops = Operations(tiny_settings, store_check=lambda: None)
+    ops.preloading(["tiny-clip", "tiny-whisper"])
+    assert ops.readiness() == ["preloading tiny-clip", "preloading tiny-whisper"]
+    ops.preloaded("tiny-clip")
+    ops.preloaded("tiny-whisper", error="its folder is missing")
+    assert ops.readiness() == ["preloading tiny-whisper failed: its folder is missing"]
+
+
+def test_unknown_log_format_is_refused():
+    from mmdemo.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="log format 'xml'"):
+        Settings.from_env({"MMDEMO_LOG_FORMAT": "xml"})
