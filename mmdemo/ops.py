@@ -128,10 +128,13 @@ def queue_gauges(blocks: Any) -> Callable[[], list[GaugeMetricFamily]]:
 
 
 def queue_idle(blocks: Any) -> bool:
-    """Nothing waits in ``blocks``' queue, nothing runs, and every message was sent to its client."""
-    queue = blocks._queue
-    return (len(queue) == 0 and queue.get_active_worker_count() == 0
-            and all(messages.empty() for messages in list(queue.pending_messages_per_session.values())))
+    """Nothing waits in ``blocks``' queue and nothing runs."""
+    return len(blocks._queue) == 0 and blocks._queue.get_active_worker_count() == 0
+
+
+def messages_sent(blocks: Any) -> bool:
+    """Every message of ``blocks``' queue (results included) was taken by its client's stream."""
+    return all(messages.empty() for messages in list(blocks._queue.pending_messages_per_session.values()))
 
 
 class Operations:

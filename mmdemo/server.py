@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .auth import AuthFile
 from .config import Settings, apply_environment
 from .errors import MMDemoError
-from .ops import OpsEndpoints, Operations, queue_gauges, queue_idle
+from .ops import OpsEndpoints, Operations, messages_sent, queue_gauges, queue_idle
 from .registry import ModelRegistry
 from .security import Gatekeeper, RequestGuard, parse_cookies
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .ui.common import AppContext
 
 log = logging.getLogger(__name__)
+
+RESULT_DELIVERY_S = 5.0  # at shutdown, how long finished calls' results may take to reach connected clients
 
 
 def build_app(settings: Settings, registry: ModelRegistry | None = None, *,
@@ -268,6 +270,10 @@ def drain(demo: "gr.Blocks", ctx: "AppContext", grace_s: float) -> bool:
     while not queue_idle(demo) and time.monotonic() < deadline:
         time.sleep(0.05)
     finished = queue_idle(demo)
+    # Results reach their clients through each session's stream; a client that went away never takes its own.
+    delivery_deadline = min(deadline, time.monotonic() + RESULT_DELIVERY_S)
+    while not messages_sent(demo) and time.monotonic() < delivery_deadline:
+        time.sleep(0.05)
     if not finished:
         log.error("calls still running after the %.0f s grace period (MMDEMO_SHUTDOWN_GRACE_S) are cut off", grace_s)
     ctx.recorder.flush(timeout=max(1.0, deadline - time.monotonic()))
