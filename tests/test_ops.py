@@ -213,6 +213,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+FEEDBACK_WRITERS = 16
+
+
+def save_until_refused(client: Client, output_id: str, writer: int, acknowledged: dict[int, str]) -> None:
+    """Save feedback on ``output_id`` again and again until the server refuses; each acknowledged save's
+    record id and comment go into ``acknowledged`` (a later save of the same record replaces it)."""
+    for n in range(10_000):
+        comment = f"writer {writer} save {n}"
+        try:
+            _, record_id = client.predict(output_id, thumbs="up", comment=comment, api_name="/feedback")
+        except Exception:  # noqa: BLE001 - refused (shutting down) or gone: this writer stops
+            return
+        acknowledged[record_id] = comment
+
+
 def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tiny_settings: Settings, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_settings.tiny_dir, data_dir / "tiny-models")
@@ -236,7 +251,9 @@ def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tin
         _, _, details = client.predict(handle_file(CAT), api_name="/caption")
         wait_for(lambda: client.predict(details["output_id"], thumbs="up", comment="just before",
                                         api_name="/feedback"), what="feedback saved")
-        # 2. A slow call running when SIGTERM comes.
+        writers = [Client(url, verbose=False) for _ in range(FEEDBACK_WRITERS)]
+        writer_outputs = [writer.predict(handle_file(CAT), api_name="/caption")[2]["output_id"] for writer in writers]
+        # 2. A slow call running when SIGTERM comes, and 16 clients saving feedback.
         slow = client.submit(prompt="a lighthouse", steps=60, seed=1, randomize_seed=False, api_name="/text_to_image")
 
         def denoising() -> bool:
@@ -245,6 +262,12 @@ def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tin
 
         wait_for(denoising, timeout=120, what="the slow call to run (its model loaded)")
         assert sample(scrape(url), "mmdemo_queue_running", group="models") == 1
+        acknowledged: dict[int, str] = {}
+        saving = [threading.Thread(target=save_until_refused, args=(writer, output_id, index, acknowledged))
+                  for index, (writer, output_id) in enumerate(zip(writers, writer_outputs))]
+        for thread in saving:
+            thread.start()
+        wait_for(lambda: len(acknowledged) >= FEEDBACK_WRITERS // 2, what="feedback saves under way")
         sent = time.monotonic()
         server.send_signal(signal.SIGTERM)
         # 3. Not ready (and new calls refused) while the slow call still runs.
@@ -253,6 +276,8 @@ def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tin
         refused = httpx.post(url + "gradio_api/queue/join", json={"data": [], "fn_index": 0})
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
         # 4. The running call completes; the process exits 0 within the grace period.
+        for thread in saving:
+            thread.join(grace)
         images, seed, _, slow_details = slow.result(timeout=grace)
         assert len(images) == 1 and slow_details["output_id"]
         _, stderr = server.communicate(timeout=grace)
@@ -270,6 +295,8 @@ def test_sigterm_drains_finishes_the_running_call_keeps_feedback_and_exits_0(tin
         saved = [record for record in store.iter_records() if record.output_id == details["output_id"]]
         assert [(record.thumbs, record.comment) for record in saved] == [(1, "just before")]
         assert store.get_output(slow_details["output_id"]).task == "text-to-image"
+        stored = {record.id: record.comment for record in store.iter_records()}
+        assert {record_id: stored.get(record_id) for record_id in acknowledged} == acknowledged
     finally:
         store.close()
 
