@@ -36,7 +36,7 @@ def main() -> None:
         settings = Settings(profile="tiny", data_dir=Path(tmp), device="cpu")
         registry = ModelRegistry.from_settings(settings)
         metrics = Metrics()
-        metrics.add_gauges(registry_gauges(registry))
+        metrics.set_gauges("models", registry_gauges(registry))
 
         def plain() -> float:
             started = time.perf_counter()

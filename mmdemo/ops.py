@@ -54,12 +54,12 @@ class Metrics:
         self.records = Counter("mmdemo_feedback_records", "Records written to the feedback store, by kind "
                                "(output: a result recorded for rating; feedback: a rating or correction)",
                                ["kind"], registry=self.registry)
-        self._collectors: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
+        self._collectors: dict[str, Callable[[], Iterable[GaugeMetricFamily]]] = {}
         self.registry.register(_Collector(self._collectors))
 
-    def add_gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
-        """Gauges read at each scrape (queue lengths, loaded models)."""
-        self._collectors.append(collect)
+    def set_gauges(self, name: str, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+        """Gauges read at each scrape (queue lengths, loaded models); ``name`` replaces earlier ones."""
+        self._collectors[name] = collect
 
     @contextlib.contextmanager
     def timed(self, task: str, model_ids: Sequence[str | None]) -> Iterator[None]:
@@ -84,11 +84,11 @@ class Metrics:
 
 
 class _Collector:
-    def __init__(self, collectors: list[Callable[[], Iterable[GaugeMetricFamily]]]) -> None:
+    def __init__(self, collectors: dict[str, Callable[[], Iterable[GaugeMetricFamily]]]) -> None:
         self._collectors = collectors
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        for collect in self._collectors:
+        for collect in list(self._collectors.values()):
             try:
                 yield from collect()
             except Exception:  # noqa: BLE001 - a scrape never fails because one gauge could not be read
@@ -237,6 +237,9 @@ class OpsEndpoints:
             await _plain(send, 403, "Metrics are open to this machine only, or to a scraper holding "
                                     "MMDEMO_METRICS_TOKEN (Authorization: Bearer ...).")
             return
+        gradio_app = scope.get("app")  # Starlette sets it: gradio's App, under launch() or mounted
+        if hasattr(gradio_app, "get_blocks"):
+            self.ops.metrics.set_gauges("queue", queue_gauges(gradio_app.get_blocks()))
         body = self.ops.metrics.exposition()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),

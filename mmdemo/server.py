@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .auth import AuthFile
 from .config import Settings, apply_environment
 from .errors import MMDemoError
-from .ops import OpsEndpoints, Operations, messages_sent, queue_gauges, queue_idle
+from .ops import OpsEndpoints, Operations, messages_sent, queue_idle
 from .registry import ModelRegistry
 from .security import Gatekeeper, RequestGuard, parse_cookies
 
@@ -111,8 +111,6 @@ def launch(demo: "gr.Blocks", settings: Settings, auth: AuthFile | None = None, 
     ctx = getattr(demo, "mmdemo_context", None)
     gate = ctx.gate if ctx is not None and auth is None else None
     ops = ctx.ops if ctx is not None else None
-    if ops is not None:
-        ops.metrics.add_gauges(queue_gauges(demo))
     # uvicorn (started by gradio) replaces the peer with the X-Forwarded-For hop whenever the peer is in
     # FORWARDED_ALLOW_IPS (loopback by default): let it trust only our trusted proxies, as client_address does.
     os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)

@@ -317,3 +317,36 @@ def test_unknown_log_format_is_refused():
 
     with pytest.raises(InvalidInputError, match="log format 'xml'"):
         Settings.from_env({"MMDEMO_LOG_FORMAT": "xml"})
+
+
+def test_the_endpoints_work_when_mmdemo_is_mounted_in_a_fastapi_app(tiny_settings: Settings, tmp_path):
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
+    from mmdemo.server import build_app, guard_middleware
+
+    settings = tiny_settings.replace(data_dir=tmp_path, catalog=None)
+    shutil.copytree(tiny_settings.tiny_dir, settings.tiny_dir)
+    demo = build_app(settings)
+    ctx = demo.mmdemo_context
+    outer = FastAPI()
+    outer.get("/own")(lambda: {"own": True})
+    app = gr.mount_gradio_app(outer, demo, path="/", app_kwargs={"middleware": guard_middleware(ctx.gate, ctx.ops)})
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, what="uvicorn to start")
+        url = f"http://127.0.0.1:{server.config.port}/"
+        assert httpx.get(url + "own").json() == {"own": True}
+        assert httpx.get(url + "livez").status_code == 200
+        assert httpx.get(url + "readyz").json() == {"ready": True, "reasons": []}
+        Client(url, verbose=False).predict(handle_file(CAT), api_name="/caption")
+        metrics = scrape(url)
+        assert sample(metrics, "mmdemo_requests_total", task="image-to-text", model="tiny-blip-caption",
+                      outcome="ok") == 1
+        assert ("mmdemo_queue_length", (("group", "models"),)) in metrics
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)

@@ -121,7 +121,7 @@ class AppContext:
         self.concurrency = model_concurrency(self.settings)
         self.gate = Gatekeeper(self.settings, self.auth)
         self.ops = Operations(self.settings, store_check=lambda: self.open_store().ping())
-        self.ops.metrics.add_gauges(registry_gauges(self.registry))
+        self.ops.metrics.set_gauges("models", registry_gauges(self.registry))
 
     @classmethod
     def create(cls, settings: Settings, registry: ModelRegistry | None = None,
