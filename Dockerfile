@@ -44,6 +44,6 @@ VOLUME /data
 EXPOSE 7860
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=8)"
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/livez', timeout=8)"
 
 CMD ["python", "app.py"]

@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import Settings, apply_environment
 from .errors import InvalidInputError, MMDemoError
+from .logs import configure_logging
 
 TASK_ALIASES = {
     "caption": "image-to-text",
@@ -169,10 +171,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    configure_logging(level)
     try:
         settings = settings_from_args(args)
+        configure_logging(level, settings.log_format)
         apply_environment(settings)
         return COMMANDS[args.command](args, settings)
     except InvalidInputError as exc:
@@ -188,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import serve
 
-    serve(settings)
+    if not serve(settings):
+        # Calls were cut off after the grace period: their threads may still run in native code, where the
+        # interpreter's exit would abort; leave at once (the store is closed, the log flushed).
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 

@@ -20,6 +20,7 @@ Profile = Literal["default", "tiny"]
 PROFILES: tuple[str, ...] = ("default", "tiny")
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -58,6 +59,10 @@ class Settings:
     # feedback store
     database_url: str | None = field(default=None, repr=False)  # SQLAlchemy URL; None: SQLite in data_dir
     feedback_ttl_days: float = 30.0      # how long a shown result accepts feedback; 0: forever
+    # operations
+    log_format: str = "text"             # text | json (one JSON object per line)
+    metrics_token: str | None = field(default=None, repr=False)  # bearer token for /metrics; None: loopback only
+    shutdown_grace_s: float = 30.0       # on SIGTERM, how long running calls may take to finish
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -82,6 +87,10 @@ class Settings:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise InvalidInputError(f"Unknown device '{self.device}'; use auto, cpu, mps, cuda or cuda:N.")
         parse_memory_budget(self.memory_budget, total_bytes=1)  # validate early
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidInputError(f"Unknown log format '{self.log_format}'; choose one of {', '.join(LOG_FORMATS)}.")
+        if self.shutdown_grace_s < 0:
+            raise InvalidInputError("The shutdown grace period (MMDEMO_SHUTDOWN_GRACE_S) cannot be negative.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs
 from starlette.exceptions import HTTPException
 
 from .config import Settings
+from .logs import new_request_id, request_id_set
 
 if TYPE_CHECKING:
     from .auth import AuthFile
@@ -63,6 +64,7 @@ class Visitor:
     address: str | None
     anonymous_id: str
     admin_link: bool
+    request_id: str | None = None  # the X-Request-ID of the request (see mmdemo.logs)
 
 
 CURRENT_VISITOR: contextvars.ContextVar[Visitor | None] = contextvars.ContextVar("mmdemo_visitor", default=None)
@@ -261,7 +263,8 @@ ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 class RequestGuard:
     """ASGI middleware in front of gradio: body limits, the admin link, the anonymous visitor cookie,
-    exports for admins only, and a :class:`Visitor` in ``scope["state"]["mmdemo_visitor"]``.
+    exports for admins only, a request id (answered as ``X-Request-ID``, set in log lines) and a
+    :class:`Visitor` in ``scope["state"]["mmdemo_visitor"]``.
 
     ``admin_only(route)`` says which file downloads need an admin; ``username_of(scope)`` reads the
     login of a request (gradio's session cookie).
@@ -276,6 +279,13 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        request_id = new_request_id(headers.get("x-request-id"))
+        with request_id_set(request_id):
+            await self._guard(scope, receive, _with_header(send, b"x-request-id", request_id.encode()),
+                              headers, request_id)
+
+    async def _guard(self, scope: dict, receive: Callable, send: Callable, headers: dict[str, str],
+                     request_id: str) -> None:
         cookies = parse_cookies(headers.get("cookie", ""))
         signer = self.gate.signer
         anonymous_id = signer.unsign(VISITOR_COOKIE, cookies.get(VISITOR_COOKIE))
@@ -285,7 +295,7 @@ class RequestGuard:
         peer = (scope.get("client") or (None,))[0]
         admin_link = self.gate.admin_link and signer.unsign(ADMIN_COOKIE, cookies.get(ADMIN_COOKIE)) == "admin"
         visitor = Visitor(address=client_address(peer, headers.get("x-forwarded-for"), self.gate.trusted),
-                          anonymous_id=anonymous_id, admin_link=admin_link)
+                          anonymous_id=anonymous_id, admin_link=admin_link, request_id=request_id)
         scope.setdefault("state", {})["mmdemo_visitor"] = visitor
         route = _route_path(scope)
         set_cookies = [_cookie(VISITOR_COOKIE, signer.sign(VISITOR_COOKIE, anonymous_id, VISITOR_COOKIE_SECONDS),
@@ -348,6 +358,17 @@ class RequestGuard:
         await send({"type": "http.response.start", "status": 303,
                     "headers": [(b"location", b"./"), (b"content-length", b"0"), cookie, *set_cookies]})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _with_header(send: Callable, name: bytes, value: bytes) -> Callable:
+    """``send`` adding one header to the response."""
+
+    async def send_with_header(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return send_with_header
 
 
 def _route_path(scope: dict) -> str:

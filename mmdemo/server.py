@@ -5,19 +5,26 @@
 
 Configuration comes from :class:`~mmdemo.config.Settings` (flags and ``MMDEMO_*`` variables): host,
 port, root path, model concurrency, queue size, batch size, login file, models to preload, feedback
-database.
+database, shutdown grace period.
+
+``/livez``, ``/readyz`` and ``/metrics`` are answered in front of gradio (:mod:`mmdemo.ops`). On SIGTERM
+(or Ctrl-C) :func:`serve` drains: ``/readyz`` fails and new calls are refused at once, running and
+queued calls finish within ``MMDEMO_SHUTDOWN_GRACE_S``, recorded results are flushed, the store closes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .auth import AuthFile
 from .config import Settings, apply_environment
 from .errors import MMDemoError
+from .ops import OpsEndpoints, Operations, messages_sent, queue_idle
 from .registry import ModelRegistry
 from .security import Gatekeeper, RequestGuard, parse_cookies
 
@@ -27,6 +34,8 @@ if TYPE_CHECKING:
     from .ui.common import AppContext
 
 log = logging.getLogger(__name__)
+
+RESULT_DELIVERY_S = 5.0  # at shutdown, how long finished calls' results may take to reach connected clients
 
 
 def build_app(settings: Settings, registry: ModelRegistry | None = None, *,
@@ -64,11 +73,13 @@ def listen_address(settings: Settings, environ: dict[str, str] | None = None) ->
     return host, port
 
 
-def launch_options(settings: Settings, auth: AuthFile | None = None, gate: Gatekeeper | None = None) -> dict[str, Any]:
+def launch_options(settings: Settings, auth: AuthFile | None = None, gate: Gatekeeper | None = None,
+                   ops: Operations | None = None) -> dict[str, Any]:
     """``Blocks.launch`` keyword arguments for ``settings`` (theme and CSS go to launch in gradio 6).
 
     ``auth`` defaults to ``settings.auth_file``'s users, as in :func:`build_app`; ``gate`` (the app
-    context's, normally) to a new one over them. The request guard goes in front of gradio as middleware.
+    context's, normally) to a new one over them. The request guard goes in front of gradio as middleware,
+    and behind it the health and metrics endpoints of ``ops`` (the app context's) when given.
     """
     from .ui.app import CSS, theme
     from .ui.common import ASSETS_DIR
@@ -84,7 +95,7 @@ def launch_options(settings: Settings, auth: AuthFile | None = None, gate: Gatek
         root_path=settings.root_path or None,
         auth=gate.check_login if gate.auth is not None else None,
         auth_message="Sign in to mmdemo." if gate.auth is not None else None,
-        app_kwargs={"middleware": guard_middleware(gate)},
+        app_kwargs={"middleware": guard_middleware(gate, ops)},
         max_file_size=settings.max_upload_bytes,
         allowed_paths=[str(ASSETS_DIR)],
         theme=theme(),
@@ -99,23 +110,28 @@ def launch(demo: "gr.Blocks", settings: Settings, auth: AuthFile | None = None, 
     """``demo.launch`` with ``settings``' options; ``overrides`` win (e.g. ``prevent_thread_lock=True``)."""
     ctx = getattr(demo, "mmdemo_context", None)
     gate = ctx.gate if ctx is not None and auth is None else None
+    ops = ctx.ops if ctx is not None else None
     # uvicorn (started by gradio) replaces the peer with the X-Forwarded-For hop whenever the peer is in
     # FORWARDED_ALLOW_IPS (loopback by default): let it trust only our trusted proxies, as client_address does.
     os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
-    return demo.launch(**{**launch_options(settings, auth, gate), **overrides})
+    return demo.launch(**{**launch_options(settings, auth, gate, ops), **overrides})
 
 
-def guard_middleware(gate: Gatekeeper) -> list:
-    """The request guard (:class:`~mmdemo.security.RequestGuard`) as FastAPI middleware for ``gate``.
+def guard_middleware(gate: Gatekeeper, ops: Operations | None = None) -> list:
+    """The request guard (:class:`~mmdemo.security.RequestGuard`) as FastAPI middleware for ``gate``, then
+    ``ops``' health and metrics endpoints (:class:`~mmdemo.ops.OpsEndpoints`) when given.
 
     :func:`launch` passes it in ``app_kwargs``; an app that mounts mmdemo does the same:
-    ``gr.mount_gradio_app(app, demo, "/", app_kwargs={"middleware": guard_middleware(demo.mmdemo_context.gate)})``
-    and runs uvicorn with ``forwarded_allow_ips`` set to MMDEMO_TRUSTED_PROXIES (uvicorn trusts loopback's
-    X-Forwarded-For by default).
+    ``ctx = demo.mmdemo_context; gr.mount_gradio_app(app, demo, "/", app_kwargs={"middleware":
+    guard_middleware(ctx.gate, ctx.ops)})`` and runs uvicorn with ``forwarded_allow_ips`` set to
+    MMDEMO_TRUSTED_PROXIES (uvicorn trusts loopback's X-Forwarded-For by default).
     """
     from starlette.middleware import Middleware
 
-    return [Middleware(RequestGuard, gate=gate, admin_only=is_feedback_export, username_of=gradio_username)]
+    middleware = [Middleware(RequestGuard, gate=gate, admin_only=is_feedback_export, username_of=gradio_username)]
+    if ops is not None:
+        middleware.append(Middleware(OpsEndpoints, ops=ops))
+    return middleware
 
 
 def is_feedback_export(route: str) -> bool:
@@ -143,15 +159,25 @@ def admin_url(settings: Settings, gate: Gatekeeper) -> str:
     return f"http://{host}:{port}{settings.root_path.rstrip('/')}{gate.admin_path()}"
 
 
-def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str]) -> threading.Thread:
-    """Load models while the page is already up; a failure is logged and shown in the Models panel."""
+def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str],
+                          ops: Operations | None = None) -> threading.Thread:
+    """Load models while the page is already up; a failure is logged and shown in the Models panel.
+    ``ops`` (the app's) reports not ready until each is loaded, and a failed one for good."""
+    model_ids = list(model_ids)
+    if ops is not None:
+        ops.preloading(model_ids)
 
     def work() -> None:
         for model_id in model_ids:
+            error = None
             try:
                 registry.preload([model_id])
             except MMDemoError as exc:
                 log.error("preloading %s failed: %s", model_id, exc)
+                error = str(exc)
+            finally:
+                if ops is not None:
+                    ops.preloaded(model_id, error)
 
     thread = threading.Thread(target=work, name="mmdemo-preload", daemon=True)
     thread.start()
@@ -191,9 +217,10 @@ def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
     return thread
 
 
-def serve(settings: Settings) -> None:
-    """Check the feedback store, build the app and serve it until interrupted; meanwhile models in
-    ``settings.preload`` load and the feedback store is tidied."""
+def serve(settings: Settings) -> bool:
+    """Check the feedback store, build the app and serve it until SIGTERM or Ctrl-C, then drain (see
+    :func:`drain`); meanwhile models in ``settings.preload`` load and the feedback store is tidied.
+    True when every call finished within the grace period."""
     apply_environment(settings)
     from .ui.app import build_blocks
 
@@ -207,9 +234,49 @@ def serve(settings: Settings) -> None:
     if any(spec.source_scheme == "hf-hub" for spec in registry.catalog):
         registry.hub.check_in_background()  # the Models panel and the tabs then say which models can load
     if settings.preload:
-        preload_in_background(registry, settings.preload)
+        preload_in_background(registry, settings.preload, ctx.ops)
     tidy_feedback_store_in_background(ctx)
+    stop = stop_on_signals()
+    launch(demo, settings, prevent_thread_lock=True)
     if ctx.gate.admin_link:
         print(f"No login file: to manage models, export feedback and fine-tune, open this admin link once "
               f"(it sets a cookie in that browser):\n    {admin_url(settings, ctx.gate)}", flush=True)
-    launch(demo, settings)
+    while not stop.wait(0.5):
+        pass
+    return drain(demo, ctx, settings.shutdown_grace_s)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (instead of dying at once): :func:`serve` then drains."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: Any) -> None:
+        log.warning("%s received: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def drain(demo: "gr.Blocks", ctx: "AppContext", grace_s: float) -> bool:
+    """Shut down without losing what was acknowledged: refuse new calls (``/readyz`` fails first), let the
+    queued and running ones finish and reach their clients within ``grace_s``, record the results
+    already answered, close the feedback store and the server. True when everything finished in time."""
+    deadline = time.monotonic() + grace_s
+    ctx.ops.start_draining()
+    while not queue_idle(demo) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    finished = queue_idle(demo)
+    # Results reach their clients through each session's stream; a client that went away never takes its own.
+    delivery_deadline = min(deadline, time.monotonic() + RESULT_DELIVERY_S)
+    while not messages_sent(demo) and time.monotonic() < delivery_deadline:
+        time.sleep(0.05)
+    if not finished:
+        log.error("calls still running after the %.0f s grace period (MMDEMO_SHUTDOWN_GRACE_S) are cut off", grace_s)
+    ctx.recorder.flush(timeout=max(1.0, deadline - time.monotonic()))
+    ctx.recorder.close()
+    ctx.close_store()
+    demo.close()
+    log.warning("shut down %s", "cleanly" if finished else "after the grace period")
+    return finished

@@ -39,12 +39,14 @@ class BackgroundRecorder:
     """Records task results in the feedback store from writer threads.
 
     ``store``: a callable returning the store (opened lazily by the app). ``workers``: writer threads;
-    two let one encode media while the other waits for the disk.
+    two let one encode media while the other waits for the disk. ``on_recorded()`` is called after each
+    result is written (the app counts them).
     """
 
     def __init__(self, store: Callable[[], FeedbackStore], *, workers: int = 2,
-                 max_backlog: int = DEFAULT_MAX_BACKLOG):
+                 max_backlog: int = DEFAULT_MAX_BACKLOG, on_recorded: Callable[[], None] = lambda: None):
         self._store = store
+        self._on_recorded = on_recorded
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmdemo-record")
         self._max_backlog = max_backlog
         self._pending: dict[str, Future] = {}
@@ -111,6 +113,7 @@ class BackgroundRecorder:
                output_id: str) -> None:
         try:
             self._store().record_result(task, request, result, session=session, output_id=output_id)
+            self._on_recorded()
         except MMDemoError as exc:
             log.warning("a %s result was not recorded for feedback: %s", task, exc)
             self._remember_failure(output_id, str(exc))

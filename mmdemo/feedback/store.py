@@ -145,6 +145,11 @@ class FeedbackStore:
     def close(self) -> None:
         self.db.dispose()
 
+    def ping(self) -> None:
+        """Raise :class:`StoreError` (with the reason) unless the database answers a query now."""
+        with self.db.read() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def _check_media_folder(self) -> None:
         """Refuse to open when records refer to media but the media folder is missing (or holds none of
         the first files looked for): the sweep would otherwise treat every new file as the only ones."""

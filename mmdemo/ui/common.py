@@ -55,6 +55,8 @@ from ..errors import (
     TaskMismatchError,
     UnknownModelError,
 )
+from ..logs import request_id_set
+from ..ops import Operations, registry_gauges
 from ..registry import ModelRegistry
 from ..security import Gatekeeper, visitor_of
 
@@ -113,10 +115,13 @@ class AppContext:
     _recorder: "BackgroundRecorder | None" = field(default=None, init=False, repr=False)
     finetune_slot: Any = field(default=None, init=False, repr=False)  # the app's one fine-tuning job (finetune_panel)
     gate: Gatekeeper = field(init=False, repr=False)  # cookies, client addresses, login back-off, body limits
+    ops: Operations = field(init=False, repr=False)  # health, metrics, draining (see mmdemo.ops)
 
     def __post_init__(self) -> None:
         self.concurrency = model_concurrency(self.settings)
         self.gate = Gatekeeper(self.settings, self.auth)
+        self.ops = Operations(self.settings, store_check=lambda: self.open_store().ping())
+        self.ops.metrics.set_gauges("models", registry_gauges(self.registry))
 
     @classmethod
     def create(cls, settings: Settings, registry: ModelRegistry | None = None,
@@ -182,6 +187,13 @@ class AppContext:
                 self._store = FeedbackStore.from_settings(self.settings)
         return self._store
 
+    def close_store(self) -> None:
+        """Close the feedback store (at shutdown, after the recorder is flushed)."""
+        with self._store_lock:
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
     def annotator_of(self, request: gr.Request | None) -> str | None:
         """Who is asking: the login name, else the anonymous id of the visitor's signed cookie (set by the
         server's request guard; a client without the cookie is a new visitor each time, so nobody can
@@ -199,7 +211,8 @@ class AppContext:
 
             with self._store_lock:
                 if self._recorder is None:
-                    self._recorder = BackgroundRecorder(lambda: self.store)
+                    self._recorder = BackgroundRecorder(lambda: self.store,
+                                                        on_recorded=lambda: self.ops.metrics.recorded("output"))
         return self._recorder
 
     def record(self, task: str, task_inputs: dict[str, Any], result: dict[str, Any],
@@ -580,8 +593,11 @@ def connect(
         def handler(*values: Any) -> list[list[Any]]:
             *columns, caller = values
             requests = [request(*row) for row in zip(*columns)]
+            ctx.ops.metrics.batch_size.labels(task).observe(len(requests))
+            with ctx.ops.metrics.timed(task, [model_id for model_id, _ in requests]):
+                results = run_grouped(ctx, task, requests)
             # gradio hands a batch the first request's gr.Request only: who asked is known for a batch of one
-            rows = finish(requests, run_grouped(ctx, task, requests), caller if len(requests) == 1 else None)
+            rows = finish(requests, results, caller if len(requests) == 1 else None)
             return [list(column) for column in zip(*rows)]
         parameters = [*inspect.signature(request).parameters.values(), request_parameter]
     else:
@@ -592,11 +608,12 @@ def connect(
                 progress(0, desc=f"Loading {model_id}")
             if step_progress:
                 task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")
-            if stop_flags is None:
-                result = tasks.run(ctx.registry, task, model_id, **task_inputs)
-            else:
-                with stop_flags.running(caller) as should_stop:
-                    result = tasks.run(ctx.registry, task, model_id, should_stop=should_stop, **task_inputs)
+            with ctx.ops.metrics.timed(task, [model_id]):
+                if stop_flags is None:
+                    result = tasks.run(ctx.registry, task, model_id, **task_inputs)
+                else:
+                    with stop_flags.running(caller) as should_stop:
+                        result = tasks.run(ctx.registry, task, model_id, should_stop=should_stop, **task_inputs)
             return finish([(model_id, task_inputs)], [result], caller)[0]
         parameters = [*inspect.signature(request).parameters.values(),
                       inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
@@ -609,7 +626,7 @@ def connect(
 
     validate = input_validator(ctx, task, request, media, text)
     main = dict(
-        fn=readable_errors(handler),
+        fn=readable_errors(with_request_id(handler)),
         inputs=list(inputs),
         outputs=[*outputs, *area.components],
         api_name=api_name,
@@ -649,6 +666,19 @@ def connect(
         interrupt.click(stop_flags.stop, None, None, **quick)
     area.feedback.follow(event)
     return event
+
+
+def with_request_id(handler: Callable) -> Callable:
+    """``handler`` (its last argument the ``gr.Request``) logging with the id of the request that queued it:
+    gradio's queue runs it outside that request."""
+
+    @functools.wraps(handler)
+    def wrapper(*values: Any) -> Any:
+        visitor = visitor_of(values[-1]) if values else None
+        with request_id_set(visitor.request_id if visitor else None):
+            return handler(*values)
+
+    return wrapper
 
 
 class StopFlags:

@@ -140,8 +140,10 @@ def save_feedback(ctx: AppContext, request: gr.Request | None, output_id: Any, t
     annotator = ctx.annotator_of(request)
     if isinstance(correction, str) and correction.lstrip()[:1] in ("[", "{"):
         correction = parse_correction(store.get_output(output_id).task, correction)
-    return store.add_feedback(output_id, annotator=annotator, thumbs=parse_thumbs(thumbs), correction=correction,
-                              comment=comment)
+    saved = store.add_feedback(output_id, annotator=annotator, thumbs=parse_thumbs(thumbs), correction=correction,
+                               comment=comment)
+    ctx.ops.metrics.recorded("feedback")
+    return saved
 
 
 def feedback_api(ctx: AppContext) -> None:
