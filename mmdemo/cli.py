@@ -450,9 +450,9 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo evaluate``: the task's metric for catalog models on labelled data."""
     evaluate = commands.add_parser(
         "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
-        description="Score catalog models with the task's metric (VQA accuracy) on the labels of an annotation "
+        description="Score catalog models with the task's metric (VQA accuracy; WER and CER for speech) on the labels of an annotation "
                     "campaign or on an exported dataset folder, and print a table.")
-    evaluate.add_argument("--task", required=True, help="task id or alias (vqa)")
+    evaluate.add_argument("--task", required=True, help="task id or alias (vqa, asr)")
     evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")
@@ -489,11 +489,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         questions = questions_from_export(args.dataset, task)
         source = describe_source(questions, {"kind": "dataset", "dataset": str(args.dataset.resolve())})
-    results = {model_id: score(served_model_answers(registry, model_id, task), questions) for model_id in model_ids}
+    results = {model_id: score(served_model_answers(registry, model_id, task), questions, task)
+               for model_id in model_ids}
     if args.json:
         print(json.dumps({"task": task, "data": source, "models": results}, indent=2))
     else:
-        print(format_table(results, source))
+        print(format_table(results, source, task))
     return 0
 
 

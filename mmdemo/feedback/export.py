@@ -9,7 +9,7 @@ What each task becomes (columns, besides the provenance columns every row has):
 image-to-text                   image, text (the correction, else the accepted output)
 visual-question-answering       image, question, answer
 zero-shot-image-classification  image, labels, candidate_labels (the label set offered)
-automatic-speech-recognition    audio ({bytes, path}, ``Audio(decode=False)``), text, language
+automatic-speech-recognition    audio ({bytes, path}, ``Audio(decode=False)``), text, language, translate
 text-to-image                   config ``ratings``: prompt, negative_prompt, image, rating (1-5),
                                 preferred; config ``preferences``: prompt, negative_prompt,
                                 chosen, rejected, reason
@@ -71,6 +71,7 @@ COLUMN_DOCS = {
     "labels": "the right label(s): the correction, else the model's top label",
     "candidate_labels": "the label set offered to the model",
     "language": "the language given for the audio, if any",
+    "translate": "whether the model was asked to translate into English (the target is then English)",
     "prompt": "the text-to-image prompt",
     "negative_prompt": "the negative prompt ('' if none)",
     "rating": "the person's rating of this image, 1 (bad) to 5 (good); null if not rated",

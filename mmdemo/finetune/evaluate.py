@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 from .errors import InvalidDatasetError, UnsupportedBaseError
 
 VQA = "visual-question-answering"
+ASR = "automatic-speech-recognition"  # WER and CER: mmdemo.finetune.speech
 ACCEPTED, CORRECTED = "accepted", "corrected"
 BIASED_NOTE = ("biased: only the training data's own validation split was available. The base model looks "
                "perfect on accepted rows (they copy its answer) and hopeless on corrected rows (chosen because "
@@ -92,10 +93,12 @@ def group_vqa_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
+def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool, task: str = VQA) -> list[Any]:
     """:class:`LabelledQuestion` s from exported rows; ``split_groups`` marks each accepted or corrected."""
     from PIL import Image
 
+    if task != VQA:
+        return _metric_module(task).examples_from_rows(rows, split_groups=split_groups)
     found = []
     for group in group_vqa_rows(rows):
         image = Image.open(io.BytesIO(group["image"])).convert("RGB")
@@ -116,6 +119,8 @@ def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]
     from .data import load_export
 
     check_metric(task)
+    if task != VQA:
+        return _metric_module(task).examples_from_export(Path(path))
     data = load_export(Path(path), task, ("image", "question", "answer", "merged_record_ids"))
     rows = [row for split in (data.train, data.validation) for row in undecoded(split)]
     return questions_from_rows(rows, split_groups=False)
@@ -129,6 +134,8 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
     from ..feedback import AnnotationQueue
 
     check_metric(task)
+    if task != VQA:
+        return _metric_module(task).examples_from_campaign(store, campaign)
     queue = AnnotationQueue(store)
     found = queue.campaign(campaign)
     if found.task != task:
@@ -163,12 +170,20 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
 
 
 def has_metric(task: str) -> bool:
-    return task == VQA
+    return task in (VQA, ASR)
 
 
 def check_metric(task: str) -> None:
     if not has_metric(task):
-        raise UnsupportedBaseError(f"Evaluation is not available for {task} yet; tasks: {VQA}.")
+        raise UnsupportedBaseError(f"Evaluation is not available for {task} yet; tasks: {VQA}, {ASR}.")
+
+
+def _metric_module(task: str) -> Any:
+    """The module holding another task's examples, predictions and metric (VQA's are in this one)."""
+    check_metric(task)
+    from . import speech
+
+    return {ASR: speech}[task]
 
 
 def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion], str]:
@@ -176,6 +191,8 @@ def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion],
     from ..media import MediaLimits
     from ..tasks import get_task
 
+    if spec.task != VQA:
+        return _metric_module(spec.task).loaded_model_transcripts(spec, bundle)
     task = get_task(spec.task)
 
     def answer(question: LabelledQuestion) -> str:
@@ -190,11 +207,16 @@ def served_model_answers(registry: Any, model_id: str, task: str = VQA) -> Calla
     """Answers of a catalog model through the registry (``mmdemo.tasks.run``)."""
     from ..tasks import run
 
+    if task != VQA:
+        return _metric_module(task).served_model_transcripts(registry, model_id)
     return lambda question: run(registry, task, model_id, image=question.image, question=question.question)["answer"]
 
 
-def score(answer: Callable[[LabelledQuestion], str], questions: list[LabelledQuestion]) -> dict[str, Any]:
-    """VQA accuracy of ``answer`` (question -> the model's answer) over ``questions``, overall and per group."""
+def score(answer: Callable[[Any], str], questions: list[Any], task: str = VQA) -> dict[str, Any]:
+    """VQA accuracy of ``answer`` (question -> the model's answer) over ``questions``, overall and per group
+    (another task: its metric, e.g. WER and CER)."""
+    if task != VQA:
+        return _metric_module(task).score(answer, questions)
     per_group: dict[str, list[float]] = {}
     values = []
     for question in questions:
@@ -225,15 +247,22 @@ def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -
     return info
 
 
-def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any]) -> str:
-    """A plain-text table: one line per model, VQA accuracy overall (and accepted / corrected apart)."""
+def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], task: str = VQA) -> str:
+    """A plain-text table: one line per model, VQA accuracy (another task: its metrics) overall and
+    accepted / corrected apart."""
     groups = [g for g in (ACCEPTED, CORRECTED) if any(g in r for r in results.values())]
+    metrics = _metric_module(task).TABLE_COLUMNS if task != VQA else (("vqa_accuracy", "VQA accuracy"),)
+    columns = [(key, title, group) for group in (None, *groups) for key, title in metrics]
+    titles = [title if group is None else f"{title} {group}" if len(metrics) > 1 else f"{group} rows"
+              for _, title, group in columns]
+    widths = [max(len(title), 14) for title in titles]
     width = max([len("model"), *map(len, results)])
-    header = f"{'model':<{width}}  {'VQA accuracy':>12}" + "".join(f"  {g + ' rows':>14}" for g in groups)
+    header = f"{'model':<{width}}" + "".join(f"  {title:>{w}}" for title, w in zip(titles, widths))
     lines = [header]
     for name, result in results.items():
-        cells = "".join(f"  {_cell(result.get(g)):>14}" for g in groups)
-        lines.append(f"{name:<{width}}  {_cell(result):>12}{cells}")
+        cells = "".join(f"  {_cell(result if group is None else result.get(group), key):>{w}}"
+                        for (key, _, group), w in zip(columns, widths))
+        lines.append(f"{name:<{width}}{cells}")
     where = source.get("campaign") or source.get("dataset") or source.get("kind", "")
     lines.append(f"on {source['questions']} questions ({where})")
     if source.get("note"):
@@ -241,10 +270,10 @@ def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
-def _cell(result: dict[str, Any] | None) -> str:
-    if not result or result["vqa_accuracy"] is None:
+def _cell(result: dict[str, Any] | None, key: str = "vqa_accuracy") -> str:
+    if not result or result.get(key) is None:
         return "-"
-    return f"{result['vqa_accuracy']:.3f} ({result['questions']})"
+    return f"{result[key]:.3f} ({result['questions']})"
 
 
 def _mean(values: list[float]) -> float | None:
