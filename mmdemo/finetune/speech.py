@@ -101,6 +101,12 @@ class SpeechAdapter(FinetuneAdapter):
             padded[row, :len(ids)] = torch.tensor(ids)
         return {"input_features": features["input_features"], "labels": padded}
 
+    def save(self, model: Any, processor: Any, folder: Path) -> None:
+        super().save(model, processor, folder)
+        # preprocessor_config.json too (transformers 5 folds it into processor_config.json): CTranslate2's
+        # converter and faster-whisper read it.
+        processor.feature_extractor.save_pretrained(folder)
+
     def convert_for_serving(self, base: ModelSpec, folder: Path) -> None:
         """A faster-whisper base: the trained checkpoint in ``folder`` becomes a CTranslate2 folder (the
         transformers files move to ``folder/transformers``)."""
