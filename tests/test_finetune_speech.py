@@ -121,7 +121,7 @@ def test_decoder_labels_follow_the_record_language_and_task(tiny_models):
     assert len(decoder_labels(tokenizer, "open the door " * 20, "en", False, 8)) == 8
 
 
-def test_a_short_whisper_job_lowers_the_loss_reports_wer_and_answers_through_the_registry(settings, speech):
+def test_a_short_whisper_job_lowers_the_loss_reports_wer_and_answers_through_the_registry(settings, speech, capsys):
     result = job(settings, dataset=str(speech.train), eval_dataset=str(speech.heldout), epochs=4).run()
     metrics = json.loads((result.path / METRICS_FILE).read_text())
     assert metrics["epochs"][-1]["train_loss"] < metrics["initial"]["train_loss"]
@@ -138,6 +138,10 @@ def test_a_short_whisper_job_lowers_the_loss_reports_wer_and_answers_through_the
     common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]
     assert main(["evaluate", *common, "--task", "asr", "--models", f"{WHISPER},whisper-ft",
                  "--dataset", str(speech.heldout), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == TASK and report["data"]["questions"] == 4
+    assert report["models"][WHISPER]["wer"] == evaluation["base"]["wer"]
+    assert report["models"]["whisper-ft"]["wer"] == evaluation["new"]["wer"]
 
 
 def test_a_faster_whisper_model_trains_its_twin_and_serves_the_converted_model(settings, speech):
