@@ -68,6 +68,7 @@ class ModelSpec:
     description: str = ""
     variant: str | None = None           # e.g. "fp16" weights files on the Hub
     defaults: Mapping[str, Any] = field(default_factory=dict)  # task settings this model wants
+    twin: str | None = None              # faster-whisper: the transformers Whisper that fine-tuning trains
 
     def __post_init__(self) -> None:
         if not self.id or any(c.isspace() for c in self.id):
@@ -185,7 +186,7 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("whisper-small", "automatic-speech-recognition", "whisper", "hf-hub:openai/whisper-small",
               params_m=244, description="Whisper small via transformers: 99 languages, translation."),
     ModelSpec("faster-whisper-small", "automatic-speech-recognition", "faster-whisper",
-              "hf-hub:Systran/faster-whisper-small", params_m=244,
+              "hf-hub:Systran/faster-whisper-small", params_m=244, twin="whisper-small",
               description="Whisper small on CTranslate2 (faster-whisper): same model, several times faster."),
 )
 
@@ -207,7 +208,7 @@ TINY_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("tiny-whisper", "automatic-speech-recognition", "whisper", "tiny:whisper", params_m=0.5,
               description="Tiny random Whisper via transformers (offline testing)."),
     ModelSpec("tiny-faster-whisper", "automatic-speech-recognition", "faster-whisper", "tiny:whisper-ct2",
-              params_m=0.5, description="Tiny random Whisper on CTranslate2 (offline testing)."),
+              params_m=0.5, twin="tiny-whisper", description="Tiny random Whisper on CTranslate2 (offline testing)."),
 )
 
 BUILTIN_CATALOGS: dict[str, tuple[ModelSpec, ...]] = {"default": DEFAULT_MODELS, "tiny": TINY_MODELS}

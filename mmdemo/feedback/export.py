@@ -9,7 +9,7 @@ What each task becomes (columns, besides the provenance columns every row has):
 image-to-text                   image, text (the correction, else the accepted output)
 visual-question-answering       image, question, answer
 zero-shot-image-classification  image, labels, candidate_labels (the label set offered), template
-automatic-speech-recognition    audio ({bytes, path}, ``Audio(decode=False)``), text, language
+automatic-speech-recognition    audio ({bytes, path}, ``Audio(decode=False)``), text, language, translate
 text-to-image                   config ``ratings``: prompt, negative_prompt, image, rating (1-5),
                                 preferred; config ``preferences``: prompt, negative_prompt,
                                 chosen, rejected, reason
@@ -72,6 +72,7 @@ COLUMN_DOCS = {
     "candidate_labels": "the label set offered to the model",
     "template": "the template the labels were put in ({} is the label); null: the model's default",
     "language": "the language given for the audio, if any",
+    "translate": "whether the model was asked to translate into English (the target is then English)",
     "prompt": "the text-to-image prompt",
     "negative_prompt": "the negative prompt ('' if none)",
     "rating": "the person's rating of this image, 1 (bad) to 5 (good); null if not rated",

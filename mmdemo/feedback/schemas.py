@@ -325,13 +325,15 @@ class SpeechSchema(TaskSchema):
     def configs(self) -> dict[str, dict[str, Any]]:
         from datasets import Audio, Value
 
-        return {"default": dict(audio=Audio(decode=False), text=Value("string"), language=Value("string"))}
+        return {"default": dict(audio=Audio(decode=False), text=Value("string"), language=Value("string"),
+                                translate=Value("bool"))}
 
     def examples(self, record: FeedbackRecord) -> Iterator[Example]:
         out = record.output
         text = record.correction if record.correction is not None else out.output["text"]
         language = out.inputs.get("language") or out.output.get("language")
-        row = {"text": text, "language": language if isinstance(language, str) else None}
+        row = {"text": text, "language": language if isinstance(language, str) else None,
+               "translate": bool(out.settings.get("translate"))}
         yield self._example(record, "default", row, {"audio": out.input_media[0]})
 
 

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..catalog import ModelSpec
+from ..catalog import Catalog, ModelSpec
 from ..registry import Placement
 from .errors import UnsupportedBaseError
 
@@ -52,11 +52,19 @@ class FinetuneAdapter(ABC):
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
+    def training_spec(self, spec: ModelSpec, catalog: Catalog) -> ModelSpec:
+        """The catalog model that trains for base ``spec``: itself, unless it serves another format (a
+        faster-whisper model trains its transformers twin)."""
+        return spec
+
     def serving_bundle(self, model: Any, processor: Any, spec: ModelSpec, placement: Placement) -> Any:
         """The loaded ``model`` in the form the task's ``predict`` takes (to score the base before training)."""
         from ..tasks.bundle import TransformersBundle
 
         return TransformersBundle(model.eval(), processor, placement)
+
+    def convert_for_serving(self, base: ModelSpec, folder: Path) -> None:
+        """Turn the saved checkpoint in ``folder`` into the format ``base`` serves (nothing by default)."""
 
     def check_base(self, spec: ModelSpec) -> None:
         if spec.task != self.task or spec.kind not in self.kinds:
@@ -69,10 +77,11 @@ class FinetuneAdapter(ABC):
 def finetune_adapters() -> dict[str, FinetuneAdapter]:
     """Every task that can be fine-tuned, with its adapter (``adapter.kinds``: the models it trains)."""
     from .caption import CaptionAdapter
+    from .speech import SpeechAdapter
     from .vqa import VqaAdapter
     from .zero_shot import ZeroShotAdapter
 
-    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter(), ZeroShotAdapter())}
+    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter(), ZeroShotAdapter(), SpeechAdapter())}
 
 
 def adapter_for(task: str) -> FinetuneAdapter:

@@ -36,6 +36,7 @@ from .errors import InvalidDatasetError, UnsupportedBaseError
 
 VQA = "visual-question-answering"
 ZERO_SHOT = "zero-shot-image-classification"
+ASR = "automatic-speech-recognition"  # WER and CER: mmdemo.finetune.speech
 ACCEPTED, CORRECTED = "accepted", "corrected"
 BIASED_NOTE = ("biased: only the training data's own validation split was available. The base model looks "
                "perfect on accepted rows (they copy its answer) and hopeless on corrected rows (chosen because "
@@ -106,6 +107,8 @@ def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool,
     """:class:`LabelledQuestion` s from exported rows; ``split_groups`` marks each accepted or corrected."""
     from PIL import Image
 
+    if task == ASR:
+        return _speech().examples_from_rows(rows, split_groups=split_groups)
     if task == ZERO_SHOT:
         return labelled_images_from_rows(rows, split_groups=split_groups)
     found = []
@@ -128,6 +131,8 @@ def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]
     from .data import load_export
 
     check_metric(task)
+    if task == ASR:
+        return _speech().examples_from_export(Path(path))
     data = load_export(Path(path), task, _EXPORT_COLUMNS[task])
     rows = [row for split in (data.train, data.validation) for row in undecoded(split)]
     return questions_from_rows(rows, split_groups=False, task=task)
@@ -141,6 +146,8 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
     from ..feedback import AnnotationQueue
 
     check_metric(task)
+    if task == ASR:
+        return _speech().examples_from_campaign(store, campaign)
     queue = AnnotationQueue(store)
     found = queue.campaign(campaign)
     if found.task != task:
@@ -190,6 +197,7 @@ def _accepted_answer(task: str, output: dict[str, Any]) -> Any:
 _METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
     VQA: (("VQA accuracy", "vqa_accuracy", "questions"),),
     ZERO_SHOT: (("top-1 accuracy", "top1_accuracy", "single_label"), ("F1 multi-label", "f1", "multi_label")),
+    ASR: (("WER", "wer", "questions"), ("CER", "cer", "questions")),
 }
 _EXPORT_COLUMNS = {
     VQA: ("image", "question", "answer", "merged_record_ids"),
@@ -221,11 +229,20 @@ def prediction_of(task: str, result: dict[str, Any]) -> Any:
     return result["answer"]
 
 
+def _speech() -> Any:
+    """Speech keeps its examples, predictions and metric (WER, CER) in mmdemo.finetune.speech."""
+    from . import speech
+
+    return speech
+
+
 def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion], str]:
     """Answers from a model loaded here (``bundle``: the task's loaded form), as the app computes them."""
     from ..media import MediaLimits
     from ..tasks import get_task
 
+    if spec.task == ASR:
+        return _speech().loaded_model_transcripts(spec, bundle)
     task = get_task(spec.task)
 
     def answer(question: LabelledQuestion) -> Any:
@@ -240,6 +257,8 @@ def served_model_answers(registry: Any, model_id: str, task: str = VQA) -> Calla
     """Answers of a catalog model through the registry (``mmdemo.tasks.run``)."""
     from ..tasks import run
 
+    if task == ASR:
+        return _speech().served_model_transcripts(registry, model_id)
     return lambda question: prediction_of(task, run(registry, task, model_id, image=question.image,
                                                     **task_inputs(task, question)))
 
@@ -248,6 +267,8 @@ def score(answer: Callable[[LabelledQuestion], Any], questions: list[LabelledQue
           task: str = VQA) -> dict[str, Any]:
     """The task's metric of ``answer`` (question -> the model's prediction) over ``questions``, overall
     and per group (accepted / corrected)."""
+    if task == ASR:
+        return _speech().score(answer, questions)
     summarise = zero_shot_metrics if task == ZERO_SHOT else _vqa_metrics
     scored = [(question, answer(question)) for question in questions]
     result = summarise(scored)

@@ -195,10 +195,12 @@ class FinetuneJob:
             check_new_model_name(registry.catalog, models_dir, config.name, overwrite=config.overwrite)
             base = registry.catalog.get(config.base)
             adapter.check_base(base)
-            placement = registry.placement_for(base)
+            trained = adapter.training_spec(base, registry.catalog)  # a faster-whisper model: its twin
+            placement = registry.placement_for(trained)
             config = self.config = config.replace(device=placement.device, dtype=training_dtype(placement),
                                                   **_store_export_options(config))
-            location = registry.resolve_location(base)
+            location = registry.resolve_location(trained)
+            base_location = location if trained is base else registry.resolve_location(base)
             remove_stale_staging(models_dir)
             staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
@@ -207,7 +209,8 @@ class FinetuneJob:
                     evaluation = self._evaluation_data(exported)
                     exported = without_held_out(exported, evaluation)
                     data = adapter.prepare_data(exported)
-                    metrics, params_m = self._train(adapter, base, location, placement, data, staging, evaluation)
+                    metrics, params_m = self._train(adapter, base, trained, (location, base_location), placement,
+                                                    data, staging, evaluation)
                 # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
@@ -231,19 +234,20 @@ class FinetuneJob:
         log.info("fine-tuned %s into %s in %.1fs", base.id, config.name, time.perf_counter() - started)
         return result
 
-    def _train(self, adapter: FinetuneAdapter, base: ModelSpec, location: str, placement: Placement,
-               data: TrainingData, staging: Path,
-               evaluation: tuple[list[LabelledQuestion], dict[str, Any]] | None) -> tuple[dict[str, Any], float]:
-        """Steps 2 and 3: load the base, train it, the best epoch's checkpoint saved in ``staging``; the
-        base and the checkpoint scored on ``evaluation`` (questions, where they come from) if given.
-        Returns the metrics (with the base's identity) and the model's size in millions of parameters."""
+    def _train(self, adapter: FinetuneAdapter, base: ModelSpec, trained: ModelSpec, locations: tuple[str, str],
+               placement: Placement, data: TrainingData, staging: Path,
+               evaluation: tuple[list[Any], dict[str, Any]] | None) -> tuple[dict[str, Any], float]:
+        """Steps 2 and 3: load the base (``trained``: the model that trains, the base itself or its twin),
+        train it, the best epoch's checkpoint saved in ``staging``; the base and the checkpoint scored on
+        ``evaluation`` (questions, where they come from) if given. ``locations``: the trained model's and
+        the base's. Returns the metrics (with the base's identity) and the size in millions of parameters."""
         from ..registry import free_device_memory
         from ..tasks import _quiet_libraries, get_task
 
         # 2. the base model, float32 weights on the registry's device
         _quiet_libraries()  # no progress bars for loading and saving weights
         try:
-            model, processor = adapter.load(base, location, placement)
+            model, processor = adapter.load(trained, locations[0], placement)
         except MMDemoError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -251,10 +255,14 @@ class FinetuneJob:
         questions, scores = (evaluation[0], {}) if evaluation else ([], {})
         try:
             # 3. the base scored before training; the model fitted to the data (e.g. new answers)
-            if questions:
+            if questions and trained is base:
                 scores["base"] = score(loaded_model_answers(base, adapter.serving_bundle(model, processor, base,
                                                                                          placement)),
                                        questions, base.task)
+            elif questions:  # the base as it serves (e.g. on CTranslate2), not its twin
+                bundle = get_task(base.task).load(base, locations[1], placement)
+                scores["base"] = score(loaded_model_answers(base, bundle), questions, base.task)
+                del bundle
             changes = adapter.prepare_model(model, processor, data, self.config)
             # 4. train, writing the best epoch's checkpoint into the staging folder
             metrics = train(model, processor, adapter, data, self.config, placement,
@@ -262,12 +270,15 @@ class FinetuneJob:
                             report=self._report, should_stop=self._cancel.is_set)
             metrics["base"] = {"id": base.id, "kind": base.kind, "source": base.source, "revision": base.revision,
                                "commit": getattr(model.config, "_commit_hash", None)}
+            if trained is not base:
+                metrics["base"]["trained_twin"] = trained.id
             if changes:
                 metrics["model_changes"] = changes
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
         finally:
             del model, processor  # the device memory goes back before a registry loads the result
             free_device_memory(placement.device)
+        adapter.convert_for_serving(base, staging)  # e.g. into CTranslate2 for a faster-whisper base
         if evaluation:
             # 5. the saved checkpoint, loaded as the app will load it, scored on the same questions
             if questions:

@@ -69,25 +69,12 @@ class SpeechTask(Task):
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> WhisperBundle:
         if spec.kind == "faster-whisper":
             return _load_faster_whisper(spec, location, placement)
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         kwargs = load_kwargs(spec, placement)
         processor = WhisperProcessor.from_pretrained(location, **kwargs)
         model = WhisperForConditionalGeneration.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
-        model = model.to(placement.device).eval()
-        if processor.tokenizer.pad_token is None:  # the pipeline batches only with one; Whisper's is <|endoftext|>
-            processor.tokenizer.pad_token = processor.tokenizer.eos_token
-        asr = pipeline(
-            "automatic-speech-recognition",
-            model=model,
-            tokenizer=processor.tokenizer,
-            feature_extractor=processor.feature_extractor,
-            device=placement.device,
-        )
-        lang_to_id = getattr(model.generation_config, "lang_to_id", None) or {}
-        languages = frozenset(token.strip("<|>") for token in lang_to_id)
-        # The bundle holds the pipeline; the pipeline holds the model (measured by the registry).
-        return WhisperBundle("transformers", asr, languages, placement)
+        return whisper_bundle(model.to(placement.device).eval(), processor, placement)
 
     def predict(self, model: WhisperBundle, request: SpeechRequest) -> dict[str, Any]:
         result = self.predict_batch(model, [request])[0]
@@ -106,6 +93,25 @@ class SpeechTask(Task):
         if model.backend == "ctranslate2":
             return [{**_transcribe_ctranslate2(model, request), "batch": 1} for request in requests]
         return _transcribe_transformers(model, requests)
+
+
+def whisper_bundle(model: Any, processor: Any, placement: Placement) -> WhisperBundle:
+    """A loaded transformers Whisper (in eval mode, on ``placement.device``) as the task serves it."""
+    from transformers import pipeline
+
+    if processor.tokenizer.pad_token is None:  # the pipeline batches only with one; Whisper's is <|endoftext|>
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    asr = pipeline(
+        "automatic-speech-recognition",
+        model=model,
+        tokenizer=processor.tokenizer,
+        feature_extractor=processor.feature_extractor,
+        device=placement.device,
+    )
+    lang_to_id = getattr(model.generation_config, "lang_to_id", None) or {}
+    languages = frozenset(token.strip("<|>") for token in lang_to_id)
+    # The bundle holds the pipeline; the pipeline holds the model (measured by the registry).
+    return WhisperBundle("transformers", asr, languages, placement)
 
 
 def _require_whisper_language(language: str) -> None:
