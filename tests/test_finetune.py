@@ -256,7 +256,7 @@ def test_a_cancelled_run_publishes_nothing(settings, feedback):
 
 
 def test_one_job_per_model_name_at_a_time(settings, feedback):
-    from mmdemo.finetune.jobs import _name_lock
+    from mmdemo.finetune.processes import name_lock as _name_lock
 
     settings.models_dir.mkdir(parents=True)
     with _name_lock(settings.models_dir, "blip-ft"):  # as if another job were training it
