@@ -76,7 +76,7 @@ class FinetuneJobStore:
         with self.db.read() as conn:
             row = conn.execute(select(finetune_jobs).where(finetune_jobs.c.id == str(job_id))).mappings().first()
         if row is None:
-            raise StoreError(f"There is no fine-tuning job '{job_id}'.")
+            raise StoreError(f"There is no fine-tuning job '{job_id}' in {self.db.describe()}.")
         return _record(row)
 
     def list(self, *, states: tuple[str, ...] | None = None, limit: int = 50) -> list[JobRecord]:

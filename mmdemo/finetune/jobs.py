@@ -418,6 +418,8 @@ def run_stored_job(job_id: str, settings: Settings) -> int:
             process["nice"] = os.nice(10)
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         process["threads"] = torch.get_num_threads()
+        print(f"fine-tuning job {job_id}: {record.name} from {record.base} ({record.task}) on {record.device}, "
+              f"process {process}", flush=True)
         reporter = _StoreReporter(jobs, job_id, process)
         job = FinetuneJob(FinetuneConfig(**record.config), settings, store=store, on_progress=reporter)
         if cancelled.is_set():
@@ -473,3 +475,11 @@ class _StoreReporter:
         if new_stage or now - self._written >= self.interval:
             self._written = now
             self.jobs.report(self.job_id, info)
+            print(_progress_line(info), flush=True)  # the job's log
+
+
+def _progress_line(info: dict[str, Any]) -> str:
+    return "  ".join([f"{info['stage']}", f"epoch {info['epoch']}/{info['epochs']}",
+                      f"step {info['step']}/{info['total_steps']}", f"train loss {_fmt(info['train_loss'])}",
+                      f"validation loss {_fmt(info['val_loss'])}",
+                      f"eta {'-' if info['eta_seconds'] is None else info['eta_seconds']} s"])

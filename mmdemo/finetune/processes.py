@@ -228,7 +228,7 @@ class JobRunner:
         if job.state != RUNNING:
             return
         if job.id in self._cancelling and code in (0, 1, -signal.SIGTERM):
-            self.jobs.finish(job.id, CANCELLED, exit_code=code, error="Cancelled; nothing was published.")
+            self.jobs.finish(job.id, CANCELLED, exit_code=code, error="The job was cancelled; nothing was published.")
         else:
             self.jobs.finish(job.id, FAILED, exit_code=code, error=died_message(code))
         remove_stale_staging(Path(self.settings.models_dir))  # a half-written model is never served

@@ -66,7 +66,7 @@ def runner_of(ctx: AppContext) -> "JobRunner":
 _RUNNER_LOCK = threading.Lock()
 
 
-def start(ctx: AppContext, config: "FinetuneConfig", started_by: str | None) -> dict[str, Any]:
+def queue_job(ctx: AppContext, config: "FinetuneConfig", started_by: str | None) -> dict[str, Any]:
     """Check what the job would refuse at once (see :func:`check_ready`), then queue it; its status."""
     check_ready(ctx, config)
     runner = runner_of(ctx)
@@ -239,7 +239,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                   val_fraction: Any, only: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "fine-tune models")
         config = config_from(ctx, task, base, name, epochs, lr, batch_size, val_fraction, only)
-        return start(ctx, config, ctx.annotator_of(request))
+        return queue_job(ctx, config, ctx.annotator_of(request))
 
     def job_status(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "follow fine-tuning jobs")
