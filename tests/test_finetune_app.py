@@ -232,11 +232,18 @@ def test_the_server_never_imports_the_training_code(app, feedback, tmp_path):
     import json
     import os
     import shutil
+    import sqlite3
     import subprocess
     import sys
 
     data = tmp_path / "data"
-    shutil.copytree(app.settings.data_dir, data, symlinks=True, ignore=shutil.ignore_patterns("models"))
+    # a copy of the app's data: the database through SQLite's backup (an open()/close() of the file here
+    # would drop the running app's locks on it), the media and tiny checkpoints as files
+    shutil.copytree(app.settings.data_dir, data, symlinks=True,
+                    ignore=shutil.ignore_patterns("models", "feedback.db*"))
+    source, copy = sqlite3.connect(app.settings.data_dir / "feedback.db"), sqlite3.connect(data / "feedback.db")
+    source.backup(copy)
+    source.close(), copy.close()
     script = f"""
 import json, os, sys, time
 from mmdemo.config import Settings
