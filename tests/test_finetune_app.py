@@ -140,7 +140,7 @@ def test_a_second_job_waits_its_turn_and_a_cancelled_one_publishes_nothing(app, 
     assert first["state"] == "running" and first["place"] is None
     waiting = admin.predict(name=second, epochs=1, **FAST, api_name="/finetune_start")
     assert (waiting["state"], waiting["place"], waiting["name"]) == ("pending", 1, second)
-    assert f"place 1 in the queue" in waiting["message"]
+    assert "place 1 in the queue" in waiting["message"]
     assert [(job["name"], job["state"], job["place"]) for job in waiting["queue"]] == \
         [(name, "running", None), (second, "pending", 1)]
     with pytest.raises(AppError, match=f"A job is already fine-tuning '{second}'"):

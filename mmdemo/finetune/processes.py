@@ -32,8 +32,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..catalog import MODEL_ENTRY_FILE, Catalog, read_model_folders
 from ..config import Settings
 from ..errors import MMDemoError
-from ..feedback.finetune_jobs import ACTIVE, CANCELLED, FAILED, FINAL, PENDING, RUNNING, SUCCEEDED, \
-    FinetuneJobStore, JobRecord
+from ..feedback.finetune_jobs import (
+    ACTIVE,
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    FinetuneJobStore,
+    JobRecord,
+)
 from .config import FinetuneConfig, check_model_name
 from .errors import FinetuneError, InvalidModelNameError
 
@@ -65,9 +73,9 @@ class JobRunner:
         self._served: dict[str, dict[str, Any]] = {}          # job id -> swapped, serve_error
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        # Models that jobs published before this app started are in its catalog already (the models folder).
+        # Models that jobs published before the registry read the models folder are in its catalog already.
         self._served.update({job.id: {"swapped": False, "serve_error": None}
-                             for job in self.jobs.list(states=(SUCCEEDED,))})
+                             for job in self.jobs.list(states=(SUCCEEDED,)) if job.name in registry.catalog})
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._watch, args=(poll_seconds,), name="finetune-jobs",
@@ -227,7 +235,7 @@ class JobRunner:
         job = self.jobs.get(job.id)  # it may have written its end just before exiting
         if job.state != RUNNING:
             return
-        if job.id in self._cancelling and code in (0, 1, -signal.SIGTERM):
+        if job.id in self._cancelling and code in (None, 0, 1, -signal.SIGTERM):
             self.jobs.finish(job.id, CANCELLED, exit_code=code, error="The job was cancelled; nothing was published.")
         else:
             self.jobs.finish(job.id, FAILED, exit_code=code, error=died_message(code))
@@ -388,4 +396,4 @@ def remove_stale_staging(models_dir: Path) -> list[Path]:
 
 
 __all__ = ["JobRunner", "check_new_model_name", "died_message", "log_tail", "model_folder", "name_lock",
-           "process_alive", "remove_stale_staging", "serve_published", "settings_arguments", "FINAL"]
+           "process_alive", "remove_stale_staging", "serve_published", "settings_arguments"]
