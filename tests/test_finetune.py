@@ -350,3 +350,8 @@ def test_cli_finetune_then_models_lists_it(settings, feedback, capsys):
     assert "not allowed" in capsys.readouterr().err
     assert main(["finetune", *common, "--task", "caption", "--base", "nope", "--name", "x"]) == 1
     assert listing(settings) == ["cli-ft"]
+
+
+def test_the_finetune_command_needs_task_base_and_name_or_a_job_id(tmp_path, capsys):
+    assert main(["finetune", "--profile", "tiny", "--data-dir", str(tmp_path), "--base", "tiny-blip-caption"]) == 2
+    assert "mmdemo finetune needs --task, --name (or --job-id)." in capsys.readouterr().err
