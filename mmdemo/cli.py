@@ -394,10 +394,12 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "finetune", parents=[common], help="fine-tune a catalog model on feedback into a new catalog model",
         description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
                     "<data_dir>/models/NAME, served as catalog model NAME.")
-    finetune.add_argument("--task", required=True,
-                          help="task id or alias: caption (BLIP), vqa (ViLT or BLIP), zero-shot (CLIP or SigLIP)")
-    finetune.add_argument("--base", required=True, help="catalog model id to start from (see `mmdemo models`)")
-    finetune.add_argument("--name", required=True, help="id of the new model: letters, digits, '.', '_', '-'")
+    finetune.add_argument("--task", help="task id or alias: caption (BLIP), vqa (ViLT or BLIP), zero-shot (CLIP or "
+                                         "SigLIP), asr (Whisper, faster-whisper through its twin) (required)")
+    finetune.add_argument("--base", help="catalog model id to start from, see `mmdemo models` (required)")
+    finetune.add_argument("--name", help="id of the new model: letters, digits, '.', '_', '-' (required)")
+    finetune.add_argument("--job-id", help="run the feedback store's queued job ID (what the web app starts), "
+                                           "writing its progress and end into the store; no other option needed")
     finetune.add_argument("--dataset", type=Path,
                           help="a `mmdemo export --format datasets` folder (default: export the store's feedback)")
     finetune.add_argument("--only", choices=["corrected", "approved", "all"],
@@ -427,6 +429,14 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     """Run one fine-tuning job; an epoch's losses go to stderr as it ends, the summary to stdout."""
     from .finetune import FinetuneConfig, FinetuneJob
+
+    if args.job_id:
+        from .finetune.jobs import run_stored_job
+
+        return run_stored_job(args.job_id, settings)
+    missing = [f"--{name}" for name in ("task", "base", "name") if not getattr(args, name)]
+    if missing:
+        raise InvalidInputError(f"mmdemo finetune needs {', '.join(missing)} (or --job-id).")
 
     names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
              "grad_clip", "max_length", "description", "extend", "eval_campaign")

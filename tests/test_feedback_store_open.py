@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from mmdemo.cli import main
 from mmdemo.feedback import FeedbackStore, StoreError, UnusableStoreError
+from mmdemo.feedback.finetune_jobs import FinetuneJobStore
 
 ROOT = Path(__file__).resolve().parents[1]
 MMDEMO_TABLES = {"schema_migrations", "media", "outputs", "output_media", "feedback"}
@@ -109,6 +110,24 @@ def test_a_new_path_makes_a_store_and_an_existing_store_opens_with_its_records(t
 
 
 # --- the same checks on PostgreSQL ---------------------------------------------------------------------------
+
+
+def test_a_second_store_opened_in_the_process_leaves_the_first_one_writing_to_the_database(tmp_path):
+    """Opening a store checks the file without open()/close() of its own: that dropped the POSIX locks of a
+    store already open in the process, and another process closing the database then deleted the WAL under
+    it, so its later writes went nowhere (an app restarted in the same process lost its fine-tuning jobs)."""
+    first = FeedbackStore(None, tmp_path)
+    first.db.engine.connect().close()  # a pooled connection holds the WAL open, as a serving app's do
+    with FeedbackStore(None, tmp_path):
+        pass
+    reader = f"from mmdemo.feedback import FeedbackStore\nFeedbackStore(None, {str(tmp_path)!r}).close()"
+    subprocess.run([sys.executable, "-c", reader], check=True, timeout=120)  # another process opens and closes
+    FinetuneJobStore(first).create("blip-ours", "image-to-text", "tiny-blip-caption", "cpu", {})  # a write
+    seen = subprocess.run([sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
+                           "'select name from finetune_jobs').fetchall())", str(tmp_path / "feedback.db")],
+                          capture_output=True, text=True, check=True, timeout=60)
+    first.close()
+    assert seen.stdout.strip() == "[('blip-ours',)]"
 
 
 @pytest.fixture

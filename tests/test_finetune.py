@@ -256,7 +256,7 @@ def test_a_cancelled_run_publishes_nothing(settings, feedback):
 
 
 def test_one_job_per_model_name_at_a_time(settings, feedback):
-    from mmdemo.finetune.jobs import _name_lock
+    from mmdemo.finetune.processes import name_lock as _name_lock
 
     settings.models_dir.mkdir(parents=True)
     with _name_lock(settings.models_dir, "blip-ft"):  # as if another job were training it
@@ -350,3 +350,8 @@ def test_cli_finetune_then_models_lists_it(settings, feedback, capsys):
     assert "not allowed" in capsys.readouterr().err
     assert main(["finetune", *common, "--task", "caption", "--base", "nope", "--name", "x"]) == 1
     assert listing(settings) == ["cli-ft"]
+
+
+def test_the_finetune_command_needs_task_base_and_name_or_a_job_id(tmp_path, capsys):
+    assert main(["finetune", "--profile", "tiny", "--data-dir", str(tmp_path), "--base", "tiny-blip-caption"]) == 2
+    assert "mmdemo finetune needs --task, --name (or --job-id)." in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Fine-tuning from the web app, as admins use it: through the API (gradio_client) and in a real browser.
 People's corrections of the tiny captioner, recorded through /caption and /feedback, train a new model
 in the background; its progress is polled, and the new model then answers /caption and is offered in
-the Caption tab after a reload. Non-admins are refused on the server; one job runs at a time; the form's
-buttons answer beside them."""
+the Caption tab after a reload. Non-admins are refused on the server; a job is a process of its own and
+one runs at a time while the others wait in order; a killed job says so; an app restarted follows a running
+job; the server never imports the training code; the form's buttons answer beside them."""
 
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ def feedback(app, admin, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(records=saved, picture=folder / "picture-0.png")
 
 
-def wait_until_done(client: Client, timeout: float = 180.0) -> dict:
-    """Poll /finetune_status until the job has ended; its last status."""
+def wait_until_done(client: Client, job_id: str = "", timeout: float = 180.0) -> dict:
+    """Poll /finetune_status until the job (default: the newest) has ended; its last status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = client.predict(api_name="/finetune_status")
+        status = client.predict(job_id, api_name="/finetune_status")
         if status["state"] in DONE:
             return status
         time.sleep(0.2)
@@ -133,19 +134,139 @@ def test_non_admins_are_refused_on_the_server(app, feedback):
     assert not [p for p in app.settings.models_dir.glob("not-bobs*")]
 
 
-def test_a_second_job_is_refused_while_one_runs_and_a_cancelled_one_publishes_nothing(app, admin, feedback):
-    name = new_name("long-run")
-    admin.predict(name=name, epochs=10_000, **FAST, api_name="/finetune_start")  # runs until cancelled
-    with pytest.raises(AppError, match=f"A fine-tuning job is running \\('{name}'"):
-        admin.predict(name=new_name("second"), epochs=1, **FAST, api_name="/finetune_start")
-    cancelling = admin.predict(api_name="/finetune_cancel")
+def test_a_second_job_waits_its_turn_and_a_cancelled_one_publishes_nothing(app, admin, feedback):
+    name, second = new_name("long-run"), new_name("second")
+    first = admin.predict(name=name, epochs=10_000, **FAST, api_name="/finetune_start")  # runs until cancelled
+    assert first["state"] == "running" and first["place"] is None
+    waiting = admin.predict(name=second, epochs=1, **FAST, api_name="/finetune_start")
+    assert (waiting["state"], waiting["place"], waiting["name"]) == ("pending", 1, second)
+    assert "place 1 in the queue" in waiting["message"]
+    assert [(job["name"], job["state"], job["place"]) for job in waiting["queue"]] == \
+        [(name, "running", None), (second, "pending", 1)]
+    with pytest.raises(AppError, match=f"A job is already fine-tuning '{second}'"):
+        admin.predict(name=second, epochs=1, **FAST, api_name="/finetune_start")
+    assert admin.predict(first["job_id"], api_name="/finetune_status")["place"] is None  # the running one
+
+    cancelling = admin.predict(first["job_id"], api_name="/finetune_cancel")
     assert cancelling["name"] == name and cancelling["cancel_requested"]
-    status = wait_until_done(admin)
+    status = wait_until_done(admin, first["job_id"])
     assert status["state"] == "cancelled" and "cancelled" in status["error"] and "nothing was published" in \
         status["message"]
     assert name not in app.registry.catalog and not (app.settings.models_dir / name).exists()
+
+    # the second job ran next, in a process of its own, and its model joined the server's catalog
+    done = wait_until_done(admin, waiting["job_id"])
+    assert done["state"] == "succeeded", (done["error"], done["log_tail"], done["exit_code"])
+    assert done["pid"] not in (None, first["pid"]) and done["result"]["in_catalog"] and second in app.registry.catalog
+    assert (app.settings.models_dir / second / "finetune.log").is_file()  # the log is kept with the model
     with pytest.raises(AppError, match="No fine-tuning job is running"):
         admin.predict(api_name="/finetune_cancel")
+
+
+def test_a_waiting_job_can_be_cancelled_before_it_starts(app, admin, feedback):
+    running = admin.predict(name=new_name("long-run"), epochs=10_000, **FAST, api_name="/finetune_start")
+    waiting = admin.predict(name=new_name("never"), epochs=1, **FAST, api_name="/finetune_start")
+    assert waiting["state"] == "pending"
+    dropped = admin.predict(waiting["job_id"], api_name="/finetune_cancel")
+    assert dropped["state"] == "cancelled" and dropped["pid"] is None and "before it started" in dropped["error"]
+    admin.predict(running["job_id"], api_name="/finetune_cancel")
+    assert wait_until_done(admin, running["job_id"])["state"] == "cancelled"
+    assert admin.predict(waiting["job_id"], api_name="/finetune_status")["pid"] is None  # it never ran
+
+
+def wait_until(client: Client, job_id: str, condition, timeout: float = 120.0) -> dict:
+    """Poll /finetune_status for ``job_id`` until ``condition(status)``; that status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(job_id, api_name="/finetune_status")
+        if condition(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"not reached within {timeout} s: {status}")
+
+
+def test_a_killed_job_process_is_reported_and_the_server_keeps_answering(app, admin, feedback):
+    import os
+    import signal
+
+    name = new_name("killed")
+    job = admin.predict(name=name, epochs=10_000, **FAST, api_name="/finetune_start")
+    training = wait_until(admin, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 2)
+    pid = training["pid"]
+    assert pid != os.getpid()  # the job is another process, not a thread of the server
+    # niced, its torch threads capped at half the cores (at least 1)
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    assert training["process"]["threads"] == max(1, (os.cpu_count() or 2) // 2)
+    assert training["eta_seconds"] is not None and training["eta_seconds"] > 0
+
+    os.kill(pid, signal.SIGKILL)
+    died = wait_until_done(admin, job["job_id"])
+    assert died["state"] == "failed" and died["exit_code"] == -signal.SIGKILL
+    assert "killed by SIGKILL" in died["error"] and "killed by SIGKILL" in died["message"]
+    assert died["log_tail"] and "Last lines of its log" in died["message"]
+    assert name not in app.registry.catalog and not (app.settings.models_dir / name).exists()
+    assert not list(app.settings.models_dir.glob(f".{name}.partial-*"))  # no half-written model left
+    caption, _, details = admin.predict(handle_file(str(feedback.picture)), model=BASE, max_new_tokens=5,
+                                        api_name="/caption")
+    assert isinstance(caption, str) and details["model"]["id"] == BASE
+
+
+def test_an_app_restarted_on_the_same_data_dir_follows_a_running_job(launch_app, app, admin, feedback):
+    job = admin.predict(name=new_name("across"), epochs=10_000, **FAST, api_name="/finetune_start")
+    before = wait_until(admin, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 1)
+    # the first app goes away (its queue stops following); a new app opens the same data directory
+    context = app.demo.mmdemo_context
+    context.finetune_jobs.close()
+    context.finetune_jobs = None  # the module's later tests get a queue of their own again
+    restarted = launch_app(data_dir=app.settings.data_dir, auth_file=app.settings.auth_file)
+    client = client_for(restarted, "alice")
+    seen = wait_until(client, "", lambda s: s["job_id"] == job["job_id"] and s["step"] > before["step"])
+    assert seen["state"] == "running" and seen["pid"] == before["pid"] and seen["name"] == job["name"]
+    client.predict(api_name="/finetune_cancel")  # signals the process the first app started
+    final = wait_until_done(client, job["job_id"])
+    assert final["state"] == "cancelled" and "nothing was published" in final["message"]
+
+
+def test_the_server_never_imports_the_training_code(app, feedback, tmp_path):
+    """A server in a process of its own queues a job through the panel's code and follows it to the end."""
+    import json
+    import os
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    # a copy of the app's data: the database through SQLite's backup (an open()/close() of the file here
+    # would drop the running app's locks on it), the media and tiny checkpoints as files
+    shutil.copytree(app.settings.data_dir, data, symlinks=True,
+                    ignore=shutil.ignore_patterns("models", "feedback.db*"))
+    source, copy = sqlite3.connect(app.settings.data_dir / "feedback.db"), sqlite3.connect(data / "feedback.db")
+    source.backup(copy)
+    source.close(), copy.close()
+    script = f"""
+import json, os, sys, time
+from mmdemo.config import Settings
+from mmdemo.finetune import FinetuneConfig
+from mmdemo.server import app_context
+from mmdemo.ui.finetune_panel import queue_job, runner_of
+ctx = app_context(Settings(profile="tiny", data_dir={str(data)!r}, device="cpu"))
+info = queue_job(ctx, FinetuneConfig("image-to-text", base={BASE!r}, name="in-process-check", epochs=1, lr=1e-3,
+                                     batch_size=3, val_fraction=0.0, only="corrected"), "alice")
+while info["state"] not in {DONE!r}:
+    time.sleep(0.2)
+    info = runner_of(ctx).status(info["job_id"])
+print(json.dumps({{"state": info["state"], "pid": info["pid"], "server": os.getpid(),
+                  "in_catalog": "in-process-check" in ctx.registry.catalog,
+                  "imported": [m for m in ("mmdemo.finetune.train", "mmdemo.finetune.jobs", "peft", "accelerate")
+                               if m in sys.modules]}}))
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    seen = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert seen["state"] == "succeeded" and seen["in_catalog"], (seen, ran.stderr[-3000:])
+    assert seen["pid"] not in (None, seen["server"]) and seen["imported"] == []
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -171,7 +292,8 @@ def test_bad_requests_get_a_readable_message_and_start_nothing(app, admin, feedb
 def test_a_taken_name_and_no_feedback_are_refused(launch_app, tiny_data_dir, tmp_path, app, admin, feedback):
     taken = new_name("taken")
     admin.predict(name=taken, epochs=1, **FAST, api_name="/finetune_start")
-    assert wait_until_done(admin)["state"] == "succeeded"
+    done = wait_until_done(admin)
+    assert done["state"] == "succeeded", (done["error"], done["log_tail"], done["exit_code"])
     with pytest.raises(AppError, match="already a catalog model|already exists"):
         admin.predict(name=taken, epochs=1, **FAST, api_name="/finetune_start")
 

@@ -312,9 +312,12 @@ def prepare_sqlite_file(path: Path) -> None:
     if not path.exists():
         _create_sqlite_file(path)
         return
+    # Read through SQLite, never with open()/close() of our own: closing any descriptor of the file drops
+    # every POSIX lock this process holds on it, so a store already open in this process (an app restarted
+    # in the same process, a test) would lose its locks, and another process closing the database could then
+    # delete the WAL file under it, with its later writes.
     try:
-        with path.open("rb") as file:
-            header = file.read(len(SQLITE_HEADER))
+        header = _sqlite_header(path)
     except OSError as exc:
         raise UnusableStoreError(f"The feedback database {path} cannot be read: {exc.strerror or exc}.") from None
     if not header:
@@ -325,6 +328,21 @@ def prepare_sqlite_file(path: Path) -> None:
         raise UnusableStoreError(
             f"The feedback database {path} is not a SQLite database (it does not start with SQLite's header): "
             "it is damaged, or it is another kind of file. " + recovery_advice(path))
+
+
+def _sqlite_header(path: Path) -> bytes:
+    """The first bytes of ``path`` as SQLite would check them, read without opening it ourselves
+    (see :func:`prepare_sqlite_file`): b"" for an empty file, SQLITE_HEADER for a database."""
+    if path.stat().st_size == 0:
+        return b""
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # reads the header page
+    except sqlite3.DatabaseError:
+        return b"not sqlite"
+    finally:
+        conn.close()
+    return SQLITE_HEADER
 
 
 def recovery_advice(path: Path, *, empty: bool = False) -> str:

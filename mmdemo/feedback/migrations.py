@@ -141,9 +141,38 @@ def _0002_annotation(conn: Connection) -> None:
         m.tables[name].create(conn)
 
 
+def _0003_finetune_jobs(conn: Connection) -> None:
+    """Fine-tuning jobs: what each trains, its state and progress as its process writes them, its queue order."""
+    m = MetaData()
+    timestamp = DateTime(timezone=True)
+    json_value = JSON(none_as_null=True)
+    Table("finetune_jobs", m,
+          Column("id", String(32), primary_key=True),
+          Column("name", String(200), nullable=False),
+          Column("task", String(64), nullable=False),
+          Column("base", String(300), nullable=False),
+          Column("device", String(32), nullable=False),
+          Column("config", json_value, nullable=False),
+          Column("state", String(16), nullable=False),
+          Column("pid", Integer),
+          Column("host", String(200)),
+          Column("progress", json_value),
+          Column("result", json_value),
+          Column("exit_code", Integer),
+          Column("error", Text),
+          Column("log_path", Text),
+          Column("created_by", String(200)),
+          Column("created_at", timestamp, nullable=False),
+          Column("started_at", timestamp),
+          Column("finished_at", timestamp),
+          Index("ix_finetune_jobs_state", "state", "created_at"))
+    m.tables["finetune_jobs"].create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _0001_initial),
     Migration("0002_annotation", _0002_annotation),
+    Migration("0003_finetune_jobs", _0003_finetune_jobs),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

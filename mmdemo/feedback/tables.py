@@ -11,6 +11,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
 * ``annotation_items``: the outputs a campaign puts before its annotators.
 * ``annotation_assignments``: who holds (``leased``, until ``expires_at``), labelled (``done``) or
   ``skipped`` which item; one row per (item, annotator).
+* ``finetune_jobs``: fine-tuning jobs (an ``mmdemo finetune`` process each): config, state, pid, progress,
+  result, exit code, error and log, written by the job's process as it goes; pending ones wait in order.
 """
 
 from __future__ import annotations
@@ -137,4 +139,28 @@ annotation_assignments = Table(
     Column("expires_at", Timestamp),                   # while leased: when the item returns to the pool
     Column("done_at", Timestamp),                      # when it was submitted or skipped
     Index("ix_annotation_assignments_annotator", "annotator", "state"),
+)
+
+finetune_jobs = Table(
+    "finetune_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),         # the new model's id
+    Column("task", String(64), nullable=False),
+    Column("base", String(300), nullable=False),
+    Column("device", String(32), nullable=False),        # one job runs per device; the others wait
+    Column("config", JSONValue, nullable=False),         # the FinetuneConfig as given
+    Column("state", String(16), nullable=False),         # pending, running, succeeded, failed, cancelled
+    Column("pid", Integer),                              # the job's process, once started
+    Column("host", String(200)),                         # where that process runs
+    Column("progress", JSONValue),                       # stage, epoch, step, total_steps, losses, eta_seconds
+    Column("result", JSONValue),                         # when it succeeded: model, saved_to, summary, metrics
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("log_path", Text),
+    Column("created_by", String(200)),
+    Column("created_at", Timestamp, nullable=False),
+    Column("started_at", Timestamp),
+    Column("finished_at", Timestamp),
+    Index("ix_finetune_jobs_state", "state", "created_at"),
 )

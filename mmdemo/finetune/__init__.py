@@ -9,8 +9,16 @@
   captioners. Another task is one more adapter module.
 * ``data.py``: an exported feedback dataset, or the store's feedback exported for the run.
 * ``train.py``: the plain torch loop (AdamW, gradient clipping, validation each epoch, best kept).
-* ``jobs.py``: :class:`FinetuneJob` (status, progress, cancel), the atomic checkpoint and serving.
+* ``jobs.py``: :class:`FinetuneJob` (status, progress, cancel), the atomic checkpoint and serving, and
+  :func:`~mmdemo.finetune.jobs.run_stored_job`, the body of a job's process.
+* ``processes.py``: :class:`~mmdemo.finetune.processes.JobRunner`, the app's queue of job processes.
+
+The training code (``jobs``, ``train``) is imported on first use of its names, so that the web server,
+which only queues and follows jobs, never imports it.
 """
+
+from typing import Any
+
 
 from .adapters import FinetuneAdapter, adapter_for, finetune_adapters
 from .config import FinetuneConfig, check_model_name
@@ -21,8 +29,19 @@ from .errors import (
     InvalidModelNameError,
     UnsupportedBaseError,
 )
-from .jobs import METRICS_FILE, RUN_CONFIG_FILE, FinetuneJob, FinetuneResult, JobStatus, run_finetune
-from .train import Progress
+
+_TRAINING_NAMES = {"METRICS_FILE": "jobs", "RUN_CONFIG_FILE": "jobs", "FinetuneJob": "jobs", "FinetuneResult": "jobs",
+                   "JobStatus": "jobs", "run_finetune": "jobs", "Progress": "train"}
+
+
+def __getattr__(name: str) -> Any:
+    """The training code's names, imported when first used (see the module's docstring)."""
+    if name not in _TRAINING_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{_TRAINING_NAMES[name]}"), name)
+
 
 __all__ = [
     "FinetuneAdapter",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import json
 import logging
 import os
@@ -30,15 +29,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..catalog import MODEL_ENTRY_FILE, Catalog, ModelSpec, load_catalog
+from ..catalog import MODEL_ENTRY_FILE, ModelSpec, load_catalog
 from ..config import Settings
 from ..errors import MMDemoError, ModelLoadError
 from ..files import replace_folder
 from ..registry import ModelRegistry, Placement
 from .adapters import FinetuneAdapter, adapter_for
-from .config import FinetuneConfig, check_model_name
+from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
-from .errors import FinetuneCancelled, InvalidDatasetError, InvalidModelNameError
+from .errors import FinetuneCancelled, InvalidDatasetError
 from .evaluate import (
     LabelledQuestion,
     describe_source,
@@ -51,6 +50,7 @@ from .evaluate import (
     score,
     undecoded,
 )
+from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
 from .train import Progress, train, training_dtype
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class FinetuneJob:
         models_dir = settings.models_dir
         final = model_folder(models_dir, config.name)
         models_dir.mkdir(parents=True, exist_ok=True)
-        with _name_lock(models_dir, config.name):
+        with name_lock(models_dir, config.name):
             # 1. the name is new (or names our own earlier model, with overwrite); the base is a catalog model
             check_new_model_name(registry.catalog, models_dir, config.name, overwrite=config.overwrite)
             base = registry.catalog.get(config.base)
@@ -332,93 +332,15 @@ class FinetuneJob:
             yield store
 
     def _serve(self, result: FinetuneResult) -> None:
-        """Tell a running registry about the new model: hot-swap it in if loaded, else (re)register it.
-        The checkpoint is published either way; a failed swap leaves the old model serving."""
-        registry, spec = self.registry, result.spec
-        if registry is None:
-            return
-        if spec.id in registry.catalog and registry.is_loaded(spec.id):
-            try:
-                registry.replace(spec.id, spec.source)
-            except MMDemoError as exc:
-                log.warning("the new %s is saved but could not be swapped in: %s", spec.id, exc)
-                result.serve_error = str(exc)
-                return
-            result.swapped = True
-        registry.catalog.register(spec, override=True)  # with its new size and description
+        """Tell a running registry about the new model (see :func:`serve_published`)."""
+        if self.registry is not None:
+            served = serve_published(self.registry, result.spec)
+            result.swapped, result.serve_error = served["swapped"], served["serve_error"]
 
     def _report(self, progress: Progress) -> None:
         self.progress = progress
         if self.on_progress is not None:
             self.on_progress(progress)
-
-
-# --- the models folder ---------------------------------------------------------------------------
-
-
-def model_folder(models_dir: Path, name: str) -> Path:
-    """``models_dir/name``, after checking that ``name`` is safe and the folder stays inside."""
-    check_model_name(name)
-    folder = Path(models_dir) / name
-    if folder.resolve().parent != Path(models_dir).resolve():
-        raise InvalidModelNameError(f"The model name {name!r} leads outside {models_dir}.")
-    return folder
-
-
-@contextlib.contextmanager
-def _name_lock(models_dir: Path, name: str) -> Iterator[None]:
-    """One job at a time per model name, across threads and processes (an flock on a hidden file)."""
-    locks = Path(models_dir) / ".locks"
-    locks.mkdir(exist_ok=True)
-    with open(locks / f"{name}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidModelNameError(f"Another job is fine-tuning '{name}' right now.") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def check_new_model_name(catalog: Catalog, models_dir: Path, name: str, *, overwrite: bool) -> None:
-    """A fine-tuned model may take a new id, or (with ``overwrite``) replace its own earlier self;
-    never a built-in model or one from a catalog file, never a folder that is not a model of ours."""
-    folder = model_folder(models_dir, name)
-    if name in catalog and catalog.get(name).source != f"local-dir:{folder.resolve()}":
-        raise InvalidModelNameError(f"'{name}' is already a catalog model; choose another name for the new one.")
-    if folder.exists() or folder.is_symlink():
-        if not overwrite:
-            raise InvalidModelNameError(
-                f"A fine-tuned model '{name}' already exists in {models_dir}; choose another name or overwrite it.")
-        if folder.is_symlink() or not (folder / MODEL_ENTRY_FILE).is_file():
-            raise InvalidModelNameError(f"{folder} exists and is not a fine-tuned model; it will not be replaced.")
-
-
-def remove_stale_staging(models_dir: Path) -> list[Path]:
-    """Delete staging folders of jobs that died (their process is gone) and leftovers of ``publish``."""
-    removed = []
-    for path in Path(models_dir).glob(".*.*-*"):
-        kind, _, rest = path.name.rpartition(".")[2].partition("-")
-        if kind == "partial":
-            pid = rest.partition("-")[0]
-            if pid.isdigit() and _process_alive(int(pid)):
-                continue
-        elif kind != "old":
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
 
 
 def without_held_out(data: TrainingData,
@@ -473,3 +395,102 @@ def run_finetune(config: FinetuneConfig, settings: Settings, **job_options: Any)
     return FinetuneJob(config, settings, **job_options).run()
 
 
+
+
+# --- a job of the store, in its own process (`mmdemo finetune --job-id ID`) ---------------------------
+
+
+def run_stored_job(job_id: str, settings: Settings) -> int:
+    """Run the store's job ``job_id`` in this process, writing its progress and end into the store.
+
+    Started by the app's :class:`~mmdemo.finetune.processes.JobRunner` (or by hand for a pending job).
+    On CPU the process runs niced, with its torch threads capped at half the cores, so that serving keeps
+    its share. SIGTERM cancels: the job stops at its next step and publishes nothing. The log (this
+    process's output) is copied into the new model's folder. Returns the exit status."""
+    import signal
+
+    import torch
+
+    from ..feedback import FeedbackStore
+    from ..feedback.finetune_jobs import CANCELLED, FAILED, PENDING, SUCCEEDED, FinetuneJobStore
+    from .processes import MODEL_LOG_FILE
+
+    cancelled = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancelled.set())
+    with FeedbackStore.from_settings(settings) as store:
+        jobs = FinetuneJobStore(store)
+        record = jobs.get(job_id)
+        if record.state == PENDING:  # started by hand rather than by an app
+            jobs.claim(job_id, pid=os.getpid(), host=os.uname().nodename, log_path="")
+        elif record.pid is None:
+            jobs.set_pid(job_id, os.getpid())
+        process: dict[str, Any] = {"pid": os.getpid()}
+        if not record.device.startswith("cuda"):
+            process["nice"] = os.nice(10)
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        process["threads"] = torch.get_num_threads()
+        print(f"fine-tuning job {job_id}: {record.name} from {record.base} ({record.task}) on {record.device}, "
+              f"process {process}", flush=True)
+        reporter = _StoreReporter(jobs, job_id, process)
+        job = FinetuneJob(FinetuneConfig(**record.config), settings, store=store, on_progress=reporter)
+        if cancelled.is_set():
+            job.cancel()
+        signal.signal(signal.SIGTERM, lambda *_: job.cancel())
+        try:
+            result = job.run()
+        except FinetuneCancelled as exc:
+            jobs.finish(job_id, CANCELLED, error=str(exc), progress=reporter.last)
+            print(f"cancelled: {exc}", flush=True)
+            return 1
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, MMDemoError) else f"{type(exc).__name__}: {exc}"
+            jobs.finish(job_id, FAILED, error=message, progress=reporter.last)
+            log.exception("fine-tuning job %s failed", job_id)
+            return 1
+        # The job's last reports (saving, done) name no epoch or losses: those of its last epoch.
+        last = result.metrics["epochs"][-1]
+        final = {**reporter.last, "stage": "done", "epoch": last["epoch"], "train_loss": last["train_loss"],
+                 "val_loss": last["val_loss"], "eta_seconds": 0}
+        print(result.describe(), flush=True)
+        log_file = jobs.get(job_id).log_path
+        if log_file and Path(log_file).is_file():
+            shutil.copyfile(log_file, result.path / MODEL_LOG_FILE)  # the log is kept with the model
+        jobs.finish(job_id, SUCCEEDED, progress=final, result={
+            "model": result.name, "saved_to": str(result.path), "summary": result.describe(),
+            "metrics": json.loads(json.dumps(result.metrics, default=str)), "spec": result.spec.to_dict()})
+        return 0
+
+
+class _StoreReporter:
+    """A job's progress written into the store: at each new stage, and at most every ``interval`` s."""
+
+    def __init__(self, jobs: Any, job_id: str, process: dict[str, Any], interval: float = 0.5) -> None:
+        self.jobs, self.job_id, self.process, self.interval = jobs, job_id, process, interval
+        self.last: dict[str, Any] = {"stage": "preparing", "process": process}
+        self._written = 0.0
+        self._training_started: tuple[float, int] | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if progress.stage == "training" and self._training_started is None:
+            self._training_started = (now, progress.step)
+        eta = None
+        if self._training_started and progress.total_steps and progress.step > self._training_started[1]:
+            since, first = self._training_started
+            eta = round((now - since) / (progress.step - first) * (progress.total_steps - progress.step), 1)
+        info = {"stage": progress.stage, "epoch": progress.epoch, "epochs": progress.epochs, "step": progress.step,
+                "total_steps": progress.total_steps, "train_loss": progress.train_loss,
+                "val_loss": progress.val_loss, "eta_seconds": eta, "process": self.process}
+        new_stage = info["stage"] != self.last.get("stage")
+        self.last = info
+        if new_stage or now - self._written >= self.interval:
+            self._written = now
+            self.jobs.report(self.job_id, info)
+            print(_progress_line(info), flush=True)  # the job's log
+
+
+def _progress_line(info: dict[str, Any]) -> str:
+    return "  ".join([f"{info['stage']}", f"epoch {info['epoch']}/{info['epochs']}",
+                      f"step {info['step']}/{info['total_steps']}", f"train loss {_fmt(info['train_loss'])}",
+                      f"validation loss {_fmt(info['val_loss'])}",
+                      f"eta {'-' if info['eta_seconds'] is None else info['eta_seconds']} s"])

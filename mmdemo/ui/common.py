@@ -113,7 +113,7 @@ class AppContext:
     _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _store_retry_at: float = field(default=0.0, init=False, repr=False)
     _recorder: "BackgroundRecorder | None" = field(default=None, init=False, repr=False)
-    finetune_slot: Any = field(default=None, init=False, repr=False)  # the app's one fine-tuning job (finetune_panel)
+    finetune_jobs: Any = field(default=None, init=False, repr=False)  # the fine-tuning queue (finetune_panel.runner_of)
     gate: Gatekeeper = field(init=False, repr=False)  # cookies, client addresses, login back-off, body limits
     ops: Operations = field(init=False, repr=False)  # health, metrics, draining (see mmdemo.ops)
 

@@ -2,22 +2,21 @@
 
 An admin picks the task (those a fine-tuning adapter trains), the base model (catalog models of that task
 and of a kind the adapter trains), a name for the new model and the training settings, sees how much
-feedback there is to learn from, and starts the job. It runs in a background thread of the server, never
-in the model queue, and one at a time per app (:class:`FinetuneSlot`, held by the app context); the panel
-polls it with a ``gr.Timer`` for the stage, epoch, step and losses, and can cancel it. A job that succeeds
-has put its model in the registry's catalog: the tabs' model dropdowns offer it after a page reload.
-The job itself, and everything it checks, is :mod:`mmdemo.finetune` (imported on first use: start-up time).
+feedback there is to learn from, and starts the job. A job is an ``mmdemo finetune`` process of its own,
+queued in the feedback store (one runs per device, the others wait in order) by the app's
+:class:`~mmdemo.finetune.processes.JobRunner` (held by the app context), which never imports the training
+code; the panel polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
+ETA, and can cancel it. A job that succeeds has put its model in the registry's catalog: the tabs' model
+dropdowns offer it after a page reload. An app restarted, or another replica, shows the same jobs.
 
-API (admins; each returns the job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
-batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel``.
+API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
+batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel`` (job_id, default the newest).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -28,124 +27,55 @@ from .common import AppContext, answered_in, json_safe, readable_errors, standal
 from .models_panel import EXPORT_ONLY
 
 if TYPE_CHECKING:
-    from ..finetune import FinetuneConfig, FinetuneJob
+    from ..finetune import FinetuneConfig
+    from ..finetune.processes import JobRunner
 
 log = logging.getLogger(__name__)
 
 TITLE = "Fine-tune"
-START_QUEUE = "finetune"  # starting a job (quick checks); the training runs in a thread of its own
+START_QUEUE = "finetune"  # starting a job (quick checks); the training runs in a process of its own
 POLL_SECONDS = 1.0
 # The form's defaults: FinetuneConfig's, and the store export's (only, val_fraction) as `mmdemo finetune` has them.
 DEFAULTS = dict(epochs=3, lr=5e-5, batch_size=8, val_fraction=0.1, only="approved")
 DESCRIPTION = (
     "Train a catalog model on the feedback people gave (their corrections, and results they approved) and "
-    "add it to the catalog under a new name. The job runs in the background on this server, one at a time, "
-    "and the app keeps answering meanwhile. It loads its own training copy of the base model (float32 "
-    "weights, beside any copy the registry serves), so the device needs that much free memory. When it is "
+    "add it to the catalog under a new name. The job runs as a process of its own (niced on CPU), one at a "
+    "time per device while the others wait in order, and the app keeps answering meanwhile. It loads its own "
+    "training copy of the base model (float32 weights, beside any copy the registry serves), so the device "
+    "needs that much free memory. When it is "
     "done, reload the page to pick the new model in the tabs. Scripts: `/finetune_start`, `/finetune_status`, "
     "`/finetune_cancel` (admins)."
 )
 DONE = ("succeeded", "failed", "cancelled")
 
 
-# --- the app's one job ----------------------------------------------------------------------------------
+# --- the app's queue of job processes ------------------------------------------------------------------
 
 
-class FinetuneSlot:
-    """The app's fine-tuning job: at most one runs at a time, in a background thread; the last one stays
-    here (its progress, result or error) until the next starts."""
+def runner_of(ctx: AppContext) -> "JobRunner":
+    """The fine-tuning queue of the app behind ``ctx`` (one per app context, made on first use: it opens
+    the feedback store, where the jobs live, and from then on follows them)."""
+    from ..finetune.processes import JobRunner
 
-    def __init__(self, ctx: AppContext) -> None:
-        self.ctx = ctx
-        self.job: FinetuneJob | None = None
-        self.started_by: str | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self, config: "FinetuneConfig", started_by: str | None) -> None:
-        """Check what the job would refuse at once (see :func:`check_ready`), then run it in a thread.
-        Refused with a readable ``gr.Error`` while another job runs."""
-        from ..finetune import FinetuneJob
-
-        with self._lock:
-            if self.running:
-                assert self.job is not None
-                raise gr.Error(f"A fine-tuning job is running ('{self.job.config.name}' from "
-                               f"'{self.job.config.base}'): wait for it to finish, or cancel it, then start again.",
-                               title="A job is running", print_exception=False)
-            check_ready(self.ctx, config)
-            job = FinetuneJob(config, self.ctx.settings, store=self.ctx.store, registry=self.ctx.registry)
-            self.job, self.started_by, self.started_at, self.finished_at = job, started_by, time.time(), None
-            self._thread = threading.Thread(target=self._run, args=(job,), name=f"finetune-{config.name}",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self, job: "FinetuneJob") -> None:
-        try:
-            job.run()
-        except MMDemoError:
-            pass  # typed and readable: in job.status and job.error, which the panel shows
-        except Exception as exc:  # noqa: BLE001 - a bug or a system failure: the log has the traceback
-            log.exception("fine-tuning %s failed", job.config.name)
-            job.error = f"{type(exc).__name__}: {exc} (the server log has the details)"
-        finally:
-            self.finished_at = time.time()
-
-    def cancel(self) -> bool:
-        """Ask the running job to stop (at its next step; it publishes nothing). False when none runs."""
-        if not self.running or self.job is None:
-            return False
-        self.job.cancel()
-        return True
-
-    def status(self) -> dict[str, Any]:
-        """The job as plain JSON: state, what it trains, progress, then the result or the error."""
-        job = self.job
-        if job is None:
-            return {"state": "idle", "message": "No fine-tuning job has run since the app started."}
-        config, progress = job.config, job.progress
-        state = job.status.value  # pending, running, succeeded, failed, cancelled
-        end = self.finished_at if state in DONE and self.finished_at else time.time()
-        info: dict[str, Any] = {
-            "state": state, "job_id": job.id, "task": config.task, "base": config.base, "name": config.name,
-            "started_by": self.started_by,
-            "started_at": datetime.fromtimestamp(self.started_at or 0, timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(end - (self.started_at or end), 1), "cancel_requested": job.cancel_requested,
-            "settings": {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size,
-                         "val_fraction": config.val_fraction, "only": config.only},
-            "stage": progress.stage, "epoch": progress.epoch, "epochs": progress.epochs or config.epochs,
-            "step": progress.step, "total_steps": progress.total_steps, "train_loss": progress.train_loss,
-            "val_loss": progress.val_loss, "error": job.error if state in ("failed", "cancelled") else None,
-            "result": None,
-        }
-        if state == "succeeded" and job.result is not None:
-            result = job.result
-            # The job's last reports (saving, done) name no epoch or losses: those of its last epoch.
-            last = result.metrics["epochs"][-1]
-            info.update(epoch=last["epoch"], train_loss=last["train_loss"], val_loss=last["val_loss"])
-            info["result"] = {"model": result.name, "saved_to": str(result.path),
-                              "in_catalog": result.name in self.ctx.registry.catalog, "swapped": result.swapped,
-                              "serve_error": result.serve_error, "summary": result.describe(),
-                              "metrics": json_safe(result.metrics)}
-        info["message"] = status_text(info)
-        return json_safe(info)
+    with _RUNNER_LOCK:
+        if ctx.finetune_jobs is None:
+            ctx.finetune_jobs = JobRunner(ctx.settings, ctx.store, ctx.registry)
+        return ctx.finetune_jobs
 
 
-def slot_of(ctx: AppContext) -> FinetuneSlot:
-    """The fine-tuning slot of the app behind ``ctx`` (one per app context, made on first use)."""
-    with _SLOT_LOCK:
-        if ctx.finetune_slot is None:
-            ctx.finetune_slot = FinetuneSlot(ctx)
-        return ctx.finetune_slot
+_RUNNER_LOCK = threading.Lock()
 
 
-_SLOT_LOCK = threading.Lock()
+def queue_job(ctx: AppContext, config: "FinetuneConfig", started_by: str | None) -> dict[str, Any]:
+    """Check what the job would refuse at once (see :func:`check_ready`), then queue it; its status."""
+    check_ready(ctx, config)
+    runner = runner_of(ctx)
+    return with_message(runner.status(runner.submit(config, started_by).id))
+
+
+def with_message(info: dict[str, Any]) -> dict[str, Any]:
+    info["message"] = status_text(info)
+    return json_safe(info)
 
 
 # --- what the form offers and checks --------------------------------------------------------------------
@@ -172,7 +102,7 @@ def check_ready(ctx: AppContext, config: "FinetuneConfig") -> int:
     """Refuse at once what the job would refuse after a while: a base that is unknown or of another task
     or kind, a name in use, no feedback to learn from. Returns how many feedback records match."""
     from ..finetune import InvalidDatasetError, adapter_for
-    from ..finetune.jobs import check_new_model_name
+    from ..finetune.processes import check_new_model_name
 
     adapter_for(config.task).check_base(ctx.registry.catalog.get(config.base))
     check_new_model_name(ctx.registry.catalog, ctx.settings.models_dir, config.name, overwrite=config.overwrite)
@@ -233,8 +163,15 @@ def status_text(info: dict[str, Any]) -> str:
         return info["message"]
     name, base = info["name"], info["base"]
     who = f", started by {info['started_by']}" if info.get("started_by") else ""
-    if state in ("pending", "running"):
-        lines = [f"**Fine-tuning `{name}`** from `{base}` ({info['task']}{who}, {info['seconds']:.0f} s so far)"]
+    if state == "pending":
+        lines = [f"**`{name}` is waiting** to fine-tune `{base}` ({info['task']}{who}): place {info['place']} in "
+                 f"the queue for {info['device']}, where one job runs at a time."]
+        if info.get("eta_seconds") is not None:
+            lines.append(f"The job before it should end in about {_duration(info['eta_seconds'])}.")
+        return "  \n".join(lines)
+    if state == "running":
+        lines = [f"**Fine-tuning `{name}`** from `{base}` ({info['task']}{who}, {info['seconds']:.0f} s so far, "
+                 f"process {info['pid']})"]
         if info["cancel_requested"]:
             lines.append("*Cancelling: the job stops at its next step.*")
         lines.append(progress_line(info))
@@ -251,12 +188,15 @@ def status_text(info: dict[str, Any]) -> str:
     if state == "cancelled":
         return (f"**Fine-tuning `{name}` was cancelled** at step {info['step']}/{info['total_steps']}; "
                 "nothing was published.")
-    return f"**Fine-tuning `{name}` failed:** {info['error']}"
+    lines = [f"**Fine-tuning `{name}` failed:** {info['error']}"]
+    if info.get("log_tail"):
+        lines.append("Last lines of its log:\n\n```\n" + "\n".join(info["log_tail"]) + "\n```")
+    return "  \n".join(lines)
 
 
 def progress_line(info: dict[str, Any]) -> str:
     stage = info["stage"]
-    if stage in ("pending", "preparing"):
+    if stage in ("queued", "starting", "pending", "preparing"):
         return "Stage: **preparing** (exporting the feedback, loading the base model)"
     parts = [f"Stage: **{stage}**"]
     if info["epoch"]:  # the saving stage names no epoch
@@ -265,7 +205,13 @@ def progress_line(info: dict[str, Any]) -> str:
         parts.append(f"step {info['step']}/{info['total_steps']} ({info['step'] / info['total_steps']:.0%})")
     parts.append(f"train loss {_loss(info['train_loss'])}")
     parts.append(f"validation loss {_loss(info['val_loss'])}")
+    if info.get("eta_seconds") is not None:
+        parts.append(f"about {_duration(info['eta_seconds'])} left")
     return " · ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _loss(value: float | None) -> str:
@@ -288,24 +234,23 @@ def access_text(ctx: AppContext, request: gr.Request | None) -> str:
 
 def build(ctx: AppContext) -> SimpleNamespace:
     """The Fine-tune section (inside the Models tab) and its API endpoints."""
-    slot = slot_of(ctx)
 
     def start_job(task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any, batch_size: Any,
                   val_fraction: Any, only: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "fine-tune models")
         config = config_from(ctx, task, base, name, epochs, lr, batch_size, val_fraction, only)
-        slot.start(config, ctx.annotator_of(request))
-        return slot.status()
+        return queue_job(ctx, config, ctx.annotator_of(request))
 
-    def job_status(request: gr.Request | None) -> dict[str, Any]:
+    def job_status(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "follow fine-tuning jobs")
-        return slot.status()
+        return with_message(runner_of(ctx).status(job_id or None))
 
-    def cancel_job(request: gr.Request | None) -> dict[str, Any]:
+    def cancel_job(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "cancel fine-tuning jobs")
-        if not slot.cancel():
+        runner = runner_of(ctx)
+        if not job_id and not runner.status()["queue"]:
             raise gr.Error("No fine-tuning job is running.", title="Nothing to cancel", print_exception=False)
-        return slot.status()
+        return with_message(runner.status(runner.cancel(job_id or None).id))
 
     # -- the API --
 
@@ -316,18 +261,22 @@ def build(ctx: AppContext) -> SimpleNamespace:
         """Start fine-tuning (admins): train `base` (a catalog model of `task`; default: the first the task
         can train) on the store's feedback (`only`: approved, corrected or all) into a new catalog model
         `name`. task: default the first that can be fine-tuned (image-to-text). Returns the job's status
-        at once; the job runs in the background: follow it with /finetune_status. One job at a time."""
+        at once; the job is a process of its own, queued behind the jobs already waiting for the same
+        device (one runs per device): follow it with /finetune_status and its job_id."""
         return start_job(task, base, name, epochs, lr, batch_size, val_fraction, only, request)
 
-    def finetune_status(request: gr.Request = None) -> dict[str, Any]:
-        """The fine-tuning job's status (admins): state (idle, pending, running, succeeded, failed,
-        cancelled), stage, epoch/epochs, step/total_steps, train_loss, val_loss, error, and when it
-        succeeded the result (model, path, metrics, summary)."""
-        return job_status(request)
+    def finetune_status(job_id: str = "", request: gr.Request = None) -> dict[str, Any]:
+        """A fine-tuning job's status (admins; job_id: default the newest job): state (idle, pending,
+        running, succeeded, failed, cancelled), place in the queue while pending, stage, epoch/epochs,
+        step/total_steps, train_loss, val_loss, eta_seconds, pid, exit_code, error and the log's last
+        lines when it failed, the result (model, path, metrics, summary) when it succeeded; and the
+        queue (the jobs waiting or running)."""
+        return job_status(job_id, request)
 
-    def finetune_cancel(request: gr.Request = None) -> dict[str, Any]:
-        """Cancel the running fine-tuning job (admins); it stops at its next step and publishes nothing."""
-        return cancel_job(request)
+    def finetune_cancel(job_id: str = "", request: gr.Request = None) -> dict[str, Any]:
+        """Cancel a fine-tuning job (admins; job_id: default the newest waiting or running): a waiting
+        job leaves the queue; a running one stops at its next step and publishes nothing."""
+        return cancel_job(job_id, request)
 
     gr.api(readable_errors(finetune_start), api_name="finetune_start", concurrency_id=START_QUEUE,
            concurrency_limit=1)
@@ -370,7 +319,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         tasks = finetune_tasks()
         first = tasks[0] if tasks else None
         bases = base_models(ctx, first)
-        info = slot.status() if admin else {"state": "idle", "message": ""}
+        info = job_status(None, request) if admin else {"state": "idle", "message": ""}
         return (access_text(ctx, request), gr.Dropdown(choices=tasks, value=first),
                 gr.Dropdown(choices=bases, value=bases[0] if bases else None),
                 available_text(ctx, first, DEFAULTS["only"]) if admin else "", *shown(info),
@@ -395,12 +344,12 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     @answered_in(answer, "Not cancelled")
     def cancel_clicked(request: gr.Request) -> tuple[Any, ...]:
-        info = cancel_job(request)
+        info = cancel_job(None, request)
         return "Cancelling: the job stops at its next step and publishes nothing.", *shown(info)
 
     @readable_errors
     def poll(task_id: str | None, request: gr.Request) -> tuple[Any, ...]:
-        info = job_status(request)
+        info = job_status(None, request)
         # When a job has just ended, its model may be a base too: offer it (the value stays as chosen).
         refreshed = gr.Dropdown(choices=base_models(ctx, task_id)) if info["state"] in DONE else gr.skip()
         return *shown(info), refreshed
@@ -418,7 +367,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     cancel.click(cancel_clicked, None, [answer, status, details, timer], queue=False, show_progress="hidden",
                  api_visibility="private")
     timer.tick(poll, [task], [status, details, timer, base], **quick)
-    return SimpleNamespace(slot=slot, task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
+    return SimpleNamespace(task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
                            val_fraction=val_fraction, only=only, available=available, start=start, cancel=cancel,
                            answer=answer, status=status, details=details, timer=timer, access=access)
 
