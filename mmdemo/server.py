@@ -199,6 +199,17 @@ def open_feedback_store(ctx: "AppContext") -> None:
         log.warning("the feedback store is unavailable for now (feedback is not saved until it is): %s", exc)
 
 
+def follow_finetune_jobs(ctx: "AppContext") -> None:
+    """Start the fine-tuning queue's watcher: after a restart, jobs that were waiting start, and models of
+    jobs that finished meanwhile join the catalog, without waiting for an admin to open the panel."""
+    from .ui.finetune_panel import runner_of
+
+    try:
+        runner_of(ctx).tick()
+    except Exception:  # noqa: BLE001 - logged; the panel tries again on first use
+        log.exception("following the fine-tuning jobs failed")
+
+
 def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
     """Open the feedback store if it is not open yet, then once: forget the outputs whose feedback
     window closed without feedback, and remove media files no output refers to."""
@@ -211,6 +222,7 @@ def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
             log.exception("tidying the feedback store failed")
             return
         log.info("feedback store: %d expired outputs purged, %d unused media files removed", purged, len(swept))
+        follow_finetune_jobs(ctx)
 
     thread = threading.Thread(target=work, name="mmdemo-feedback-tidy", daemon=True)
     thread.start()
@@ -274,6 +286,8 @@ def drain(demo: "gr.Blocks", ctx: "AppContext", grace_s: float) -> bool:
         time.sleep(0.05)
     if not finished:
         log.error("calls still running after the %.0f s grace period (MMDEMO_SHUTDOWN_GRACE_S) are cut off", grace_s)
+    if ctx.finetune_jobs is not None:
+        ctx.finetune_jobs.close()  # stop watching; job processes go on, and the next app follows them
     ctx.recorder.flush(timeout=max(1.0, deadline - time.monotonic()))
     ctx.recorder.close()
     ctx.close_store()
