@@ -4,6 +4,7 @@ among its answers (``mmdemo.tiny.VQA_ANSWERS``), of random size and place, on a 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from PIL import Image
 
@@ -26,3 +27,16 @@ def colour_of(picture: Image.Image) -> str:
     """The colour of the square: its darkest pixel (the ground is lighter than every colour), named."""
     pixel = min(picture.convert("RGB").getdata(), key=sum)
     return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], pixel)))
+
+
+def pictures(folder: Path, per_colour: int, seed: int) -> list[tuple[Path, str]]:
+    """``per_colour`` PNG files of each colour in a new ``folder`` (named by their colour), with their colour."""
+    folder.mkdir()
+    rng = random.Random(seed)
+    made = []
+    for n in range(per_colour * len(COLOURS)):
+        colour = list(COLOURS)[n % len(COLOURS)]
+        path = folder / f"{n:03d}-{colour}.png"
+        square(colour, rng).save(path)
+        made.append((path, colour))
+    return made

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from gradio_client import Client, handle_file
 
 from mmdemo.finetune import METRICS_FILE
 
-from colour_squares import COLOURS, square
+from colour_squares import COLOURS, pictures
 
 CLIP = "tiny-clip"
 NEW = "clip-colours"
@@ -28,18 +27,6 @@ LABELS = ", ".join(COLOURS)
 def classify_all(client: Client, pictures: list[tuple[Path, str]], model: str) -> list[tuple[dict, str]]:
     return [(client.predict(handle_file(str(path)), labels=LABELS, model=model, api_name="/zero_shot")[2], colour)
             for path, colour in pictures]
-
-
-def pictures(folder: Path, per_colour: int, seed: int) -> list[tuple[Path, str]]:
-    folder.mkdir()
-    rng = random.Random(seed)
-    made = []
-    for n in range(per_colour * len(COLOURS)):
-        colour = list(COLOURS)[n % len(COLOURS)]
-        path = folder / f"{n:03d}-{colour}.png"
-        square(colour, rng).save(path)
-        made.append((path, colour))
-    return made
 
 
 def test_clip_learns_eight_colours_from_labels_given_through_the_api(launch_app, tiny_data_dir, tmp_path):
