@@ -436,7 +436,8 @@ def test_a_finished_vqa_job_shows_its_before_after_table_and_loss_curve(launch_a
         box = section.get_by_label(label, exact=True)
         box.fill(value)
         box.press("Tab")
-    table, note = section.locator(".mmdemo-finetune-evaluation"), section.locator(".prose.mmdemo-finetune-evaluation-note")
+    table = section.locator(".mmdemo-finetune-evaluation")
+    note = section.locator(".prose.mmdemo-finetune-evaluation-note")
     losses = section.locator(".mmdemo-finetune-losses")
     expect(table).to_be_hidden()  # no job has succeeded yet
     expect(losses).to_be_hidden()

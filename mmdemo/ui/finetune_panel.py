@@ -8,7 +8,8 @@ queued in the feedback store (one runs per device, the others wait in order) by 
 code; the panel polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
 ETA, and can cancel it. A job that succeeds has put its model in the registry's catalog: the tabs' model
 dropdowns offer it after a page reload; the panel then shows its before/after table and loss curve
-(:func:`~mmdemo.finetune.evaluate.before_after`, :func:`~mmdemo.finetune.evaluate.loss_curve`). An app restarted, or another replica, shows the same jobs.
+(:func:`~mmdemo.finetune.evaluate.before_after`, :func:`~mmdemo.finetune.evaluate.loss_curve`). An app
+restarted, or another replica, shows the same jobs.
 
 API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
 batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel`` (job_id, default the newest).
