@@ -7,6 +7,7 @@ job; the server never imports the training code; the form's buttons answer besid
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -392,3 +393,73 @@ def test_start_and_cancel_answer_beside_the_buttons(app, browser):
     section.get_by_role("button", name="Start fine-tuning").click()
     expect(answer).to_have_text("Not started: The number of epochs must be a whole number from 1 to 10000, not 0.")
     assert client_for(app, "alice").predict(api_name="/finetune_status")["state"] in ("idle", *DONE)  # none started
+
+
+@pytest.mark.browser
+def test_a_finished_vqa_job_shows_its_before_after_table_and_loss_curve(launch_app, tiny_data_dir, tmp_path, browser):
+    """Issue 10: a VQA model trained from the panel; the panel then shows the base's and the new model's
+    VQA accuracy (overall, accepted / corrected apart, with the bias note) and the losses per epoch."""
+    import random
+
+    from browser_util import field, fill_text, open_tab, sign_in
+    from playwright.sync_api import expect
+
+    from colour_squares import COLOURS, QUESTION, square
+    from mmdemo.finetune.evaluate import BIASED_NOTE, before_after
+
+    add_user(tmp_path / "auth.toml", "alice", "admin", hash_password("pw-alice", cost=2**8))
+    vqa_app = launch_app(data_dir=isolated_data_dir(tmp_path, tiny_data_dir), auth_file=tmp_path / "auth.toml")
+    client = client_for(vqa_app, "alice")
+    rng = random.Random(0)
+    for colour in COLOURS:  # eight answers corrected: a colour ViLT's answers lack
+        path = tmp_path / f"{colour}.png"
+        square(colour, rng).save(path)
+        details = client.predict(handle_file(str(path)), question=QUESTION, model="tiny-vilt-vqa", api_name="/vqa")[3]
+        message, _ = client.predict(details["output_id"], thumbs="down", correction=colour, comment="",
+                                    api_name="/feedback")
+        assert message.startswith("Saved #")
+    vqa_app.flush_records()
+
+    page = sign_in(browser, vqa_app.url, "alice")
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    for label, value in (("Task", "visual-question-answering"), ("Base model", "tiny-vilt-vqa")):
+        section.get_by_label(label, exact=True).click()
+        page.get_by_role("option", name=value, exact=True).click()
+        expect(section.get_by_label(label, exact=True)).to_have_value(value)
+    expect(section.get_by_text("8 approved feedback record(s)")).to_be_visible()
+    name = new_name("vilt-web")
+    fill_text(field(section, "New model name"), name)
+    for label, value in (("Epochs", "2"), ("Learning rate", "0.002"), ("Batch size", "4"),
+                         ("Validation fraction", "0.25")):
+        box = section.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Tab")
+    table = section.locator(".mmdemo-finetune-evaluation")
+    note = section.locator(".prose.mmdemo-finetune-evaluation-note")
+    losses = section.locator(".mmdemo-finetune-losses")
+    expect(table).to_be_hidden()  # no job has succeeded yet
+    expect(losses).to_be_hidden()
+    section.get_by_role("button", name="Start fine-tuning").click()
+    expect(section.locator(".prose.mmdemo-finetune-status")).to_contain_text(f"{name} is ready", timeout=120_000)
+
+    # the rows the panel shows are those of the job's metrics (metrics.json, kept with the job in the store)
+    status = client.predict(api_name="/finetune_status")
+    metrics = status["result"]["metrics"]
+    assert metrics["evaluation"]["data"]["kind"] == "validation split" and metrics["evaluation"]["data"]["questions"]
+    expected = before_after(metrics, name, "visual-question-answering")
+    assert expected["headers"][:2] == ["model", "VQA accuracy"] and "corrected rows" in expected["headers"]
+    expect(table).to_be_visible()
+    for header in expected["headers"]:
+        expect(table.get_by_role("columnheader").filter(has_text=header).first).to_be_visible()
+    assert [row[0] for row in expected["rows"]] == ["tiny-vilt-vqa (base)", f"{name} (new)"]
+    for row in expected["rows"]:  # the model, then its cells in order
+        cells = re.compile(r"\s*".join(map(re.escape, row)))
+        expect(table.get_by_role("row").filter(has_text=row[0])).to_have_text(cells)
+    expect(note).to_contain_text(expected["source"])
+    expect(note).to_contain_text(BIASED_NOTE[:40])
+    # the loss curve: drawn (vega), epochs 0 (the base) to 2 for both splits
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["epochs"][-1]["val_loss"] is not None
+    expect(losses).to_be_visible()
+    expect(losses.locator(".vega-embed canvas, .vega-embed svg").first).to_be_visible(timeout=15_000)

@@ -21,7 +21,7 @@ from mmdemo.errors import InvalidInputError
 from mmdemo.feedback import AnnotationQueue, FeedbackStore, NothingToExportError, export_dataset
 from mmdemo.finetune import METRICS_FILE, FinetuneConfig, FinetuneJob, InvalidDatasetError, adapter_for
 from mmdemo.finetune.data import load_export
-from mmdemo.finetune.evaluate import normalize_answer, vqa_accuracy
+from mmdemo.finetune.evaluate import BIASED_NOTE, before_after, loss_curve, normalize_answer, vqa_accuracy
 from mmdemo.finetune.vqa import soft_scores
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
@@ -108,6 +108,46 @@ def test_vqa_accuracy_normalises_answers_and_counts_people():
     several = ["red", "red", "dark red", "red", "maroon"]
     assert vqa_accuracy("red", several) == 1.0  # 3 of them said it
     assert vqa_accuracy("dark red", several) == pytest.approx(1 / 3) and vqa_accuracy("blue", several) == 0.0
+
+
+def test_a_jobs_metrics_become_before_after_rows_and_loss_points():
+    """The Models panel's table and loss curve, from a VQA job's metrics.json (as FinetuneJob writes it)."""
+    metrics = {
+        "base": {"id": "tiny-vilt-vqa"},
+        "initial": {"train_loss": 0.9, "val_loss": 0.8},
+        "epochs": [{"epoch": 1, "steps": 2, "train_loss": 0.5, "val_loss": 0.6},
+                   {"epoch": 2, "steps": 2, "train_loss": 0.25, "val_loss": None}],
+        "evaluation": {
+            "data": {"kind": "validation split", "questions": 3, "biased": True, "note": BIASED_NOTE},
+            "base": {"vqa_accuracy": 0.3333, "questions": 3, "accepted": {"vqa_accuracy": 1.0, "questions": 1},
+                     "corrected": {"vqa_accuracy": 0.0, "questions": 2}},
+            "new": {"vqa_accuracy": 0.6667, "questions": 3, "accepted": {"vqa_accuracy": 1.0, "questions": 1},
+                    "corrected": {"vqa_accuracy": 0.5, "questions": 2}},
+        },
+    }
+    table = before_after(metrics, "vilt-ours", "visual-question-answering")
+    assert table == {
+        "headers": ["model", "VQA accuracy", "accepted rows", "corrected rows"],
+        "rows": [["tiny-vilt-vqa (base)", "0.333 (3)", "1.000 (1)", "0.000 (2)"],
+                 ["vilt-ours (new)", "0.667 (3)", "1.000 (1)", "0.500 (2)"]],
+        "source": "on 3 questions (validation split)", "note": BIASED_NOTE}
+    assert loss_curve(metrics) == [
+        {"epoch": 0, "loss": 0.9, "split": "train"}, {"epoch": 1, "loss": 0.5, "split": "train"},
+        {"epoch": 2, "loss": 0.25, "split": "train"},
+        {"epoch": 0, "loss": 0.8, "split": "validation"}, {"epoch": 1, "loss": 0.6, "split": "validation"}]
+
+    # a held-out campaign without accepted suggestions: no groups, no note; a job that scored nothing: no table
+    fair = {**metrics, "evaluation": {"data": {"kind": "campaign", "campaign": "held-out", "questions": 2,
+                                               "biased": False},
+                                      "base": {"vqa_accuracy": 0.0, "questions": 2},
+                                      "new": {"vqa_accuracy": 1.0, "questions": 2}}}
+    assert before_after(fair, "vilt-ours", "visual-question-answering") == {
+        "headers": ["model", "VQA accuracy"], "rows": [["tiny-vilt-vqa (base)", "0.000 (2)"],
+                                                       ["vilt-ours (new)", "1.000 (2)"]],
+        "source": "on 2 questions (held-out)", "note": None}
+    no_questions = {**metrics, "evaluation": {"data": {"kind": "validation split", "questions": 0}}}
+    assert before_after(no_questions, "vilt-ours", "visual-question-answering") is None
+    assert before_after({k: v for k, v in metrics.items() if k != "evaluation"}, "x", "image-to-text") is None
 
 
 def test_vilt_soft_scores_follow_vqav2(tiny_models):

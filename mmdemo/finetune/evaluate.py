@@ -300,24 +300,65 @@ def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -
 
 def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], task: str = VQA) -> str:
     """A plain-text table: one line per model, the task's metrics overall (and accepted / corrected apart)."""
-    metrics = _METRICS[task]
-    groups = [g for g in (ACCEPTED, CORRECTED) if any(g in r for r in results.values())]
-    width = max([len("model"), *map(len, results)])
-    columns = [(title, None, metric) for title, *metric in metrics]
-    columns += [(f"{g} rows" if len(metrics) == 1 else f"{title}, {g}", g, metric)
-                for g in groups for title, *metric in metrics]
-    widths = [max(14, len(title)) for title, _, _ in columns]
-    header = f"{'model':<{width}}" + "".join(f"  {title:>{w}}" for (title, _, _), w in zip(columns, widths))
-    lines = [header]
-    for name, result in results.items():
-        cells = "".join(f"  {_cell(result.get(g) if g else result, *metric):>{w}}"
-                        for (_, g, metric), w in zip(columns, widths))
-        lines.append(f"{name:<{width}}{cells}")
-    where = source.get("campaign") or source.get("dataset") or source.get("kind", "")
-    lines.append(f"on {source['questions']} questions ({where})")
+    headers, rows = table_rows(results, task)
+    width = max(len(row[0]) for row in [headers, *rows])
+    widths = [max(14, len(title)) for title in headers[1:]]
+    lines = [f"{row[0]:<{width}}" + "".join(f"  {cell:>{w}}" for cell, w in zip(row[1:], widths))
+             for row in [headers, *rows]]
+    lines.append(source_line(source))
     if source.get("note"):
         lines.append(f"note: {source['note']}")
     return "\n".join(lines)
+
+
+def table_rows(results: dict[str, dict[str, Any]], task: str = VQA) -> tuple[list[str], list[list[str]]]:
+    """The headers ("model", then the task's metrics overall and, when present, on accepted / corrected
+    rows apart) and one row of cells per model (``"0.500 (4)"``: the score and the count it is over)."""
+    metrics = _METRICS[task]
+    groups = [g for g in (ACCEPTED, CORRECTED) if any(g in r for r in results.values())]
+    columns = [(title, None, metric) for title, *metric in metrics]
+    columns += [(f"{g} rows" if len(metrics) == 1 else f"{title}, {g}", g, metric)
+                for g in groups for title, *metric in metrics]
+    headers = ["model", *(title for title, _, _ in columns)]
+    rows = [[name, *(_cell(result.get(g) if g else result, *metric) for _, g, metric in columns)]
+            for name, result in results.items()]
+    return headers, rows
+
+
+def source_line(source: dict[str, Any]) -> str:
+    """What the scores are over: ``on 12 questions (campaign-name)``."""
+    where = source.get("campaign") or source.get("dataset") or source.get("kind", "")
+    return f"on {source['questions']} questions ({where})"
+
+
+def compared_models(metrics: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """A job's evaluation (its ``metrics.json``) as ``{"<base> (base)": scores, "<name> (new)": scores}``;
+    empty when the job scored nothing (a task without a metric, or no labelled questions)."""
+    evaluation = metrics.get("evaluation") or {}
+    if "base" not in evaluation:
+        return {}
+    return {f"{metrics['base']['id']} (base)": evaluation["base"], f"{name} (new)": evaluation["new"]}
+
+
+def before_after(metrics: dict[str, Any], name: str, task: str) -> dict[str, Any] | None:
+    """A finished job's before/after table from its ``metrics.json``: ``{"headers", "rows", "source",
+    "note"}`` (``note``: why the comparison is biased, or None); None when the job scored nothing."""
+    results = compared_models(metrics, name)
+    if not results or not has_metric(task):
+        return None
+    data = metrics["evaluation"]["data"]
+    headers, rows = table_rows(results, task)
+    return {"headers": headers, "rows": rows, "source": source_line(data), "note": data.get("note")}
+
+
+def loss_curve(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job's losses from its ``metrics.json``, one point per (epoch, split): ``{"epoch", "loss",
+    "split"}`` with split "train" or "validation", epoch 0 being the base before training. A split
+    without a loss (no validation rows) has no points."""
+    epochs = [{"epoch": 0, **metrics.get("initial", {})}, *metrics.get("epochs", [])]
+    return [{"epoch": entry["epoch"], "loss": entry[key], "split": split}
+            for split, key in (("train", "train_loss"), ("validation", "val_loss"))
+            for entry in epochs if entry.get(key) is not None]
 
 
 def _cell(result: dict[str, Any] | None, key: str, count: str) -> str:

@@ -40,6 +40,7 @@ from .data import TrainingData, export_from_store, load_export, quiet_progress
 from .errors import FinetuneCancelled, InvalidDatasetError
 from .evaluate import (
     LabelledQuestion,
+    compared_models,
     describe_source,
     format_table,
     has_metric,
@@ -104,8 +105,7 @@ class FinetuneResult:
             return ""
         if "base" not in evaluation:
             return f"No evaluation: no labelled questions ({evaluation['data'].get('kind')})."
-        rows = {f"{self.metrics['base']['id']} (base)": evaluation["base"], f"{self.name} (new)": evaluation["new"]}
-        return format_table(rows, evaluation["data"], self.spec.task)
+        return format_table(compared_models(self.metrics, self.name), evaluation["data"], self.spec.task)
 
 
 class FinetuneJob:

@@ -7,7 +7,9 @@ queued in the feedback store (one runs per device, the others wait in order) by 
 :class:`~mmdemo.finetune.processes.JobRunner` (held by the app context), which never imports the training
 code; the panel polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
 ETA, and can cancel it. A job that succeeds has put its model in the registry's catalog: the tabs' model
-dropdowns offer it after a page reload. An app restarted, or another replica, shows the same jobs.
+dropdowns offer it after a page reload; the panel then shows its before/after table and loss curve
+(:func:`~mmdemo.finetune.evaluate.before_after`, :func:`~mmdemo.finetune.evaluate.loss_curve`). An app
+restarted, or another replica, shows the same jobs.
 
 API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
 batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel`` (job_id, default the newest).
@@ -21,6 +23,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+import pandas as pd
 
 from ..errors import MMDemoError
 from .common import AppContext, answered_in, json_safe, readable_errors, standalone
@@ -218,6 +221,26 @@ def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def job_report(info: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A succeeded job's before/after table, the note under it, and its loss curve (from the metrics its
+    metrics.json holds, kept with the job in the store); hidden for any other job, or what it lacks."""
+    from ..finetune.evaluate import before_after, loss_curve
+
+    result = info.get("result") or {}
+    metrics = result.get("metrics") if info["state"] == "succeeded" else None
+    if not metrics:
+        return gr.Dataframe(visible=False), gr.Markdown(visible=False), gr.LinePlot(visible=False)
+    table = before_after(metrics, info["name"], info["task"])
+    points = loss_curve(metrics)
+    shown_table = (gr.Dataframe(pd.DataFrame(table["rows"], columns=table["headers"]), visible=True)
+                   if table else gr.Dataframe(visible=False))
+    note = ("  \n".join([table["source"], *([f"**Note:** {table['note']}"] if table["note"] else [])])
+            if table else "")
+    curve = (gr.LinePlot(pd.DataFrame(points, columns=["epoch", "loss", "split"]), visible=True)
+             if points else gr.LinePlot(visible=False))
+    return shown_table, gr.Markdown(note, visible=bool(note)), curve
+
+
 def access_text(ctx: AppContext, request: gr.Request | None) -> str:
     if ctx.role_of(request) == "admin":
         return ""
@@ -305,13 +328,20 @@ def build(ctx: AppContext) -> SimpleNamespace:
         cancel = gr.Button("Cancel", variant="stop")
     answer = gr.Markdown(elem_classes="mmdemo-finetune-answer")  # what became of the last click
     status = gr.Markdown(elem_classes="mmdemo-finetune-status")
+    evaluation = gr.Dataframe(label="Before / after fine-tuning", interactive=False, visible=False,
+                              elem_classes="mmdemo-finetune-evaluation")
+    evaluation_note = gr.Markdown(visible=False, elem_classes="mmdemo-finetune-evaluation-note")
+    losses = gr.LinePlot(x="epoch", y="loss", color="split", title="Loss per epoch (0: the base)",
+                         x_title="epoch", y_title="loss", visible=False, elem_classes="mmdemo-finetune-losses")
     with gr.Accordion("Job status (JSON)", open=False):
         details = gr.JSON(label="Job status", show_label=False)
     timer = gr.Timer(POLL_SECONDS, active=False)
 
-    def shown(info: dict[str, Any]) -> tuple[str, dict[str, Any], gr.Timer]:
-        """The status line, the JSON, and the timer: polling while the job runs."""
-        return info["message"], info, gr.Timer(active=info["state"] not in DONE + ("idle",))
+    shown_in = [status, details, timer, evaluation, evaluation_note, losses]
+
+    def shown(info: dict[str, Any]) -> tuple[Any, ...]:
+        """The status line, the JSON, the timer (polling while the job runs), and a succeeded job's report."""
+        return info["message"], info, gr.Timer(active=info["state"] not in DONE + ("idle",)), *job_report(info)
 
     @readable_errors
     def page_load(request: gr.Request) -> tuple[Any, ...]:
@@ -356,20 +386,21 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     quick = dict(queue=False, show_progress="hidden", api_visibility="private")
     # On page load only (no triggers, no inputs): the tasks, bases and counts of today, the job if any.
-    gr.on(None, page_load, None, [access, task, base, available, status, details, timer, start, cancel], **quick)
+    gr.on(None, page_load, None, [access, task, base, available, *shown_in, start, cancel], **quick)
     task.input(task_chosen, [task, only], [base, available], **quick)
     only.input(only_chosen, [task, only], [available], **quick)
     # A refusal is said under the buttons (answer); the job's status stays as it was. Unprocessed: the run's
     # configuration judges the numbers (as for /finetune_start), not gradio's number boxes in a toast.
     start.click(start_clicked, [task, base, name, epochs, lr, batch_size, val_fraction, only],
-                [answer, status, details, timer], concurrency_id=START_QUEUE, concurrency_limit=1,
+                [answer, *shown_in], concurrency_id=START_QUEUE, concurrency_limit=1,
                 show_progress="hidden", preprocess=False, api_visibility="private")
-    cancel.click(cancel_clicked, None, [answer, status, details, timer], queue=False, show_progress="hidden",
+    cancel.click(cancel_clicked, None, [answer, *shown_in], queue=False, show_progress="hidden",
                  api_visibility="private")
-    timer.tick(poll, [task], [status, details, timer, base], **quick)
+    timer.tick(poll, [task], [*shown_in, base], **quick)
     return SimpleNamespace(task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
                            val_fraction=val_fraction, only=only, available=available, start=start, cancel=cancel,
-                           answer=answer, status=status, details=details, timer=timer, access=access)
+                           answer=answer, status=status, details=details, timer=timer, access=access,
+                           evaluation=evaluation, evaluation_note=evaluation_note, losses=losses)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:
