@@ -34,6 +34,8 @@ from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
 from mmdemo.tiny import build_tiny_models
 
+from finetune_util import listing, make_job
+
 BASE = "tiny-blip-caption"
 CAPTIONS = (
     "a red car parked next to a blue truck",
@@ -97,15 +99,8 @@ def feedback(tmp_path_factory, tiny_models):
 
 
 def job(settings: Settings, name: str = "blip-ft", **options) -> FinetuneJob:
-    job_options = {k: options.pop(k) for k in ("store", "registry", "on_progress") if k in options}
-    return FinetuneJob(FinetuneConfig("image-to-text", base=BASE, name=name, **{**FAST, **options}), settings,
-                       **job_options)
+    return make_job(settings, "image-to-text", BASE, name, FAST, **options)
 
-
-def listing(settings: Settings) -> list[str]:
-    """What is in the models folder, besides the jobs' lock files."""
-    found = os.listdir(settings.models_dir) if settings.models_dir.exists() else []
-    return sorted(name for name in found if name != ".locks")
 
 
 # --- the whole slice -------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ import pytest
 from mmdemo.cli import main
 from mmdemo.config import Settings
 from mmdemo.feedback import FeedbackStore, export_dataset
-from mmdemo.finetune import METRICS_FILE, FinetuneConfig, FinetuneJob, InvalidDatasetError, UnsupportedBaseError
+from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, UnsupportedBaseError
 from mmdemo.finetune.speech import decoder_labels, error_rates
 from mmdemo.registry import ModelRegistry
 from mmdemo.tasks import run
 from mmdemo.tiny import build_tiny_models
+
+from finetune_util import make_job
 
 TASK = "automatic-speech-recognition"
 WHISPER, FASTER = "tiny-whisper", "tiny-faster-whisper"
@@ -93,9 +95,7 @@ def speech(tmp_path_factory, tiny_models) -> SimpleNamespace:
 
 
 def job(settings: Settings, base: str = WHISPER, name: str = "whisper-ft", **options) -> FinetuneJob:
-    job_options = {k: options.pop(k) for k in ("store", "registry") if k in options}
-    fast = dict(epochs=3, batch_size=4, lr=2e-3, seed=0)
-    return FinetuneJob(FinetuneConfig(TASK, base=base, name=name, **{**fast, **options}), settings, **job_options)
+    return make_job(settings, TASK, base, name, dict(epochs=3, batch_size=4, lr=2e-3, seed=0), **options)
 
 
 def test_wer_and_cer_count_edits_over_the_reference():

@@ -7,7 +7,6 @@ end to end through the API, the store, the ``mmdemo finetune`` command and ``/vq
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from mmdemo.tasks import run
 from mmdemo.tiny import VQA_ANSWERS, build_tiny_models
 
 from colour_squares import COLOURS, QUESTION, colour_of, square
+from finetune_util import listing, make_job
 
 TASK = "visual-question-answering"
 VILT, BLIP = "tiny-vilt-vqa", "tiny-blip-vqa"
@@ -88,14 +88,8 @@ def colours(tmp_path_factory, tiny_models) -> SimpleNamespace:
 
 
 def job(settings: Settings, base: str = VILT, name: str = "vilt-ft", **options) -> FinetuneJob:
-    job_options = {k: options.pop(k) for k in ("store", "registry") if k in options}
-    fast = dict(epochs=4, batch_size=8, lr=1e-3, seed=0)
-    return FinetuneJob(FinetuneConfig(TASK, base=base, name=name, **{**fast, **options}), settings, **job_options)
+    return make_job(settings, TASK, base, name, dict(epochs=4, batch_size=8, lr=1e-3, seed=0), **options)
 
-
-def listing(settings: Settings) -> list[str]:
-    found = os.listdir(settings.models_dir) if settings.models_dir.exists() else []
-    return sorted(name for name in found if name != ".locks")
 
 
 # --- the metric ------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ of base and new model in metrics.json and from ``mmdemo evaluate``; bad data ref
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 from mmdemo.cli import main
 from mmdemo.config import Settings
 from mmdemo.feedback import AnnotationQueue, FeedbackStore, NothingToExportError, export_dataset
-from mmdemo.finetune import METRICS_FILE, FinetuneConfig, FinetuneJob, InvalidDatasetError, adapter_for
+from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, adapter_for
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import LabelledQuestion, agreed_labels, zero_shot_metrics
 from mmdemo.registry import ModelRegistry, Placement
@@ -27,6 +26,7 @@ from mmdemo.tasks import run
 from mmdemo.tiny import build_tiny_models
 
 from colour_squares import COLOURS, colour_of, square
+from finetune_util import listing, make_job
 
 TASK = "zero-shot-image-classification"
 CLIP, SIGLIP = "tiny-clip", "tiny-siglip"
@@ -93,14 +93,8 @@ def colours(tmp_path_factory, tiny_models) -> SimpleNamespace:
 
 
 def job(settings: Settings, base: str = CLIP, name: str = "clip-ft", **options) -> FinetuneJob:
-    job_options = {k: options.pop(k) for k in ("store", "registry") if k in options}
-    fast = dict(epochs=4, batch_size=8, lr=1e-3, seed=0)
-    return FinetuneJob(FinetuneConfig(TASK, base=base, name=name, **{**fast, **options}), settings, **job_options)
+    return make_job(settings, TASK, base, name, dict(epochs=4, batch_size=8, lr=1e-3, seed=0), **options)
 
-
-def listing(settings: Settings) -> list[str]:
-    found = os.listdir(settings.models_dir) if settings.models_dir.exists() else []
-    return sorted(name for name in found if name != ".locks")
 
 
 # --- the metric ------------------------------------------------------------------------------------------
