@@ -138,16 +138,22 @@ def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]
     return questions_from_rows(rows, split_groups=False, task=task)
 
 
-def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[LabelledQuestion]:
-    """The labels people submitted in an annotation campaign, grouped by (image, question). A label
-    without a correction is the suggestion the person accepted (``suggested_by`` names its model)."""
-    from PIL import Image
+@dataclass(frozen=True)
+class CampaignInput:
+    """One input of a campaign (an image, a question...) with every label people submitted for it."""
 
+    output: Any                       # its first output record: the inputs and settings it was asked with
+    media: bytes                      # its input media file
+    answers: tuple[Any, ...]          # each person's label: the correction, else the accepted suggestion
+    suggested_by: str | None          # the model whose suggestion someone accepted, if anyone did
+    output_ids: tuple[str, ...]
+
+
+def campaign_inputs(store: Any, campaign: str, task: str, media: str = "image") -> list[CampaignInput]:
+    """The labels people submitted in an annotation campaign of ``task``, grouped by input. A label without a
+    correction is the suggestion the person accepted. ``media`` names the input in messages."""
     from ..feedback import AnnotationQueue
 
-    check_metric(task)
-    if task == ASR:
-        return _speech().examples_from_campaign(store, campaign)
     queue = AnnotationQueue(store)
     found = queue.campaign(campaign)
     if found.task != task:
@@ -156,38 +162,54 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
     for record in queue.labels(found):
         out = record.output
         accepted = record.correction is None
-        answer = _accepted_answer(task, out.output) if accepted else record.correction
-        group = groups.setdefault(out.input_key, {"ref": out.input_media[0], "question": out.inputs.get("question", ""),
-                                                  "labels_offered": out.inputs.get("labels", []),
-                                                  "template": out.inputs.get("template"),
-                                                  "answers": [], "suggested_by": None, "output_ids": set()})
-        group["answers"].append(answer)
-        group["output_ids"].add(out.id)
+        group = groups.setdefault(out.input_key, {"output": out, "answers": [], "suggested_by": None, "ids": set()})
+        group["answers"].append(_accepted_answer(task, out.output) if accepted else record.correction)
+        group["ids"].add(out.id)
         if accepted:
             group["suggested_by"] = out.model_id
     if not groups:
         raise InvalidDatasetError(f"Campaign {found.name!r} has no submitted labels to evaluate on.")
-    questions = []
+    inputs = []
     for group in groups.values():
+        ref = group["output"].input_media[0]
         try:
-            data = store.media.read_bytes(group["ref"])
+            data = store.media.read_bytes(ref)
         except FileNotFoundError:
-            raise InvalidDatasetError(f"An image of campaign {found.name!r} is missing from the media store "
-                                      f"({group['ref']}).") from None
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        labelled = dict(suggested_by=group["suggested_by"], output_ids=tuple(sorted(group["output_ids"])))
+            raise InvalidDatasetError(f"The {media} of an item of campaign {found.name!r} is missing from the media "
+                                      f"store ({ref}).") from None
+        inputs.append(CampaignInput(group["output"], data, tuple(group["answers"]), group["suggested_by"],
+                                    tuple(sorted(group["ids"]))))
+    return inputs
+
+
+def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[LabelledQuestion]:
+    """The labels people submitted in an annotation campaign, one question per (image, question)
+    (``suggested_by`` names the model whose suggestion someone accepted)."""
+    from PIL import Image
+
+    check_metric(task)
+    if task == ASR:
+        return _speech().examples_from_campaign(store, campaign)
+    questions = []
+    for item in campaign_inputs(store, campaign, task):
+        image = Image.open(io.BytesIO(item.media)).convert("RGB")
+        labelled = dict(suggested_by=item.suggested_by, output_ids=item.output_ids)
+        inputs = item.output.inputs
         if task == ZERO_SHOT:
-            right = agreed_labels(group["answers"])
-            questions.append(LabelledQuestion(image, "", right, labels_offered=offered(group["labels_offered"], right),
-                                              template=group["template"], **labelled))
+            right = agreed_labels(list(item.answers))
+            questions.append(LabelledQuestion(image, "", right, labels_offered=offered(inputs.get("labels", []), right),
+                                              template=inputs.get("template"), **labelled))
         else:
-            questions.append(LabelledQuestion(image, group["question"], tuple(group["answers"]), **labelled))
+            questions.append(LabelledQuestion(image, inputs.get("question", ""), item.answers, **labelled))
     return questions
 
 
 def _accepted_answer(task: str, output: dict[str, Any]) -> Any:
-    """The label of an accepted suggestion: VQA's answer, zero-shot's top label (as the export takes it)."""
-    return [output["labels"][0]["label"]] if task == ZERO_SHOT else output["answer"]
+    """The label of an accepted suggestion: VQA's answer, zero-shot's top label, the transcript (as the export
+    takes it)."""
+    if task == ZERO_SHOT:
+        return [output["labels"][0]["label"]]
+    return output["text"] if task == ASR else output["answer"]
 
 
 # --- scoring ---------------------------------------------------------------------------------------------

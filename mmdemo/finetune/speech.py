@@ -223,36 +223,12 @@ def examples_from_export(path: Path) -> list[LabelledSpeech]:
 
 def examples_from_campaign(store: Any, campaign: str) -> list[LabelledSpeech]:
     """The transcripts people submitted in a speech campaign, one example per recording."""
-    from ..feedback import AnnotationQueue
+    from .evaluate import campaign_inputs
 
-    queue = AnnotationQueue(store)
-    found = queue.campaign(campaign)
-    if found.task != ASR:
-        raise InvalidDatasetError(f"Campaign {found.name!r} is a {found.task} campaign, not {ASR}.")
-    groups: dict[str, dict[str, Any]] = {}
-    for record in queue.labels(found):
-        out = record.output
-        accepted = record.correction is None
-        group = groups.setdefault(out.input_key, {"ref": out.input_media[0], "answers": [], "suggested_by": None,
-                                                  "language": out.inputs.get("language"),
-                                                  "translate": bool(out.settings.get("translate")), "ids": set()})
-        group["answers"].append(out.output["text"] if accepted else record.correction)
-        group["ids"].add(out.id)
-        if accepted:
-            group["suggested_by"] = out.model_id
-    if not groups:
-        raise InvalidDatasetError(f"Campaign {found.name!r} has no submitted labels to evaluate on.")
-    examples = []
-    for group in groups.values():
-        try:
-            data = store.media.read_bytes(group["ref"])
-        except FileNotFoundError:
-            raise InvalidDatasetError(f"A recording of campaign {found.name!r} is missing from the media store "
-                                      f"({group['ref']}).") from None
-        examples.append(LabelledSpeech(decode(io.BytesIO(data), f"campaign {found.name!r}"), tuple(group["answers"]),
-                                       group["language"], group["translate"], suggested_by=group["suggested_by"],
-                                       output_ids=tuple(sorted(group["ids"]))))
-    return examples
+    return [LabelledSpeech(decode(io.BytesIO(item.media), f"campaign {campaign!r}"), item.answers,
+                           item.output.inputs.get("language"), bool(item.output.settings.get("translate")),
+                           suggested_by=item.suggested_by, output_ids=item.output_ids)
+            for item in campaign_inputs(store, campaign, ASR, media="recording")]
 
 
 def loaded_model_transcripts(spec: ModelSpec, bundle: Any) -> Callable[[LabelledSpeech], str]:
