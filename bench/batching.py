@@ -40,7 +40,7 @@ import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from mmdemo.config import Settings  # noqa: E402
-from mmdemo.tiny import build_tiny_models  # noqa: E402
+from mmdemo.tasks import build_tiny_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = [ROOT / "assets" / name for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120, help="seconds allowed per run")
     args = parser.parse_args()
     from mmdemo.config import Settings
-    from mmdemo.tiny import build_tiny_models
+    from mmdemo.tasks import build_tiny_models
 
     with tempfile.TemporaryDirectory(prefix="mmdemo-bench-") as tmp:
         build_tiny_models(Settings(profile="tiny", data_dir=Path(tmp)).tiny_dir)

@@ -301,7 +301,7 @@ def format_result(task: str, result: dict[str, Any]) -> str:
 def cmd_build_tiny(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
-    from .tiny import build_tiny_models
+    from .tasks import build_tiny_models
 
     started = time.perf_counter()
     folders = build_tiny_models(settings.tiny_dir, force=args.force)

@@ -334,7 +334,7 @@ class ModelRegistry:
     def resolve_location(self, spec: ModelSpec) -> str:
         """A local folder or a Hub id; ``tiny:`` sources are built on first use."""
         if spec.source_scheme == "tiny":
-            from .tiny import build_tiny_models
+            from .tasks import build_tiny_models
 
             name = spec.source_location
             return str(build_tiny_models(self.settings.tiny_dir, names=[name])[name])

@@ -1,5 +1,5 @@
 """Pictures of a visual concept the tiny ViLT cannot know: a square in one of eight colours that are not
-among its answers (``mmdemo.tiny.VQA_ANSWERS``), of random size and place, on a light ground."""
+among its answers (``mmdemo.tiny.common.VQA_ANSWERS``), of random size and place, on a light ground."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data directory whose tiny checkpoints are built once for the whole session."""
-    from mmdemo.tiny import build_tiny_models
+    from mmdemo.tasks import build_tiny_models
 
     data_dir = tmp_path_factory.mktemp("mmdemo-data")
     build_tiny_models(Settings(profile="tiny", data_dir=data_dir).tiny_dir)

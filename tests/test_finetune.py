@@ -32,7 +32,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.train import evaluate
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
-from mmdemo.tiny import build_tiny_models
+from mmdemo.tasks import build_tiny_models
 
 from finetune_util import listing, make_job
 

@@ -24,7 +24,7 @@ from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, Unsu
 from mmdemo.finetune.speech import decoder_labels, error_rates
 from mmdemo.registry import ModelRegistry
 from mmdemo.tasks import run
-from mmdemo.tiny import build_tiny_models
+from mmdemo.tasks import build_tiny_models
 
 from finetune_util import make_job
 

@@ -24,7 +24,8 @@ from mmdemo.finetune.evaluate import BIASED_NOTE, before_after, loss_curve, norm
 from mmdemo.finetune.vqa import soft_scores
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
-from mmdemo.tiny import VQA_ANSWERS, build_tiny_models
+from mmdemo.tasks import build_tiny_models
+from mmdemo.tiny.common import VQA_ANSWERS
 
 from colour_squares import COLOURS, QUESTION, colour_of, square
 from finetune_util import listing, make_job

@@ -23,7 +23,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import LabelledQuestion, agreed_labels, zero_shot_metrics
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import run
-from mmdemo.tiny import build_tiny_models
+from mmdemo.tasks import build_tiny_models
 
 from colour_squares import COLOURS, colour_of, square
 from finetune_util import listing, make_job

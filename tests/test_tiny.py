@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdemo import tiny
+from mmdemo import tasks, tiny
+import mmdemo.tiny.common  # noqa: F401 (tiny.common.VQA_ANSWERS)
 
 SAMPLE_RATE = 16000
 
@@ -24,7 +25,7 @@ SAMPLE_RATE = 16000
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("tiny-models")
-    tiny.build_tiny_models(target)
+    tasks.build_tiny_models(target)
     return target
 
 
@@ -56,12 +57,12 @@ def _file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_layout_marker_and_size(tiny_dir):
-    assert tiny.TINY_MODELS == (
+    assert tuple(tasks.TINY_BUILDERS) == (
         "blip-caption", "blip-vqa", "vilt-vqa", "clip",
         "siglip", "whisper", "whisper-ct2", "stable-diffusion",
     )
-    for name in tiny.TINY_MODELS:
-        assert tiny.tiny_model_dir(tiny_dir, name) == tiny_dir / name
+    for name in tasks.TINY_BUILDERS:
+        assert tiny.tiny_model_dir(tiny_dir, name, tasks.TINY_BUILDERS) == tiny_dir / name
         assert (tiny_dir / name).is_dir()
     assert (tiny_dir / ".tiny-version").read_text().strip() == str(tiny.TINY_BUILDER_VERSION)
     assert not list(tiny_dir.glob(".*.tmp-*"))  # no half-built leftovers
@@ -70,30 +71,30 @@ def test_layout_marker_and_size(tiny_dir):
 
 
 def test_second_build_is_a_noop(tiny_dir):
-    before = {name: _folder_state(tiny_dir / name) for name in tiny.TINY_MODELS}
+    before = {name: _folder_state(tiny_dir / name) for name in tasks.TINY_BUILDERS}
     start = time.perf_counter()
-    folders = tiny.build_tiny_models(tiny_dir)
+    folders = tasks.build_tiny_models(tiny_dir)
     assert time.perf_counter() - start < 1.0
-    assert folders == {name: tiny_dir / name for name in tiny.TINY_MODELS}
-    assert {name: _folder_state(tiny_dir / name) for name in tiny.TINY_MODELS} == before
+    assert folders == {name: tiny_dir / name for name in tasks.TINY_BUILDERS}
+    assert {name: _folder_state(tiny_dir / name) for name in tasks.TINY_BUILDERS} == before
 
 
 def test_unknown_name_is_rejected(tmp_path):
     with pytest.raises(KeyError):
-        tiny.build_tiny_models(tmp_path, names=["gpt-5"])
+        tasks.build_tiny_models(tmp_path, names=["gpt-5"])
     with pytest.raises(KeyError):
-        tiny.tiny_model_dir(tmp_path, "gpt-5")
+        tiny.tiny_model_dir(tmp_path, "gpt-5", tasks.TINY_BUILDERS)
 
 
 def test_version_mismatch_rebuilds_deterministically(tmp_path):
-    folders = tiny.build_tiny_models(tmp_path, names=["clip", "vilt-vqa"])
+    folders = tasks.build_tiny_models(tmp_path, names=["clip", "vilt-vqa"])
     assert set(folders) == {"clip", "vilt-vqa"}
     first = _file_bytes(tmp_path / "clip")
     (tmp_path / "clip" / "from-the-old-build").write_text("x")  # gone once the folder is rebuilt
     (tmp_path / ".tiny-version").write_text("-1\n")
     (tmp_path / ".clip.tmp-12345").mkdir()  # leftover of a crashed build
 
-    tiny.build_tiny_models(tmp_path, names=["clip"])
+    tasks.build_tiny_models(tmp_path, names=["clip"])
 
     assert (tmp_path / ".tiny-version").read_text().strip() == str(tiny.TINY_BUILDER_VERSION)
     assert not (tmp_path / "clip" / "from-the-old-build").exists()  # rebuilt (inodes can be reused) ...
@@ -103,11 +104,11 @@ def test_version_mismatch_rebuilds_deterministically(tmp_path):
 
 
 def test_force_rebuilds_and_dependencies_come_along(tmp_path):
-    folders = tiny.build_tiny_models(tmp_path, names=["whisper-ct2"])
+    folders = tasks.build_tiny_models(tmp_path, names=["whisper-ct2"])
     assert folders == {"whisper-ct2": tmp_path / "whisper-ct2"}
     assert (tmp_path / "whisper" / "config.json").is_file()  # built from the tiny whisper
     (tmp_path / "whisper-ct2" / "from-the-old-build").write_text("x")
-    tiny.build_tiny_models(tmp_path, names=["whisper-ct2"], force=True)
+    tasks.build_tiny_models(tmp_path, names=["whisper-ct2"], force=True)
     assert not (tmp_path / "whisper-ct2" / "from-the-old-build").exists()  # rebuilt
 
 
@@ -115,7 +116,7 @@ def test_build_waits_for_the_lock(tmp_path):
     with open(tmp_path / ".build.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         worker = threading.Thread(
-            target=tiny.build_tiny_models, args=(tmp_path,), kwargs={"names": ["vilt-vqa"]}
+            target=tasks.build_tiny_models, args=(tmp_path,), kwargs={"names": ["vilt-vqa"]}
         )
         worker.start()
         time.sleep(0.5)
@@ -165,7 +166,7 @@ def test_vilt_vqa(tiny_dir, image):
     assert max(inputs["pixel_values"].shape[-2:]) <= 64  # kept small, so inference is fast
     logits = model(**inputs).logits
     assert logits.shape == (1, len(model.config.id2label))
-    assert model.config.id2label[int(logits.argmax(-1))] in tiny.VQA_ANSWERS
+    assert model.config.id2label[int(logits.argmax(-1))] in tiny.common.VQA_ANSWERS
 
 
 @pytest.mark.parametrize("name, model_cls", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])

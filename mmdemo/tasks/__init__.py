@@ -19,11 +19,35 @@ from .speech import SpeechTask
 from .text_to_image import TextToImageTask
 from .vqa import VqaTask
 from .zero_shot import ZeroShotTask
+from ..tiny import TinyBuilder
+from ..tiny import build_tiny_models as _build_tiny
+from ..tiny.blip import build_blip_caption, build_blip_vqa
+from ..tiny.clip import build_clip, build_siglip
+from ..tiny.stable_diffusion import build_stable_diffusion
+from ..tiny.vilt import build_vilt_vqa
+from ..tiny.whisper import build_whisper, build_whisper_ct2_beside_whisper
 
 TASK_RUNNERS: dict[str, Task] = {
     runner.task: runner
     for runner in (CaptionTask(), VqaTask(), TextToImageTask(), ZeroShotTask(), SpeechTask())
 }
+
+
+TINY_BUILDERS: dict[str, TinyBuilder] = {
+    "blip-caption": TinyBuilder(build_blip_caption),
+    "blip-vqa": TinyBuilder(build_blip_vqa),
+    "vilt-vqa": TinyBuilder(build_vilt_vqa),
+    "clip": TinyBuilder(build_clip),
+    "siglip": TinyBuilder(build_siglip),
+    "whisper": TinyBuilder(build_whisper),
+    "whisper-ct2": TinyBuilder(build_whisper_ct2_beside_whisper, needs=("whisper",)),
+    "stable-diffusion": TinyBuilder(build_stable_diffusion),
+}
+
+
+def build_tiny_models(target_dir, force: bool = False, names=None):
+    """Build the tiny checkpoints of every task (see :func:`mmdemo.tiny.build_tiny_models`)."""
+    return _build_tiny(target_dir, TINY_BUILDERS, force=force, names=names)
 
 
 def get_task(task: str) -> Task:
