@@ -45,6 +45,14 @@ class AudioTooLongError(InvalidInputError):
 # --- models ---------------------------------------------------------------------------------------
 
 
+class UnknownTaskError(InvalidInputError):
+    """The name is not the id or alias of a registered task."""
+
+
+class InvalidFeedbackError(InvalidInputError):
+    """A rating, correction, comment or annotator that the store refuses (wrong shape, empty, too long)."""
+
+
 class UnknownModelError(MMDemoError, KeyError):
     """The model id is not in the catalog (only catalog models can be loaded)."""
 

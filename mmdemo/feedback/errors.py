@@ -7,7 +7,7 @@ Bad requests (an unknown task, an empty correction, an expired output id...) sub
 
 from __future__ import annotations
 
-from ..errors import InvalidInputError, MMDemoError
+from ..errors import InvalidFeedbackError, InvalidInputError, MMDemoError, UnknownTaskError
 
 __all__ = [
     "ExpiredOutputError",
@@ -21,14 +21,6 @@ __all__ = [
     "UnknownTaskError",
     "UnusableStoreError",
 ]
-
-
-class UnknownTaskError(InvalidInputError):
-    """The task id is not one of the tasks feedback can be given on."""
-
-
-class InvalidFeedbackError(InvalidInputError):
-    """A rating, correction, comment or annotator that the store refuses (wrong shape, empty, too long)."""
 
 
 class UnknownOutputError(InvalidInputError):
