@@ -11,10 +11,15 @@ Traps these builders avoid:
 * Grounding DINO needs at least two decoder layers, and images of at least 64 px for 32 GroupNorm groups
   over its three feature levels (a four-stage Swin of embed_dim 8, patch 4, window 2).
 
-Init tweak (so that a random model finds *some* boxes above a low threshold, deterministically): the
-class-logit bias of each model is raised so that its sigmoid scores spread around 0.3-0.6 rather than
-near 0; the OWL heads' ``logit_shift`` bias and Grounding DINO's ``bias`` of the contrastive head set
-that level. Scores stay random; only their level is chosen.
+Init tweaks, so that a random model finds *some* boxes above a low threshold, deterministically (scores
+stay random; only their level is chosen):
+
+* OWL-ViT / OWLv2: the class head's learnt shift is 0 and its scale 5 (``elu(4) + 1``), so a score is
+  ``sigmoid(5 * cosine(patch, query))``, about 0.1-0.9, instead of saturating at 0 or 1; the box head's last
+  layer is zero, so each box is its patch's prior box (random box deltas give boxes of a hundredth of a
+  pixel or far outside the image).
+* Grounding DINO: a score is the dot product of decoder and text features; the decoder's final layer norm
+  is scaled by ``DECODER_SCALE`` so that scores spread over about 0.3-0.8 instead of all being 1.0.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def _raise_owl_scores(model) -> None:
         for layer, bias in ((model.class_head.logit_shift, 0.0), (model.class_head.logit_scale, 4.0)):
             layer.weight.zero_()
             layer.bias.fill_(bias)
-        model.box_head.dense2.weight.mul_(0.1)  # boxes near their patch (box_bias) rather than anywhere
+        model.box_head.dense2.weight.zero_()  # each box is its patch's prior box (box_bias): inside the image
+        model.box_head.dense2.bias.zero_()
 
 
 def build_owlvit(out: Path) -> None:
