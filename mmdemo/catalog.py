@@ -244,7 +244,10 @@ def load_catalog(builtin: Mapping[str, Iterable[ModelSpec]], kinds: TaskKinds, p
             if spec.id in catalog:
                 log.warning("model folder %s skipped: '%s' is a built-in model id", spec.source_location, spec.id)
                 continue
-            catalog.register(spec)
+            try:
+                catalog.register(spec)
+            except CatalogError as exc:  # one damaged folder never keeps the app from starting
+                log.warning("model folder %s skipped: %s", spec.source_location, exc)
     if catalog_file is not None:
         for spec in read_catalog_file(catalog_file):
             catalog.register(spec, override=True)

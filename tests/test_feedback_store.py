@@ -355,7 +355,7 @@ def test_unknown_malformed_and_expired_output_ids(make_store):
 
 def test_unknown_task_and_bad_inputs_write_nothing(store):
     for task in ("image-captioning", "", None):
-        with pytest.raises(UnknownTaskError, match="Feedback is kept for"):
+        with pytest.raises(UnknownTaskError, match="Unknown task .*Tasks: image-to-text"):
             store.record_output(task, inputs={"image": image()}, output={"text": "x"})
     with pytest.raises(InvalidInputError, match="question"):
         store.record_output("visual-question-answering", inputs={"image": image()}, output={"answer": "x"})
