@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from mmdemo.config import Settings  # noqa: E402
-from mmdemo.registry import ModelRegistry  # noqa: E402
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.server import build_app, launch  # noqa: E402
 from mmdemo.tasks import run  # noqa: E402
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mmdemo-bench-") as tmp:
         settings = Settings(profile="tiny", data_dir=Path(tmp), device="cpu", port=free_port())
-        registry = ModelRegistry.from_settings(settings)
+        registry = open_registry(settings)
         demo = build_app(settings, registry)
         _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False)

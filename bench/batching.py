@@ -147,9 +147,9 @@ def model_ceiling(settings: Settings, endpoint: str, model: str, requests: int, 
     from PIL import Image
 
     from mmdemo import tasks
-    from mmdemo.registry import ModelRegistry
+    from mmdemo.tasks import open_registry
 
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     if endpoint == "/transcribe":
         batch = [dict(audio=str(SPEECH)) for _ in range(requests)]
     else:

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmdemo.config import Settings  # noqa: E402
 from mmdemo.ops import Metrics, registry_gauges  # noqa: E402
-from mmdemo.registry import ModelRegistry  # noqa: E402
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run  # noqa: E402
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "cat.jpg"
@@ -34,7 +34,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mmdemo-bench-") as tmp:
         settings = Settings(profile="tiny", data_dir=Path(tmp), device="cpu")
-        registry = ModelRegistry.from_settings(settings)
+        registry = open_registry(settings)
         metrics = Metrics()
         metrics.set_gauges("models", registry_gauges(registry))
 

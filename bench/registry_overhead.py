@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmdemo.config import Settings  # noqa: E402
-from mmdemo.registry import ModelRegistry  # noqa: E402
-from mmdemo.tasks import TASK_RUNNERS, prepare  # noqa: E402
+from mmdemo.tasks import open_registry  # noqa: E402
+from mmdemo.tasks import get_task, prepare  # noqa: E402
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 TONE = (16_000, (0.3 * np.sin(2 * np.pi * 220 * np.arange(32_000) / 16_000)).astype(np.float32))
@@ -43,11 +43,11 @@ CASES = [
 
 
 def measure(rounds: int, data_dir: Path) -> list[tuple[str, float, float, float]]:
-    registry = ModelRegistry.from_settings(Settings(profile="tiny", data_dir=data_dir, device="cpu"))
+    registry = open_registry(Settings(profile="tiny", data_dir=data_dir, device="cpu"))
     rows = []
     for task, model_id, inputs in CASES:
         spec, request = prepare(registry, task, model_id, inputs)
-        runner = TASK_RUNNERS[task]
+        runner = get_task(task)
         bundle = registry.call(model_id, lambda b: b)  # load once, outside the timing
         body = lambda b: runner.predict(b, request)  # noqa: E731
         for _ in range(5):  # warm-up both paths
@@ -69,7 +69,7 @@ def measure(rounds: int, data_dir: Path) -> list[tuple[str, float, float, float]
 
 def bookkeeping_seconds(data_dir: Path, calls: int = 20_000) -> float:
     """The registry's own cost per call: ``registry.call`` with a no-op body, minus calling the body."""
-    registry = ModelRegistry.from_settings(Settings(profile="tiny", data_dir=data_dir, device="cpu"))
+    registry = open_registry(Settings(profile="tiny", data_dir=data_dir, device="cpu"))
     registry.call("tiny-clip", lambda b: None)
     noop = lambda b: None  # noqa: E731
     started = time.perf_counter()

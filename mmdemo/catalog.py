@@ -33,24 +33,6 @@ from .errors import CatalogError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = (
-    "image-to-text",
-    "visual-question-answering",
-    "text-to-image",
-    "zero-shot-image-classification",
-    "automatic-speech-recognition",
-)
-
-# kind -> (backend, tasks it can serve). A task adapter dispatches on the kind.
-KINDS: dict[str, tuple[str, frozenset[str]]] = {
-    "blip": ("transformers", frozenset({"image-to-text", "visual-question-answering"})),
-    "vilt": ("transformers", frozenset({"visual-question-answering"})),
-    "clip": ("transformers", frozenset({"zero-shot-image-classification"})),
-    "siglip": ("transformers", frozenset({"zero-shot-image-classification"})),
-    "whisper": ("transformers", frozenset({"automatic-speech-recognition"})),
-    "faster-whisper": ("ctranslate2", frozenset({"automatic-speech-recognition"})),
-    "diffusers": ("diffusers", frozenset({"text-to-image"})),
-}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -69,16 +51,11 @@ class ModelSpec:
     variant: str | None = None           # e.g. "fp16" weights files on the Hub
     defaults: Mapping[str, Any] = field(default_factory=dict)  # task settings this model wants
     twin: str | None = None              # faster-whisper: the transformers Whisper that fine-tuning trains
+    backend: str = ""                    # set by the catalog from the task's kinds
 
     def __post_init__(self) -> None:
         if not self.id or any(c.isspace() for c in self.id):
             raise CatalogError(f"Model id {self.id!r} must be a non-empty word without spaces.")
-        if self.task not in TASKS:
-            raise CatalogError(f"Model '{self.id}': unknown task '{self.task}' (tasks: {', '.join(TASKS)}).")
-        if self.kind not in KINDS:
-            raise CatalogError(f"Model '{self.id}': unknown kind '{self.kind}' (kinds: {', '.join(KINDS)}).")
-        if self.task not in KINDS[self.kind][1]:
-            raise CatalogError(f"Model '{self.id}': kind '{self.kind}' cannot serve task '{self.task}'.")
         if self.dtype not in ("auto", *DTYPE_BYTES):
             raise CatalogError(f"Model '{self.id}': unknown dtype '{self.dtype}'.")
         scheme, _, rest = self.source.partition(":")
@@ -86,10 +63,6 @@ class ModelSpec:
             raise CatalogError(
                 f"Model '{self.id}': source {self.source!r} must start with hf-hub:, local-dir: or tiny:."
             )
-
-    @property
-    def backend(self) -> str:
-        return KINDS[self.kind][0]
 
     @property
     def source_scheme(self) -> str:
@@ -109,22 +82,48 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["defaults"] = dict(self.defaults)
-        data["backend"] = self.backend
         return data
 
 
-class Catalog:
-    """Model specs keyed by id, in registration order; the first of a task is its default."""
+TaskKinds = Mapping[str, Mapping[str, str]]  # task id -> model kind -> backend (from the task descriptors)
 
-    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+
+class Catalog:
+    """Model specs keyed by id, in registration order; the first of a task is its default.
+
+    ``kinds`` says which tasks exist and which model kinds (with their backend) each serves; an entry
+    for another task or kind is refused with a :class:`CatalogError` naming the choices.
+    """
+
+    def __init__(self, specs: Iterable[ModelSpec] = (), *, kinds: TaskKinds) -> None:
+        self.kinds = kinds
         self._specs: dict[str, ModelSpec] = {}
         for spec in specs:
             self.register(spec)
 
-    def register(self, spec: ModelSpec, *, override: bool = False) -> None:
+    def register(self, spec: ModelSpec, *, override: bool = False) -> ModelSpec:
+        """Add ``spec`` (its ``backend`` filled in); returns it as registered."""
         if spec.id in self._specs and not override:
             raise CatalogError(f"Model id '{spec.id}' is registered twice.")
+        spec = self.checked(spec)
         self._specs[spec.id] = spec
+        return spec
+
+    def checked(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with its backend, if its task exists and serves its kind."""
+        task_kinds = self.kinds.get(spec.task)
+        if task_kinds is None:
+            raise CatalogError(f"Model '{spec.id}': unknown task '{spec.task}' (tasks: {', '.join(self.kinds)}).")
+        if spec.kind not in task_kinds:
+            known = sorted({kind for kinds in self.kinds.values() for kind in kinds})
+            if spec.kind not in known:
+                raise CatalogError(f"Model '{spec.id}': unknown kind '{spec.kind}' (kinds: {', '.join(known)}).")
+            raise CatalogError(f"Model '{spec.id}': kind '{spec.kind}' cannot serve task '{spec.task}' "
+                               f"(its kinds: {', '.join(task_kinds)}).")
+        backend = task_kinds[spec.kind]
+        if spec.backend and spec.backend != backend:
+            raise CatalogError(f"Model '{spec.id}': kind '{spec.kind}' runs on {backend}, not {spec.backend}.")
+        return dataclasses.replace(spec, backend=backend)
 
     def get(self, model_id: str, task: str | None = None) -> ModelSpec:
         spec = self._specs.get(model_id)
@@ -154,64 +153,6 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self._specs)
-
-
-# --- built-in catalogs ----------------------------------------------------------------------------
-# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
-# other entries follow "main" until pinned (pin your own with a catalog file).
-
-DEFAULT_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("blip-caption-base", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-base",
-              params_m=247, description="BLIP base captioner (COCO): fast, good everyday captions."),
-    ModelSpec("blip-caption-large", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-large",
-              params_m=470, description="BLIP large captioner: more detailed captions, about 2x slower."),
-    ModelSpec("vilt-vqa", "visual-question-answering", "vilt", "hf-hub:dandelin/vilt-b32-finetuned-vqa",
-              revision="d0a1f6a", params_m=118,
-              description="ViLT fine-tuned on VQAv2: picks from 3,129 answers, with scores."),
-    ModelSpec("blip-vqa-base", "visual-question-answering", "blip", "hf-hub:Salesforce/blip-vqa-base",
-              params_m=385, description="BLIP VQA: generates a free-form short answer."),
-    ModelSpec("sd-turbo", "text-to-image", "diffusers", "hf-hub:stabilityai/sd-turbo", variant="fp16",
-              params_m=1290, defaults={"steps": 1, "guidance": 0.0, "width": 512, "height": 512},
-              description="SD-Turbo: 512px images in 1-4 steps, no guidance."),
-    ModelSpec("sdxl-base", "text-to-image", "diffusers", "hf-hub:stabilityai/stable-diffusion-xl-base-1.0",
-              variant="fp16", params_m=3470, defaults={"steps": 30, "guidance": 7.0, "width": 1024, "height": 1024},
-              description="Stable Diffusion XL base: higher quality 1024px images, slower."),
-    ModelSpec("clip-vit-base-patch32", "zero-shot-image-classification", "clip",
-              "hf-hub:openai/clip-vit-base-patch32", revision="3d74acf", params_m=151,
-              description="OpenAI CLIP ViT-B/32: the classic zero-shot classifier (single-label)."),
-    ModelSpec("siglip-base", "zero-shot-image-classification", "siglip",
-              "hf-hub:google/siglip-base-patch16-224", params_m=203,
-              defaults={"template": "This is a photo of {}."},
-              description="SigLIP base: sigmoid scores, good for multi-label."),
-    ModelSpec("whisper-small", "automatic-speech-recognition", "whisper", "hf-hub:openai/whisper-small",
-              params_m=244, description="Whisper small via transformers: 99 languages, translation."),
-    ModelSpec("faster-whisper-small", "automatic-speech-recognition", "faster-whisper",
-              "hf-hub:Systran/faster-whisper-small", params_m=244, twin="whisper-small",
-              description="Whisper small on CTranslate2 (faster-whisper): same model, several times faster."),
-)
-
-TINY_MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("tiny-blip-caption", "image-to-text", "blip", "tiny:blip-caption", params_m=0.5,
-              description="Tiny random BLIP captioner (offline testing; outputs are nonsense)."),
-    ModelSpec("tiny-vilt-vqa", "visual-question-answering", "vilt", "tiny:vilt-vqa", params_m=0.3,
-              description="Tiny random ViLT VQA (offline testing)."),
-    ModelSpec("tiny-blip-vqa", "visual-question-answering", "blip", "tiny:blip-vqa", params_m=0.5,
-              description="Tiny random BLIP VQA (offline testing)."),
-    ModelSpec("tiny-stable-diffusion", "text-to-image", "diffusers", "tiny:stable-diffusion", params_m=1.0,
-              defaults={"steps": 4, "guidance": 5.0, "width": 64, "height": 64},
-              description="Tiny random Stable Diffusion pipeline (offline testing; images are noise)."),
-    ModelSpec("tiny-clip", "zero-shot-image-classification", "clip", "tiny:clip", params_m=0.3,
-              description="Tiny random CLIP (offline testing)."),
-    ModelSpec("tiny-siglip", "zero-shot-image-classification", "siglip", "tiny:siglip", params_m=0.3,
-              defaults={"template": "This is a photo of {}."},
-              description="Tiny random SigLIP (offline testing)."),
-    ModelSpec("tiny-whisper", "automatic-speech-recognition", "whisper", "tiny:whisper", params_m=0.5,
-              description="Tiny random Whisper via transformers (offline testing)."),
-    ModelSpec("tiny-faster-whisper", "automatic-speech-recognition", "faster-whisper", "tiny:whisper-ct2",
-              params_m=0.5, twin="tiny-whisper", description="Tiny random Whisper on CTranslate2 (offline testing)."),
-)
-
-BUILTIN_CATALOGS: dict[str, tuple[ModelSpec, ...]] = {"default": DEFAULT_MODELS, "tiny": TINY_MODELS}
 
 
 def read_catalog_file(path: Path) -> list[ModelSpec]:
@@ -288,18 +229,25 @@ def read_model_folders(models_dir: Path) -> list[ModelSpec]:
     return specs
 
 
-def load_catalog(profile: str = "default", catalog_file: Path | None = None,
-                 models_dir: Path | None = None) -> Catalog:
-    """The built-in catalog of ``profile``, then the model folders of ``models_dir`` (fine-tuned
+
+def load_catalog(builtin: Mapping[str, Iterable[ModelSpec]], kinds: TaskKinds, profile: str = "default",
+                 catalog_file: Path | None = None, models_dir: Path | None = None) -> Catalog:
+    """The built-in entries of ``profile`` (``builtin``: profile -> entries, from the task descriptors:
+    :func:`mmdemo.tasks.open_catalog` passes them), then the model folders of ``models_dir`` (fine-tuned
     checkpoints; they never shadow a built-in id), then a user catalog file's entries added or
     overriding."""
-    catalog = Catalog(BUILTIN_CATALOGS[profile])
+    if profile not in builtin:
+        raise CatalogError(f"Unknown profile {profile!r}; profiles: {', '.join(builtin)}.")
+    catalog = Catalog(builtin[profile], kinds=kinds)
     if models_dir is not None:
         for spec in read_model_folders(models_dir):
             if spec.id in catalog:
                 log.warning("model folder %s skipped: '%s' is a built-in model id", spec.source_location, spec.id)
                 continue
-            catalog.register(spec)
+            try:
+                catalog.register(spec)
+            except CatalogError as exc:  # one damaged folder never keeps the app from starting
+                log.warning("model folder %s skipped: %s", spec.source_location, exc)
     if catalog_file is not None:
         for spec in read_catalog_file(catalog_file):
             catalog.register(spec, override=True)

@@ -31,16 +31,18 @@ from .config import Settings, apply_environment
 from .errors import InvalidInputError, MMDemoError
 from .logs import configure_logging
 
-TASK_ALIASES = {
-    "caption": "image-to-text",
-    "vqa": "visual-question-answering",
-    "t2i": "text-to-image",
-    "generate": "text-to-image",
-    "zero-shot": "zero-shot-image-classification",
-    "classify": "zero-shot-image-classification",
-    "asr": "automatic-speech-recognition",
-    "transcribe": "automatic-speech-recognition",
-}
+
+def task_id(name: str) -> str:
+    """The id of the task called ``name`` (an id or an alias: ``caption``, ``vqa``, ``asr``...)."""
+    from .tasks.spec import task_spec
+
+    return task_spec(name).id
+
+
+def task_names() -> str:
+    from .tasks.spec import task_specs
+
+    return ", ".join(spec.aliases[0] if spec.aliases else spec.id for spec in task_specs())
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -77,33 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--task", help="only this task")
     models.add_argument("--json", action="store_true", help="print JSON")
 
-    predict = commands.add_parser("predict", parents=[common], help="run one task and print the result")
-    predict.add_argument("task", help="task id or alias: caption, vqa, text-to-image, zero-shot, asr")
-    predict.add_argument("--model", help="catalog model id (default: the task's first model)")
-    predict.add_argument("--input", type=Path, help="image or audio file")
-    predict.add_argument("--question", help="VQA question")
-    predict.add_argument("--labels", help="zero-shot labels, comma separated")
-    predict.add_argument("--template", help='zero-shot prompt template, e.g. "a photo of a {}."')
-    predict.add_argument("--multi-label", action="store_true", help="zero-shot: independent sigmoid scores")
-    predict.add_argument("--prefix", help="captioning: text the caption must start with")
-    predict.add_argument("--max-new-tokens", type=int)
-    predict.add_argument("--beams", type=int, dest="num_beams")
-    predict.add_argument("--prompt", help="text-to-image prompt")
-    predict.add_argument("--negative-prompt")
-    predict.add_argument("--steps", type=int)
-    predict.add_argument("--guidance", type=float)
-    predict.add_argument("--width", type=int)
-    predict.add_argument("--height", type=int)
-    predict.add_argument("--num-images", type=int)
-    predict.add_argument("--seed", type=int)
-    predict.add_argument("--language", help="speech: language code, or auto")
-    predict.add_argument("--translate", action="store_true", help="speech: translate into English")
-    predict.add_argument("--timestamps", action="store_true", help="speech: segment timestamps")
-    predict.add_argument("--out", type=Path, help="where to write generated images (PNG)")
-    predict.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_predict_parser(commands, common)
 
     export = commands.add_parser("export", parents=[common], help="export feedback as a fine-tuning dataset")
-    export.add_argument("--task", required=True, help="task id or alias: caption, vqa, zero-shot, asr, text-to-image")
+    export.add_argument("--task", required=True, help=f"task id or alias: {task_names()}")
     export.add_argument("--format", choices=["datasets", "parquet", "jsonl"], default="datasets")
     export.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
     export.add_argument("--only", choices=["corrected", "approved", "all"], default="approved",
@@ -135,7 +114,7 @@ def add_annotate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     actions = annotate.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", parents=[common], help="create a campaign")
     create.add_argument("name")
-    create.add_argument("--task", required=True, help="task id or alias: caption, vqa, zero-shot, asr, text-to-image")
+    create.add_argument("--task", required=True, help=f"task id or alias: {task_names()}")
     create.add_argument("--instructions", default="", help="what annotators should do (Markdown)")
     create.add_argument("--labels-per-item", type=int, default=1, help="annotators who label each item (default 1)")
     create.add_argument("--model", help="catalog model that pre-labels imported media")
@@ -200,10 +179,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from .catalog import load_catalog
+    from .tasks import open_catalog
 
-    catalog = load_catalog(settings.profile, settings.catalog, settings.models_dir)
-    task = TASK_ALIASES.get(args.task, args.task) if args.task else None
+    catalog = open_catalog(settings)
+    task = task_id(args.task) if args.task else None
     specs = [spec for spec in catalog if task is None or spec.task == task]
     if args.json:
         print(json.dumps([spec.to_dict() for spec in specs], indent=2))
@@ -218,48 +197,81 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from .registry import ModelRegistry
-    from .tasks import run
+def add_predict_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo predict TASK``: one sub-command per task (id and aliases), its options made from the fields of
+    the task's request (``--max-new-tokens``, ``--labels``...); the media input is ``--input FILE``."""
+    from .tasks.spec import task_specs
 
-    task = TASK_ALIASES.get(args.task, args.task)
-    inputs = predict_inputs(task, args)
-    registry = ModelRegistry.from_settings(settings)
-    result = run(registry, task, args.model, **inputs)
-    if task == "text-to-image":
-        result["images"] = save_images(result["images"], args.out or Path("mmdemo-image.png"), result["settings"],
-                                       result["seeds"])
+    predict = commands.add_parser("predict", help="run one task and print the result")
+    tasks = predict.add_subparsers(dest="task", required=True, metavar="TASK",
+                                   help=f"task id or alias: {task_names()}")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--model", help="catalog model id (default: the task's first model)")
+    shared.add_argument("--json", action="store_true", help="print the result as JSON")
+    for spec in task_specs():
+        parser = tasks.add_parser(spec.id, aliases=list(spec.aliases), parents=[common, shared],
+                                  help=spec.description or spec.title)
+        if spec.input_kind != "text":
+            parser.add_argument("--input", type=Path, help=f"the {spec.input_kind} file")
+        if spec.schema.output_media:
+            parser.add_argument("--out", type=Path, help="where to write generated images (PNG)")
+        for name, kind, default in request_options(spec):
+            flag = "--" + name.replace("_", "-")
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", default=None, help=f"(default: {default})")
+            else:
+                parser.add_argument(flag, type=kind, help=f"(default: {default!r})" if default != "" else None)
+
+
+def request_options(spec: Any) -> list[tuple[str, type, Any]]:
+    """(name, type, default) of the request fields a person sets on the command line: text, numbers and
+    switches; the media field and callbacks are not options."""
+    import dataclasses
+
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    options = []
+    for request_field in dataclasses.fields(spec.runner.Request):
+        if request_field.name == spec.input_kind:
+            continue
+        annotation = str(request_field.type)
+        names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+        kind = next((kinds[name] for name in names if name in kinds), None)
+        if kind is None:
+            continue
+        default = request_field.default if request_field.default is not dataclasses.MISSING else None
+        options.append((request_field.name, kind, default))
+    return options
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from .tasks import open_registry, run
+    from .tasks.spec import task_spec
+
+    spec = task_spec(args.task)
+    inputs = predict_inputs(spec, args)
+    registry = open_registry(settings)
+    result = run(registry, spec.id, args.model, **inputs)
+    if spec.schema.output_media:
+        media = spec.schema.output_media
+        result[media] = save_images(result[media], args.out or Path("mmdemo-image.png"), result["settings"],
+                                    result.get("seeds"))
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        print(format_result(task, result))
+        print(format_result(spec, result))
     return 0
 
 
-def predict_inputs(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    media = {"image-to-text": "image", "visual-question-answering": "image",
-             "zero-shot-image-classification": "image", "automatic-speech-recognition": "audio"}
-    fields = {
-        "image-to-text": ("prefix", "max_new_tokens", "num_beams"),
-        "visual-question-answering": ("question", "max_new_tokens"),
-        "text-to-image": ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "num_images", "seed"),
-        "zero-shot-image-classification": ("labels", "template"),
-        "automatic-speech-recognition": ("language",),
-    }
-    if task not in fields:
-        raise InvalidInputError(f"Unknown task '{task}'. Tasks: {', '.join(fields)} (or aliases {', '.join(TASK_ALIASES)}).")
-    inputs: dict[str, Any] = {name: getattr(args, name) for name in fields[task]}
-    if task in media:
+def predict_inputs(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The request of ``mmdemo predict``: the options given (None: the model's or task's default) and the
+    media file."""
+    inputs: dict[str, Any] = {name: getattr(args, name) for name, _, _ in request_options(spec)}
+    if spec.input_kind != "text":
         if args.input is None:
-            raise InvalidInputError(f"{task} needs --input FILE (an {media[task]}).")
+            raise InvalidInputError(f"{spec.id} needs --input FILE (an {spec.input_kind}).")
         if not args.input.is_file():
             raise InvalidInputError(f"The input file {args.input} does not exist.")
-        inputs[media[task]] = args.input
-    if task == "zero-shot-image-classification":
-        inputs["multi_label"] = args.multi_label or None
-    if task == "automatic-speech-recognition":
-        inputs["translate"] = args.translate or None
-        inputs["timestamps"] = args.timestamps or None
+        inputs[spec.input_kind] = args.input
     return inputs
 
 
@@ -279,23 +291,11 @@ def save_images(images: list[Any], out: Path, settings: dict[str, Any], seeds: l
     return paths
 
 
-def format_result(task: str, result: dict[str, Any]) -> str:
+def format_result(spec: Any, result: dict[str, Any]) -> str:
+    """The task's own text form of ``result`` and a line saying which model answered, where, how fast."""
     model = result["model"]
     footer = f"\n-- {model['id']} on {model['device']} ({model['dtype']}), {result['seconds']:.2f}s"
-    if task == "image-to-text":
-        body = result["text"]
-    elif task == "visual-question-answering":
-        body = result["answer"] + "".join(f"\n  {a['score']:.3f}  {a['answer']}" for a in result["answers"])
-    elif task == "zero-shot-image-classification":
-        body = "\n".join(f"{item['score']:.3f}  {item['label']}" for item in result["labels"])
-    elif task == "automatic-speech-recognition":
-        body = result["text"] + "".join(
-            f"\n  [{c['start']}-{c['end']}] {c['text']}" for c in result.get("chunks", [])
-        )
-    else:
-        body = f"seed {result['seed']}: " + ", ".join(result["images"])
-        body += "".join(f"\nwarning: {w}" for w in result["warnings"])
-    return body + footer
+    return spec.runner.describe(result) + footer
 
 
 def cmd_build_tiny(args: argparse.Namespace, settings: Settings) -> int:
@@ -314,7 +314,7 @@ def cmd_build_tiny(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from .feedback import FeedbackStore, export_dataset
 
-    task = TASK_ALIASES.get(args.task, args.task)
+    task = task_id(args.task)
     with FeedbackStore.from_settings(settings) as store:
         summary = export_dataset(store, task, args.out, format=args.format, only=args.only, since=args.since,
                                  val_fraction=args.val_fraction, seed=args.seed, push_to_hub=args.push_to_hub,
@@ -348,11 +348,11 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
     with FeedbackStore.from_settings(settings) as store:
         queue = AnnotationQueue(store)
         if args.action == "create":
-            task = TASK_ALIASES.get(args.task, args.task)
+            task = task_id(args.task)
             if args.model:
-                from .catalog import load_catalog
+                from .tasks import open_catalog
 
-                catalog = load_catalog(settings.profile, settings.catalog, settings.models_dir)
+                catalog = open_catalog(settings)
                 catalog.get(args.model, task)  # known, and of this task
             campaign = queue.create_campaign(args.name, task, instructions=args.instructions,
                                              labels_per_item=args.labels_per_item, model=args.model,
@@ -364,11 +364,11 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
                                        without_feedback=not args.include_rated, limit=args.limit)
             print(f"added {added} recorded output(s) to {args.campaign}")
         elif args.action == "import":
-            from .registry import ModelRegistry
+            from .tasks import open_registry
 
             inputs = {"question": args.question, "labels": args.labels, "template": args.template,
                       "prefix": args.prefix, "language": args.language}
-            summary = queue.import_folder(args.campaign, args.folder, ModelRegistry.from_settings(settings),
+            summary = queue.import_folder(args.campaign, args.folder, open_registry(settings),
                                           model=args.model, inputs=inputs)
             print(summary.describe())
         elif args.action == "list":
@@ -443,7 +443,7 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.eval_dataset is not None:
         options["eval_dataset"] = str(args.eval_dataset)
-    config = FinetuneConfig(TASK_ALIASES.get(args.task, args.task), base=args.base, name=args.name,
+    config = FinetuneConfig(task_id(args.task), base=args.base, name=args.name,
                             dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
 
     def show(progress: Any) -> None:
@@ -489,11 +489,11 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         score,
         served_model_answers,
     )
-    from .registry import ModelRegistry
+    from .tasks import open_registry
 
-    task = TASK_ALIASES.get(args.task, args.task)
+    task = task_id(args.task)
     check_metric(task)
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     model_ids = [name.strip() for name in args.models.split(",") if name.strip()]
     if not model_ids:
         raise InvalidInputError("Name at least one catalog model in --models.")

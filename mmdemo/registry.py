@@ -35,6 +35,7 @@ from .hub import HubProbe, cached_snapshot
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Loader = Callable[[ModelSpec, str, "Placement"], Any]
+TinyBuild = Callable[..., "dict[str, Path]"]  # (target_dir, names=[...]) -> name -> folder
 
 
 @dataclass(frozen=True)
@@ -173,13 +174,18 @@ class ModelRegistry:
         self,
         catalog: Catalog,
         settings: Settings | None = None,
-        loader: Loader | None = None,
+        *,
+        loader: Loader,
+        tiny_builder: TinyBuild | None = None,
         busy_wait_seconds: float = 120.0,
         hub: HubProbe | None = None,
     ) -> None:
+        """``loader(spec, location, placement)`` loads one model (the tasks' loaders: build a registry with
+        :func:`mmdemo.tasks.open_registry`); ``tiny_builder(folder, names=[name])`` builds ``tiny:`` sources."""
         self.catalog = catalog
         self.settings = settings or Settings()
         self._loader = loader
+        self._tiny_builder = tiny_builder
         self.hub = hub or HubProbe()
         self._busy_wait_seconds = busy_wait_seconds
         self._lock = threading.Condition(threading.RLock())
@@ -189,13 +195,6 @@ class ModelRegistry:
         self._errors: dict[str, str] = {}  # last load error per model, for status()
         self._device: str | None = None
         self._budget: int | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "ModelRegistry":
-        """The registry for ``settings``: the profile's catalog, fine-tuned models, the user's catalog file."""
-        from .catalog import load_catalog
-
-        return cls(load_catalog(settings.profile, settings.catalog, settings.models_dir), settings)
 
     # -- placement and budget --
 
@@ -301,7 +300,7 @@ class ModelRegistry:
             for attempt in (1, 2):
                 started = time.perf_counter()
                 try:
-                    bundle = self._loader_fn()(spec, self.resolve_location(spec), placement)
+                    bundle = self._loader(spec, self.resolve_location(spec), placement)
                 except MMDemoError:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -324,20 +323,13 @@ class ModelRegistry:
             with self._lock:
                 self._reserved.pop(spec.id, None)
 
-    def _loader_fn(self) -> Loader:
-        if self._loader is None:
-            from .tasks import load_model
-
-            self._loader = load_model
-        return self._loader
-
     def resolve_location(self, spec: ModelSpec) -> str:
         """A local folder or a Hub id; ``tiny:`` sources are built on first use."""
         if spec.source_scheme == "tiny":
-            from .tasks import build_tiny_models
-
+            if self._tiny_builder is None:
+                raise ModelLoadError(spec.id, "this registry was built without tiny checkpoint builders.")
             name = spec.source_location
-            return str(build_tiny_models(self.settings.tiny_dir, names=[name])[name])
+            return str(self._tiny_builder(self.settings.tiny_dir, names=[name])[name])
         if spec.source_scheme == "local-dir":
             folder = Path(spec.source_location)
             if not folder.is_dir():

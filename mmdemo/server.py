@@ -27,6 +27,7 @@ from .errors import MMDemoError
 from .ops import OpsEndpoints, Operations, messages_sent, queue_idle
 from .registry import ModelRegistry
 from .security import Gatekeeper, RequestGuard, parse_cookies
+from .tasks import open_registry
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -237,7 +238,7 @@ def serve(settings: Settings) -> bool:
     from .ui.app import build_blocks
 
     auth = AuthFile.load(settings.auth_file) if settings.auth_file is not None else None
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     for model_id in settings.preload:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
     ctx = app_context(settings, registry, auth)

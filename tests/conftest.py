@@ -18,9 +18,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mmdemo.catalog import load_catalog  # noqa: E402
+from mmdemo.tasks import task_catalog  # noqa: E402
 from mmdemo.config import Settings  # noqa: E402
 from mmdemo.registry import ModelRegistry  # noqa: E402
+from mmdemo.tasks import open_registry  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,7 +64,7 @@ def tiny_settings(tiny_data_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def shared_registry(tiny_settings: Settings) -> ModelRegistry:
     """One registry for read-only task tests (models stay loaded across tests, as in the app)."""
-    return ModelRegistry.from_settings(tiny_settings)
+    return open_registry(tiny_settings)
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def fresh_registry(tiny_settings: Settings):
     """A registry of its own, for tests that load, evict or swap models."""
     def make(**changes) -> ModelRegistry:
         settings = tiny_settings.replace(**changes)
-        return ModelRegistry(load_catalog("tiny", settings.catalog), settings)
+        return open_registry(settings, task_catalog("tiny", settings.catalog))
 
     return make
 
@@ -107,7 +108,7 @@ def launch_app(tiny_settings: Settings):
 
     def start(**changes) -> SimpleNamespace:
         settings = tiny_settings.replace(port=_free_port(), **changes)
-        registry = ModelRegistry.from_settings(settings)
+        registry = open_registry(settings)
         demo = build_app(settings, registry)
         _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True)
         apps.append(demo)

@@ -321,9 +321,9 @@ def test_listen_address_follows_gradio_variables_unless_mmdemo_ones_are_set():
 def test_building_the_app_loads_no_model_and_no_torch(tiny_settings):
     code = (
         "import sys; from mmdemo.config import Settings; from mmdemo.server import build_app; "
-        "from mmdemo.registry import ModelRegistry; "
+        "from mmdemo.tasks import open_registry; "
         f"s = Settings(profile='tiny', data_dir={str(tiny_settings.data_dir)!r}); "
-        "r = ModelRegistry.from_settings(s); build_app(s, r); "
+        "r = open_registry(s); build_app(s, r); "
         "assert 'torch' not in sys.modules, 'torch imported'; assert r.status()['loaded'] == []; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -11,15 +11,19 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from mmdemo.catalog import DEFAULT_MODELS, TASKS, Catalog, ModelSpec, load_catalog, read_catalog_file
+from mmdemo.catalog import Catalog, ModelSpec, read_catalog_file
+from mmdemo.tasks import builtin_models, task_catalog, task_ids, task_kinds
 from mmdemo.cli import main
 from mmdemo.config import Settings, parse_memory_budget
 from mmdemo.errors import CatalogError, InvalidInputError, UnknownModelError
 
 
+DEFAULT_MODELS = builtin_models()["default"]
+
+
 def test_default_catalog_covers_every_task_with_hub_sources():
-    catalog = load_catalog("default")
-    for task in TASKS:
+    catalog = task_catalog("default")
+    for task in task_ids():
         assert catalog.for_task(task), task
     assert all(spec.source_scheme == "hf-hub" for spec in DEFAULT_MODELS)
     kinds = {spec.kind for spec in DEFAULT_MODELS}
@@ -27,15 +31,15 @@ def test_default_catalog_covers_every_task_with_hub_sources():
 
 
 def test_tiny_catalog_mirrors_every_task_offline():
-    catalog = load_catalog("tiny")
-    assert {spec.task for spec in catalog} == set(TASKS)
+    catalog = task_catalog("tiny")
+    assert {spec.task for spec in catalog} == set(task_ids())
     assert all(spec.source_scheme == "tiny" for spec in catalog)
 
 
 def test_duplicate_ids_are_rejected():
     spec = DEFAULT_MODELS[0]
     with pytest.raises(CatalogError, match="registered twice"):
-        Catalog([spec, spec])
+        Catalog([spec, spec], kinds=task_kinds())
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -48,7 +52,7 @@ def test_duplicate_ids_are_rejected():
 def test_bad_specs_are_refused(changes, message):
     fields = {"id": "m", "task": "image-to-text", "kind": "blip", "source": "hf-hub:org/m", **changes}
     with pytest.raises(CatalogError, match=message):
-        ModelSpec(**fields)
+        Catalog([ModelSpec(**fields)], kinds=task_kinds())
 
 
 def test_user_catalog_toml_adds_and_overrides(tmp_path):
@@ -60,7 +64,7 @@ def test_user_catalog_toml_adds_and_overrides(tmp_path):
         '[models.vilt-vqa]\ntask = "visual-question-answering"\nkind = "vilt"\n'
         'source = "hf-hub:dandelin/vilt-b32-finetuned-vqa"\nrevision = "abc1234"\n'
     )
-    catalog = load_catalog("default", path)
+    catalog = task_catalog("default", path)
     mine = catalog.get("my-captioner")
     assert mine.source == f"local-dir:{(tmp_path / 'ckpt').resolve()}"  # relative to the catalog file
     assert catalog.get("vilt-vqa").revision == "abc1234"
@@ -72,7 +76,7 @@ def test_user_catalog_yaml_list(tmp_path):
     path.write_text("models:\n  - id: whisper-local\n    task: automatic-speech-recognition\n"
                     "    kind: faster-whisper\n    source: local-dir:/srv/ct2-whisper\n")
     (spec,) = read_catalog_file(path)
-    assert spec.backend == "ctranslate2"
+    assert Catalog([spec], kinds=task_kinds()).get("whisper-local").backend == "ctranslate2"  # the kind's backend
 
 
 @pytest.mark.parametrize("text, message", [
@@ -89,7 +93,7 @@ def test_bad_catalog_files_are_clear_errors(tmp_path, text, message):
 
 def test_unknown_model_lists_the_choices():
     with pytest.raises(UnknownModelError, match="Available: tiny-blip-caption"):
-        load_catalog("tiny").get("nope", "image-to-text")
+        task_catalog("tiny").get("nope", "image-to-text")
 
 
 def test_settings_from_environment_and_flags(tmp_path):

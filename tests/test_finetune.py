@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from mmdemo.catalog import MODEL_ENTRY_FILE, load_catalog, read_model_folders
+from mmdemo.catalog import MODEL_ENTRY_FILE, read_model_folders
+from mmdemo.tasks import task_catalog
 from mmdemo.cli import main
 from mmdemo.config import Settings
 from mmdemo.errors import InvalidInputError, UnknownModelError
@@ -30,7 +31,8 @@ from mmdemo.finetune import (
 )
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.train import evaluate
-from mmdemo.registry import ModelRegistry, Placement
+from mmdemo.registry import Placement
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 
@@ -85,7 +87,7 @@ def settings(tmp_path, tiny_models) -> Settings:
 def feedback(tmp_path_factory, tiny_models):
     """The real path: the tiny captioner's outputs recorded in a store, corrected by a person, exported."""
     root = tmp_path_factory.mktemp("feedback")
-    registry = ModelRegistry.from_settings(make_settings(root / "app", tiny_models))
+    registry = open_registry(make_settings(root / "app", tiny_models))
     store = FeedbackStore(None, root / "app")
     for i, caption in enumerate(CAPTIONS):
         result = run(registry, "image-to-text", image=picture(i), max_new_tokens=8)
@@ -143,7 +145,7 @@ def test_finetuning_learns_the_corrections_and_publishes_a_servable_model(settin
     assert (seen[-1].epoch, seen[-1].step) == (10, 20) and seen[-1].train_loss is not None  # the end keeps them
 
     # served like any catalog model, by a registry started afterwards (the app after a restart)
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     spec = registry.catalog.get("blip-ft", "image-to-text")
     assert spec.kind == "blip" and spec.source == f"local-dir:{result.path.resolve()}"
     assert registry.catalog.default_for("image-to-text").id == BASE  # built-in models stay the default
@@ -238,7 +240,7 @@ def test_a_cancelled_run_publishes_nothing(settings, feedback):
         running.run()
     assert running.status is JobStatus.CANCELLED and running.progress.step == 3
     assert listing(settings) == []
-    assert "blip-ft" not in ModelRegistry.from_settings(settings).catalog
+    assert "blip-ft" not in open_registry(settings).catalog
 
     background = job(settings, "in-background", dataset=str(dataset))
     background.cancel()  # before it starts: it stops at its first step
@@ -286,7 +288,7 @@ def test_leftovers_of_a_killed_job_are_never_served_and_are_cleared(settings, fe
     dead = settings.models_dir / ".killed.partial-999999999-0badc0de"  # no process has this pid
     dead.mkdir(parents=True)
     (dead / MODEL_ENTRY_FILE).write_text(json.dumps({"task": "image-to-text", "kind": "blip"}))
-    assert "killed" not in load_catalog("tiny", None, settings.models_dir)
+    assert "killed" not in task_catalog("tiny", None, settings.models_dir)
     job(settings, dataset=str(dataset), max_steps=1).run()
     assert listing(settings) == ["blip-ft"]
 
@@ -303,13 +305,13 @@ def test_model_folders_join_the_catalog_safely(tmp_path, caplog):
     outside.mkdir()
     (outside / MODEL_ENTRY_FILE).write_text(json.dumps(entry))
     (models / "linked").symlink_to(outside, target_is_directory=True)
-    catalog = load_catalog("tiny", None, models)
+    catalog = task_catalog("tiny", None, models)
     assert catalog.get("good").source == f"local-dir:{(models / 'good').resolve()}"
     assert catalog.get("tiny-clip").kind == "clip"  # a folder never shadows a built-in model
     for skipped in ("broken", "wrong-kind", "extra-keys", "no-entry", "linked"):
         assert skipped not in catalog
     assert "skipped" in caplog.text
-    assert [s.id for s in load_catalog("tiny", None, tmp_path / "none")] == [s.id for s in load_catalog("tiny")]
+    assert [s.id for s in task_catalog("tiny", None, tmp_path / "none")] == [s.id for s in task_catalog("tiny")]
 
 
 # --- a running app, the command line ---------------------------------------------------------------
@@ -318,7 +320,7 @@ def test_model_folders_join_the_catalog_safely(tmp_path, caplog):
 def test_retraining_a_loaded_model_hot_swaps_it(settings, feedback):
     dataset = feedback.split
     job(settings, dataset=str(dataset), max_steps=1).run()
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     run(registry, "image-to-text", "blip-ft", image=picture(1), max_new_tokens=4)
     old = registry.call("blip-ft", lambda bundle: bundle.model)
     result = job(settings, dataset=str(dataset), max_steps=3, overwrite=True, registry=registry).run()

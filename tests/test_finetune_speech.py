@@ -23,6 +23,7 @@ from mmdemo.feedback import FeedbackStore, export_dataset
 from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, UnsupportedBaseError
 from mmdemo.finetune.speech import decoder_labels, error_rates
 from mmdemo.registry import ModelRegistry
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 
@@ -82,7 +83,7 @@ def speech(tmp_path_factory, tiny_models) -> SimpleNamespace:
     """Corrected transcripts of the four phrases in two voices, exported; a held-out export in a third voice."""
     root = tmp_path_factory.mktemp("speech-feedback")
     settings = make_settings(root / "app", tiny_models)
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     store = FeedbackStore(None, root / "app")
     record_corrections(store, registry, [(speak(root, p, v), p) for p in PHRASES for v in VOICES[:2]])
     held = FeedbackStore(None, root / "held")
@@ -130,7 +131,7 @@ def test_a_short_whisper_job_lowers_the_loss_reports_wer_and_answers_through_the
     for model in ("base", "new"):
         assert evaluation[model]["questions"] == 4 and evaluation[model]["wer"] >= 0 and evaluation[model]["cer"] >= 0
     assert "WER" in result.describe() and "CER" in result.describe()
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     answer = run(registry, TASK, "whisper-ft", audio=str(speak(speech.root, PHRASES[0])), language="en")
     assert isinstance(answer["text"], str) and answer["model"]["backend"] == "transformers"
 
@@ -150,7 +151,7 @@ def test_a_faster_whisper_model_trains_its_twin_and_serves_the_converted_model(s
     assert (result.path / "model.bin").is_file() and (result.path / "transformers" / "model.safetensors").is_file()
     metrics = json.loads((result.path / METRICS_FILE).read_text())
     assert metrics["base"]["id"] == FASTER and metrics["base"]["trained_twin"] == WHISPER
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     answer = run(registry, TASK, "fast-ft", audio=str(speak(speech.root, PHRASES[1])), language="en")
     assert answer["model"]["backend"] == "ctranslate2" and isinstance(answer["text"], str)
 
@@ -158,7 +159,7 @@ def test_a_faster_whisper_model_trains_its_twin_and_serves_the_converted_model(s
 def test_bad_data_fails_clearly_and_publishes_nothing(settings, speech, tmp_path):
     from mmdemo.catalog import ModelSpec
 
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     registry.catalog.register(ModelSpec("lonely-fast", TASK, "faster-whisper", "tiny:whisper-ct2"))
     with pytest.raises(UnsupportedBaseError, match="names no transformers twin"):
         job(settings, base="lonely-fast", dataset=str(speech.train), registry=registry).run()
@@ -188,7 +189,7 @@ def test_a_tiny_whisper_learns_four_phrases_end_to_end_and_its_wer_halves(tmp_pa
     (or 180) it answers every recording with one of the phrases; the drop comes from learning the phrases
     and stopping the random model's long garbage, not from telling recordings apart."""
     settings = make_settings(tmp_path / "data", tiny_models)
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     with FeedbackStore.from_settings(settings) as store:
         record_corrections(store, registry, [(speak(tmp_path, p, v, s), p)
                                              for p in PHRASES for v in VOICES[:2] for s in SPEEDS])
@@ -214,7 +215,7 @@ def test_a_tiny_whisper_learns_four_phrases_end_to_end_and_its_wer_halves(tmp_pa
     assert metrics["epochs"][-1]["train_loss"] < metrics["initial"]["train_loss"] / 5
     assert evaluation["new"]["wer"] <= evaluation["base"]["wer"] / 2
     assert evaluation["new"]["cer"] <= evaluation["base"]["cer"] / 2
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     for phrase in PHRASES[:2]:
         answer = run(registry, TASK, "whisper-phrases", audio=str(speak(tmp_path, phrase, "en-us", 160)),
                      language="en")

@@ -23,6 +23,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import BIASED_NOTE, before_after, loss_curve, normalize_answer, vqa_accuracy
 from mmdemo.finetune.vqa import soft_scores
 from mmdemo.registry import ModelRegistry, Placement
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 from mmdemo.tiny.common import VQA_ANSWERS
@@ -74,7 +75,7 @@ def colours(tmp_path_factory, tiny_models) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("vqa-feedback")
     (root / "app").mkdir()
     (root / "app" / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    registry = ModelRegistry.from_settings(Settings(profile="tiny", data_dir=root / "app", device="cpu"))
+    registry = open_registry(Settings(profile="tiny", data_dir=root / "app", device="cpu"))
     rng = random.Random(1)
     store = FeedbackStore(None, root / "app")
     labels = [(square(c, rng), c) for c in COLOURS for _ in range(4)] + [(square("navy", rng), "blue")] * 2
@@ -161,7 +162,7 @@ def test_vilt_soft_scores_follow_vqav2(tiny_models):
 def test_vilt_extension_keeps_known_rows_and_appends_new_answers(settings, colours):
     adapter = adapter_for(TASK)
     placement = Placement("cpu", "float32")
-    base = ModelRegistry.from_settings(settings).catalog.get(VILT)
+    base = open_registry(settings).catalog.get(VILT)
     model, processor = adapter.load(base, str(settings.tiny_dir / "vilt-vqa"), placement)
     before = model.classifier[-1].weight.detach().clone(), model.classifier[-1].bias.detach().clone()
     data = adapter.prepare_data(load_export(colours.train, TASK, adapter.columns))
@@ -180,7 +181,7 @@ def test_vilt_extension_keeps_known_rows_and_appends_new_answers(settings, colou
     assert [saved["id2label"][str(i)] for i in range(known + 8)] == [*VQA_ANSWERS, *COLOURS]
     assert saved["label2id"]["purple"] == known
     assert result.metrics["model_changes"]["answers_added"] == list(COLOURS)
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     answer = run(registry, TASK, "vilt-ft", image=square("cyan", random.Random(5)), question=QUESTION, top_k=20)
     assert answer["model"]["id"] == "vilt-ft" and answer["answer"] in COLOURS  # it learnt a colour is asked for
     assert len(registry.call("vilt-ft", lambda bundle: bundle.model.config.id2label)) == known + 8
@@ -220,7 +221,7 @@ def test_a_short_blip_vqa_job_lowers_the_loss_and_answers_through_the_registry(s
     assert metrics["epochs"][-1]["train_loss"] < metrics["initial"]["train_loss"]
     assert "model_changes" not in metrics  # a generative model has no answer head to grow
     assert metrics["evaluation"]["data"]["kind"] == "validation split"  # empty here: nothing to score
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     assert registry.catalog.get("blip-vqa-ft", TASK).kind == "blip"
     answer = run(registry, TASK, "blip-vqa-ft", image=square("pink", random.Random(2)), question=QUESTION,
                  max_new_tokens=3)
@@ -254,7 +255,7 @@ def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_ac
     with FeedbackStore.from_settings(settings) as store:
         queue = AnnotationQueue(store)
         queue.create_campaign("held-out", TASK, labels_per_item=2, model=BLIP)
-        queue.import_folder("held-out", folder, ModelRegistry.from_settings(settings),
+        queue.import_folder("held-out", folder, open_registry(settings),
                             inputs={"question": QUESTION})
         for annotator in ("carol", "dave"):
             for n, item in enumerate(queue.next_batch("held-out", annotator, 20)):
@@ -273,7 +274,7 @@ def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_ac
 
     # trained from the store, which holds the campaign's labels too: those rows are left out of training
     with FeedbackStore.from_settings(settings) as store:
-        record_corrections(store, ModelRegistry.from_settings(settings), [(square(c, rng), c) for c in COLOURS])
+        record_corrections(store, open_registry(settings), [(square(c, rng), c) for c in COLOURS])
         from_store = job(settings, name="from-store", store=store, eval_campaign="held-out", val_fraction=0.0,
                          max_steps=1).run()
     assert from_store.metrics["data"]["rows"] == {"train": 8, "validation": 0}
@@ -308,7 +309,7 @@ def test_no_records_or_missing_media_fail_clearly_and_leave_the_served_model_alo
     weights = (served.path / "model.safetensors").read_bytes()
     with FeedbackStore.from_settings(settings) as store:
         rng = random.Random(4)
-        registry = ModelRegistry.from_settings(settings)
+        registry = open_registry(settings)
         record_corrections(store, registry, [(square(c, rng), c) for c in COLOURS])
         lost = store.get(3).output.input_media[0]
         store.media_path(lost).unlink()

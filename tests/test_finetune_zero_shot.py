@@ -22,6 +22,7 @@ from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, adap
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import LabelledQuestion, agreed_labels, zero_shot_metrics
 from mmdemo.registry import ModelRegistry, Placement
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 
@@ -74,7 +75,7 @@ def colours(tmp_path_factory, tiny_models) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("zs-feedback")
     (root / "app").mkdir()
     (root / "app" / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    registry = ModelRegistry.from_settings(Settings(profile="tiny", data_dir=root / "app", device="cpu"))
+    registry = open_registry(Settings(profile="tiny", data_dir=root / "app", device="cpu"))
     rng = random.Random(1)
 
     def right(colour: str, n: int) -> list[str]:
@@ -154,7 +155,7 @@ def test_a_short_job_lowers_the_loss_reports_both_metrics_and_answers_through_th
         assert evaluation[model]["single_label"] == 14 and evaluation[model]["multi_label"] == 2
         assert 0.0 <= evaluation[model]["top1_accuracy"] <= 1.0 and 0.0 <= evaluation[model]["f1"] <= 1.0
     assert f"{base} (base)" in result.describe() and "top-1 accuracy" in result.describe()
-    registry = ModelRegistry.from_settings(settings)
+    registry = open_registry(settings)
     assert registry.catalog.get(name, TASK).kind == kind
     answer = run(registry, TASK, name, image=square("cyan", random.Random(5)), labels=LABELS)
     assert answer["model"]["id"] == name and sorted(item["label"] for item in answer["labels"]) == sorted(LABELS)
@@ -195,7 +196,7 @@ def test_evaluate_scores_catalog_models_on_a_dataset_and_a_campaign(settings, co
     with FeedbackStore.from_settings(settings) as store:
         queue = AnnotationQueue(store)
         queue.create_campaign("held-out", TASK, labels_per_item=2, model=CLIP)
-        queue.import_folder("held-out", folder, ModelRegistry.from_settings(settings), inputs={"labels": LABELS})
+        queue.import_folder("held-out", folder, open_registry(settings), inputs={"labels": LABELS})
         for annotator in ("carol", "dave"):
             for n, item in enumerate(queue.next_batch("held-out", annotator, 20)):
                 if annotator == "dave" and n == 0:
@@ -241,7 +242,7 @@ def test_bad_data_fails_clearly_and_leaves_the_served_model_alone(settings, colo
         job(settings, dataset=str(tmp_path / "old"), overwrite=True).run()
     # a record whose picture is gone
     with FeedbackStore.from_settings(settings) as store:
-        record_labels(store, ModelRegistry.from_settings(settings),
+        record_labels(store, open_registry(settings),
                       [(square(c, random.Random(4)), [c]) for c in COLOURS])
         store.media_path(store.get(3).output.input_media[0]).unlink()
         with pytest.raises(InvalidDatasetError, match="1 of the 8 .* lost their media file"):

@@ -30,9 +30,9 @@ def cuda_registry(tiny_settings):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from mmdemo.registry import ModelRegistry
+    from mmdemo.tasks import open_registry
 
-    return ModelRegistry.from_settings(tiny_settings.replace(device="auto"))
+    return open_registry(tiny_settings.replace(device="auto"))
 
 
 @pytest.mark.parametrize("task, model_id, inputs", CASES, ids=[c[1] for c in CASES])

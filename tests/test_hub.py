@@ -20,7 +20,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from mmdemo import tasks
-from mmdemo.catalog import load_catalog
+from mmdemo.tasks import open_registry, task_catalog
 from mmdemo.errors import ModelLoadError
 from mmdemo.hub import PROBE_TIMEOUT_SECONDS, HubProbe, cached_snapshot
 from mmdemo.registry import ModelRegistry
@@ -78,7 +78,7 @@ def answering_hub():
 
 def default_registry(settings, hub: HubProbe) -> ModelRegistry:
     settings = settings.replace(profile="default")
-    return ModelRegistry(load_catalog("default"), settings, hub=hub)
+    return open_registry(settings, task_catalog("default"), hub=hub)
 
 
 def put_in_cache(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef") -> Path:

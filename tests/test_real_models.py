@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmdemo.config import Settings
-from mmdemo.registry import ModelRegistry
+from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 @pytest.fixture(scope="module")
 def hub_registry(tmp_path_factory):
-    return ModelRegistry.from_settings(Settings(data_dir=tmp_path_factory.mktemp("hub"), memory_budget="0.8"))
+    return open_registry(Settings(data_dir=tmp_path_factory.mktemp("hub"), memory_budget="0.8"))
 
 
 @pytest.mark.parametrize("model_id", ["blip-caption-base", "blip-caption-large"])

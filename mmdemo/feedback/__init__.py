@@ -4,7 +4,8 @@
   (default, in the data directory) or PostgreSQL (``MMDEMO_DATABASE_URL``).
 * :func:`export_dataset` (``export.py``): feedback of one task as a fine-tuning dataset
   (``datasets``, Parquet or JSON Lines), with a train/validation split and a dataset card.
-* ``schemas.py``: per task, the inputs, the correction and the exported columns.
+* ``schemas.py``: ratings, comments, annotators; each task's own schema (inputs, correction, exported
+  columns) is part of its descriptor (:mod:`mmdemo.tasks.spec`).
 * ``migrations.py``: the named, ordered schema migrations applied at start-up.
 """
 
@@ -22,7 +23,7 @@ from .errors import (
 )
 from .export import FORMATS, ExportSummary, export_archive, export_dataset
 from .records import FeedbackRecord, OutputRecord, SavedFeedback
-from .schemas import TASKS, anonymous_annotator, split_request
+from .schemas import anonymous_annotator, split_request
 from .store import ADMIN_ROLE, ONLY_CHOICES, Deleted, FeedbackStore
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "RecordNotFoundError",
     "SavedFeedback",
     "StoreError",
-    "TASKS",
     "UnknownOutputError",
     "UnknownTaskError",
     "UnusableStoreError",

@@ -93,8 +93,6 @@ COLUMN_DOCS = {
     "merged_record_ids": "ids of other records that were exact duplicates of this row",
 }
 
-_TASK_COLUMN_DOCS = {("text-to-image", "image"): "an image the model generated (PNG)"}
-
 
 @dataclass
 class ExportSummary:
@@ -565,7 +563,7 @@ def dataset_card(schema: TaskSchema, summary: ExportSummary, options: dict[str, 
             lines += [f"### {config}", ""]
         lines += ["| column | type | meaning |", "|---|---|---|"]
         for name, feature in feats.items():
-            doc = _TASK_COLUMN_DOCS.get((schema.task, name), COLUMN_DOCS.get(name, ""))
+            doc = schema.column_docs.get(name, COLUMN_DOCS.get(name, ""))
             lines.append(f"| `{name}` | {_type_name(feature)} | {doc} |")
         lines.append("")
     lines += [
@@ -580,9 +578,7 @@ def dataset_card(schema: TaskSchema, summary: ExportSummary, options: dict[str, 
     ]
     lines += [f"- `{name}`: {n} rows" for name, n in sorted(summary.models.items())] or ["- none"]
     lines += ["", "## Loading", "", "```python", *_loading_snippet(schema, summary, layout), "```", ""]
-    if schema.task == "automatic-speech-recognition":
-        lines += ["Audio is stored as `{bytes, path}` with `Audio(decode=False)`: read it with "
-                  "`soundfile.read(io.BytesIO(row['audio']['bytes']))` (no torchcodec needed).", ""]
+    lines += [note for note in schema.card_notes for note in (note, "")]
     return "\n".join(lines)
 
 

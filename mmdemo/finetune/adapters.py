@@ -2,8 +2,8 @@
 
 The training loop (``train.py``) and the job (``jobs.py``) are the same for every task; an adapter
 says which model kinds it can train, which exported columns it reads, how to load a trainable model
-and how to turn rows into a batch whose forward pass returns a loss. Adding zero-shot or speech
-fine-tuning is one module with one adapter, listed in :func:`adapter_for`.
+and how to turn rows into a batch whose forward pass returns a loss. Adding a task's
+fine-tuning is one module with one adapter, named by the task's descriptor (``TaskSpec.finetune``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..catalog import Catalog, ModelSpec
 from ..registry import Placement
+from ..tasks.spec import resolve, task_specs
 from .errors import UnsupportedBaseError
 
 if TYPE_CHECKING:
@@ -75,13 +76,16 @@ class FinetuneAdapter(ABC):
 
 
 def finetune_adapters() -> dict[str, FinetuneAdapter]:
-    """Every task that can be fine-tuned, with its adapter (``adapter.kinds``: the models it trains)."""
-    from .caption import CaptionAdapter
-    from .speech import SpeechAdapter
-    from .vqa import VqaAdapter
-    from .zero_shot import ZeroShotAdapter
-
-    return {adapter.task: adapter for adapter in (CaptionAdapter(), VqaAdapter(), ZeroShotAdapter(), SpeechAdapter())}
+    """Every task that can be fine-tuned (its descriptor names an adapter), with its adapter
+    (``adapter.kinds``: the models it trains)."""
+    adapters = {}
+    for spec in task_specs():
+        if spec.finetune:
+            adapter = resolve(spec.finetune)()
+            if adapter.task != spec.id:
+                raise TypeError(f"{spec.finetune} trains {adapter.task}, not {spec.id}.")
+            adapters[spec.id] = adapter
+    return adapters
 
 
 def adapter_for(task: str) -> FinetuneAdapter:

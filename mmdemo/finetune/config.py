@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..catalog import TASKS
+from ..tasks.spec import task_ids
 from ..errors import InvalidInputError
 from ..feedback.store import ONLY_CHOICES
 from .errors import InvalidModelNameError
@@ -67,8 +67,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.name)
-        if self.task not in TASKS:
-            raise InvalidInputError(f"Unknown task '{self.task}'. Tasks: {', '.join(TASKS)}.")
+        if self.task not in task_ids():
+            raise InvalidInputError(f"Unknown task '{self.task}'. Tasks: {', '.join(task_ids())}.")
         if not isinstance(self.base, str) or not self.base:
             raise InvalidInputError("Choose a base model: a catalog model id (see `mmdemo models`).")
         if self.dataset is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..catalog import MODEL_ENTRY_FILE, ModelSpec, load_catalog
+from ..catalog import MODEL_ENTRY_FILE, ModelSpec
 from ..config import Settings
 from ..errors import MMDemoError, ModelLoadError
 from ..files import replace_folder
@@ -53,6 +53,7 @@ from .evaluate import (
 )
 from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
 from .train import Progress, train, training_dtype
+from ..tasks import open_registry
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,7 @@ class FinetuneJob:
         started = time.perf_counter()
         self._report(Progress("preparing"))
         adapter = adapter_for(config.task)
-        registry = self.registry or ModelRegistry(
-            load_catalog(settings.profile, settings.catalog, settings.models_dir), settings)
+        registry = self.registry or open_registry(settings)
         models_dir = settings.models_dir
         final = model_folder(models_dir, config.name)
         models_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,10 @@
-"""The five tasks behind one interface, and the functions every caller (UI, CLI, API) uses.
+"""The tasks behind one interface, and the functions every caller (UI, CLI, API) uses.
 
->>> from mmdemo.tasks import run
+Each task is described by a :class:`TaskSpec` registered in its own module (see :mod:`.spec`);
+this package finds them, builds the catalog and the registry from them, and runs requests.
+
+>>> from mmdemo.tasks import open_registry, run
+>>> registry = open_registry(settings)
 >>> run(registry, "image-to-text", image="cat.jpg")["text"]
 """
 
@@ -8,55 +12,65 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
-from ..catalog import ModelSpec
+from ..catalog import Catalog, ModelSpec, load_catalog
+from ..config import Settings
 from ..media import MediaLimits
 from ..registry import ModelRegistry, Placement
-from .base import Task
-from .caption import CaptionTask
-from .speech import SpeechTask
-from .text_to_image import TextToImageTask
-from .vqa import VqaTask
-from .zero_shot import ZeroShotTask
 from ..tiny import TinyBuilder
 from ..tiny import build_tiny_models as _build_tiny
-from ..tiny.blip import build_blip_caption, build_blip_vqa
-from ..tiny.clip import build_clip, build_siglip
-from ..tiny.stable_diffusion import build_stable_diffusion
-from ..tiny.vilt import build_vilt_vqa
-from ..tiny.whisper import build_whisper, build_whisper_ct2_beside_whisper
-
-TASK_RUNNERS: dict[str, Task] = {
-    runner.task: runner
-    for runner in (CaptionTask(), VqaTask(), TextToImageTask(), ZeroShotTask(), SpeechTask())
-}
-
-
-TINY_BUILDERS: dict[str, TinyBuilder] = {
-    "blip-caption": TinyBuilder(build_blip_caption),
-    "blip-vqa": TinyBuilder(build_blip_vqa),
-    "vilt-vqa": TinyBuilder(build_vilt_vqa),
-    "clip": TinyBuilder(build_clip),
-    "siglip": TinyBuilder(build_siglip),
-    "whisper": TinyBuilder(build_whisper),
-    "whisper-ct2": TinyBuilder(build_whisper_ct2_beside_whisper, needs=("whisper",)),
-    "stable-diffusion": TinyBuilder(build_stable_diffusion),
-}
-
-
-def build_tiny_models(target_dir, force: bool = False, names=None):
-    """Build the tiny checkpoints of every task (see :func:`mmdemo.tiny.build_tiny_models`)."""
-    return _build_tiny(target_dir, TINY_BUILDERS, force=force, names=names)
+from .base import Task
+from .spec import TaskSpec, register_task, resolve, task_ids, task_spec, task_specs
 
 
 def get_task(task: str) -> Task:
-    try:
-        return TASK_RUNNERS[task]
-    except KeyError:
-        from ..errors import InvalidInputError
+    """The runner of task id or alias ``task`` (``UnknownTaskError``, an ``InvalidInputError``, if none)."""
+    return task_spec(task).runner
 
-        raise InvalidInputError(f"Unknown task '{task}'. Tasks: {', '.join(TASK_RUNNERS)}.") from None
+
+def tiny_builders() -> dict[str, TinyBuilder]:
+    """Every task's tiny checkpoint builders, by tiny model name."""
+    builders: dict[str, TinyBuilder] = {}
+    for spec in task_specs():
+        builders.update(spec.tiny_builders)
+    return builders
+
+
+def build_tiny_models(target_dir: Path, force: bool = False, names: Iterable[str] | None = None) -> dict[str, Path]:
+    """Build the tiny checkpoints of every task (see :func:`mmdemo.tiny.build_tiny_models`)."""
+    return _build_tiny(target_dir, tiny_builders(), force=force, names=names)
+
+
+def task_kinds() -> dict[str, dict[str, str]]:
+    """Task id -> model kind -> backend, for the catalog."""
+    return {spec.id: dict(spec.kinds) for spec in task_specs()}
+
+
+def builtin_models() -> dict[str, list[ModelSpec]]:
+    """Profile -> the built-in catalog entries of every task."""
+    return {"default": [m for spec in task_specs() for m in spec.models],
+            "tiny": [m for spec in task_specs() for m in spec.tiny_models]}
+
+
+def task_catalog(profile: str = "default", catalog_file: Path | None = None,
+                 models_dir: Path | None = None) -> Catalog:
+    """The tasks' built-in models of ``profile``, then fine-tuned model folders, then a user catalog file
+    (see :func:`mmdemo.catalog.load_catalog`)."""
+    return load_catalog(builtin_models(), task_kinds(), profile, catalog_file, models_dir)
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    """The catalog of ``settings``: its profile's built-in models, fine-tuned model folders, its catalog file."""
+    return task_catalog(settings.profile, settings.catalog, settings.models_dir)
+
+
+def open_registry(settings: Settings, catalog: Catalog | None = None, **options: Any) -> ModelRegistry:
+    """The model registry of ``settings`` (its catalog unless ``catalog`` is given), loading models with the
+    tasks' loaders; ``options`` go to :class:`~mmdemo.registry.ModelRegistry` (``hub``, ``busy_wait_seconds``)."""
+    return ModelRegistry(catalog or open_catalog(settings), settings, loader=load_model,
+                         tiny_builder=build_tiny_models, **options)
 
 
 def load_model(spec: ModelSpec, location: str, placement: Placement) -> Any:
@@ -88,7 +102,8 @@ def prepare(registry: ModelRegistry, task: str, model_id: str | None, inputs: di
 
     Settings left as None take the model's catalog defaults, then the task's.
     """
-    runner = get_task(task)
+    described = task_spec(task)
+    runner, task = described.runner, described.id
     spec = registry.catalog.get(model_id, task) if model_id else registry.catalog.default_for(task)
     merged = {**spec.defaults, **{k: v for k, v in inputs.items() if v is not None}}
     return spec, runner.prepare(merged, limits_for(registry), spec)
@@ -101,7 +116,7 @@ def run(registry: ModelRegistry, task: str, model_id: str | None = None, **input
     Raises ``InvalidInputError`` subclasses for bad input and model errors from ``mmdemo.errors``.
     """
     spec, request = prepare(registry, task, model_id, inputs)
-    result, placement, seconds = registry.call(spec.id, _timed(TASK_RUNNERS[task].predict, request), task)
+    result, placement, seconds = registry.call(spec.id, _timed(get_task(spec.task).predict, request), spec.task)
     return _with_provenance(result, spec, placement, seconds)
 
 
@@ -110,7 +125,8 @@ def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: l
     prepared = [prepare(registry, task, model_id, inputs) for inputs in batch]
     spec = prepared[0][0]
     requests = [request for _, request in prepared]
-    results, placement, seconds = registry.call(spec.id, _timed(TASK_RUNNERS[task].predict_batch, requests), task)
+    results, placement, seconds = registry.call(spec.id, _timed(get_task(spec.task).predict_batch, requests),
+                                                spec.task)
     return [_with_provenance(result, spec, placement, seconds) for result in results]
 
 
@@ -132,4 +148,6 @@ def _with_provenance(result: dict[str, Any], spec: ModelSpec, placement: Placeme
     return result
 
 
-__all__ = ["TASK_RUNNERS", "Task", "get_task", "load_model", "prepare", "run", "run_batch"]
+__all__ = ["Task", "TaskSpec", "build_tiny_models", "get_task", "load_model", "open_catalog", "open_registry", "task_catalog",
+           "prepare", "register_task", "resolve", "run", "run_batch", "task_ids", "task_spec", "task_specs",
+           "tiny_builders"]

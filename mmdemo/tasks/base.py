@@ -43,6 +43,12 @@ class Task(ABC):
         """Run several requests; tasks whose models batch well override this."""
         return [self.predict(model, request) for request in requests]
 
+    def describe(self, result: dict[str, Any]) -> str:
+        """A result as text for a terminal (``mmdemo predict``); JSON unless the task says better."""
+        import json
+
+        return json.dumps({k: v for k, v in result.items() if k not in ("model", "seconds")}, ensure_ascii=False)
+
     def _known_fields(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """``inputs`` checked against the request's fields; a missing required one (the media) is None,
         so that its loader says what is missing."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from itertools import groupby
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, TYPE_CHECKING
 
 from PIL import Image
 
@@ -13,6 +13,13 @@ from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
 from .bundle import TransformersBundle, generation_settings
+from .schema import Example, TaskSchema, require_output_text
+from .spec import TaskSpec, register_task
+from ..tiny import TinyBuilder
+from ..tiny.blip import build_blip_caption
+
+if TYPE_CHECKING:
+    from ..feedback.records import FeedbackRecord
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class CaptionTask(Task):
     task = "image-to-text"
     Request = CaptionRequest
     batchable = True
+
+    def describe(self, result: dict[str, Any]) -> str:
+        return result["text"]
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> CaptionRequest:
         request = CaptionRequest(**self._known_fields(inputs))
@@ -79,3 +89,56 @@ class CaptionTask(Task):
             for i, text_out in zip(indices, model.processor.batch_decode(output, skip_special_tokens=True)):
                 results[i] = {"text": text_out.strip()}
         return [results[i] for i in range(len(requests))]
+
+
+# --- feedback: inputs, correction, exported rows --------------------------------------------------
+
+
+class CaptionSchema(TaskSchema):
+    task = "image-to-text"
+    text_inputs = {"prefix": False}
+    what = "caption"
+    suggested = "text"
+
+    def check_output(self, output: dict[str, Any]) -> None:
+        require_output_text(self.task, output, "text")
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from datasets import Image, Value
+
+        return {"default": dict(image=Image(), text=Value("string"))}
+
+    def examples(self, record: FeedbackRecord) -> Iterator[Example]:
+        text = record.correction if record.correction is not None else record.output.output["text"]
+        yield self._example(record, "default", {"text": text}, {"image": record.output.input_media[0]})
+
+
+# --- the descriptor ------------------------------------------------------------------------------
+
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+SPEC = register_task(TaskSpec(
+    id="image-to-text",
+    title="Caption",
+    description="Caption a photo (BLIP), optionally continuing a start of the caption.",
+    aliases=("caption",),
+    api_name="caption",
+    input_kind="image",
+    runner=CaptionTask(),
+    schema=CaptionSchema(),
+    kinds={"blip": "transformers"},
+    models=(
+    ModelSpec("blip-caption-base", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-base",
+              params_m=247, description="BLIP base captioner (COCO): fast, good everyday captions."),
+    ModelSpec("blip-caption-large", "image-to-text", "blip", "hf-hub:Salesforce/blip-image-captioning-large",
+              params_m=470, description="BLIP large captioner: more detailed captions, about 2x slower."),
+    ),
+    tiny_models=(
+    ModelSpec("tiny-blip-caption", "image-to-text", "blip", "tiny:blip-caption", params_m=0.5,
+              description="Tiny random BLIP captioner (offline testing; outputs are nonsense)."),
+    ),
+    tiny_builders={"blip-caption": TinyBuilder(build_blip_caption)},
+    tab="mmdemo.ui.caption",
+    finetune="mmdemo.finetune.caption:CaptionAdapter",
+    order=10,
+))

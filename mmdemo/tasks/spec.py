@@ -47,8 +47,7 @@ ENTRY_POINT_GROUP = "mmdemo.tasks"
 class TaskSpec:
     """Everything about one task.
 
-    ``id`` is the Hub's task tag; ``aliases`` are short names (the first is the API endpoint, ``/caption``,
-    and the CLI's name); ``input_kind`` says what the request's media is (``image``, ``audio``, or ``text``
+    ``id`` is the Hub's task tag; ``aliases`` are short names (for the CLI and the API); ``input_kind`` says what the request's media is (``image``, ``audio``, or ``text``
     for none); ``kinds`` maps each model kind the task serves to its backend (``transformers``, ``diffusers``,
     ``ctranslate2``); ``models`` and ``tiny_models`` are its built-in catalog entries (the first is the
     default) and ``tiny_builders`` make the tiny checkpoints those name. ``tab`` is the module of its UI tab,
@@ -61,6 +60,7 @@ class TaskSpec:
     schema: "TaskSchema"
     kinds: Mapping[str, str]
     aliases: tuple[str, ...] = ()
+    api_name: str = ""  # the API endpoint (``/caption``); default: the first alias in snake case
     input_kind: str = "image"
     description: str = ""
     models: tuple["ModelSpec", ...] = ()
@@ -71,6 +71,8 @@ class TaskSpec:
     order: int = 100  # tabs and listings sort by it, then by registration
 
     def __post_init__(self) -> None:
+        if not self.api_name:
+            object.__setattr__(self, "api_name", (self.aliases[0] if self.aliases else self.id).replace("-", "_"))
         if self.input_kind not in INPUT_KINDS:
             raise ValueError(f"Task {self.id}: input_kind must be one of {INPUT_KINDS}, not {self.input_kind!r}.")
         if self.runner.task != self.id or self.schema.task != self.id:
@@ -78,11 +80,6 @@ class TaskSpec:
         for model in (*self.models, *self.tiny_models):
             if model.task != self.id or model.kind not in self.kinds:
                 raise ValueError(f"Task {self.id}: built-in model {model.id} is for {model.task}/{model.kind}.")
-
-    @property
-    def api_name(self) -> str:
-        """The API endpoint's name (``/caption``): the first alias, in snake case."""
-        return (self.aliases[0] if self.aliases else self.id).replace("-", "_")
 
     @property
     def names(self) -> tuple[str, ...]:

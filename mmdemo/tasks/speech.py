@@ -15,13 +15,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, TYPE_CHECKING
 
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import Audio, MediaLimits, load_audio
 from ..registry import Placement
 from .base import Task, load_kwargs, require_text
+from .schema import Example, TaskSchema, require_output_text
+from .spec import TaskSpec, register_task
+from ..tiny import TinyBuilder
+from ..tiny.whisper import build_whisper, build_whisper_ct2_beside_whisper
+
+if TYPE_CHECKING:
+    from ..feedback.records import FeedbackRecord
 
 SAMPLING_RATE = 16_000
 CHUNK_SECONDS = 30
@@ -52,6 +59,9 @@ class SpeechTask(Task):
     task = "automatic-speech-recognition"
     Request = SpeechRequest
     batchable = True  # by the transformers backend; faster-whisper runs a batch one request at a time
+
+    def describe(self, result: dict[str, Any]) -> str:
+        return result["text"] + "".join(f"\n  [{c['start']}-{c['end']}] {c['text']}" for c in result.get("chunks", []))
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> SpeechRequest:
         request = SpeechRequest(**self._known_fields(inputs))
@@ -209,3 +219,68 @@ def _transcribe_ctranslate2(model: WhisperBundle, request: SpeechRequest) -> dic
 
 def _seconds(value: Any, default: float | None = None) -> float | None:
     return default if value is None else round(float(value), 2)
+
+
+# --- feedback: inputs, correction, exported rows --------------------------------------------------
+
+
+class SpeechSchema(TaskSchema):
+    task = "automatic-speech-recognition"
+    media_input = "audio"
+    text_inputs = {"language": False}
+    what = "transcript"
+    suggested = "text"
+    card_notes = ("Audio is stored as `{bytes, path}` with `Audio(decode=False)`: read it with "
+                  "`soundfile.read(io.BytesIO(row['audio']['bytes']))` (no torchcodec needed).",)
+
+    def check_output(self, output: dict[str, Any]) -> None:
+        require_output_text(self.task, output, "text", allow_empty=True)
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from datasets import Audio, Value
+
+        return {"default": dict(audio=Audio(decode=False), text=Value("string"), language=Value("string"),
+                                translate=Value("bool"))}
+
+    def examples(self, record: FeedbackRecord) -> Iterator[Example]:
+        out = record.output
+        text = record.correction if record.correction is not None else out.output["text"]
+        language = out.inputs.get("language") or out.output.get("language")
+        row = {"text": text, "language": language if isinstance(language, str) else None,
+               "translate": bool(out.settings.get("translate"))}
+        yield self._example(record, "default", row, {"audio": out.input_media[0]})
+
+
+# --- the descriptor ------------------------------------------------------------------------------
+
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+SPEC = register_task(TaskSpec(
+    id="automatic-speech-recognition",
+    title="Transcribe",
+    description="Transcribe or translate speech (Whisper, faster-whisper).",
+    aliases=("asr", "transcribe"),
+    api_name="transcribe",
+    input_kind="audio",
+    runner=SpeechTask(),
+    schema=SpeechSchema(),
+    kinds={"whisper": "transformers", "faster-whisper": "ctranslate2"},
+    models=(
+    ModelSpec("whisper-small", "automatic-speech-recognition", "whisper", "hf-hub:openai/whisper-small",
+              params_m=244, description="Whisper small via transformers: 99 languages, translation."),
+    ModelSpec("faster-whisper-small", "automatic-speech-recognition", "faster-whisper",
+              "hf-hub:Systran/faster-whisper-small", params_m=244, twin="whisper-small",
+              description="Whisper small on CTranslate2 (faster-whisper): same model, several times faster."),
+    ),
+    tiny_models=(
+    ModelSpec("tiny-whisper", "automatic-speech-recognition", "whisper", "tiny:whisper", params_m=0.5,
+              description="Tiny random Whisper via transformers (offline testing)."),
+    ModelSpec("tiny-faster-whisper", "automatic-speech-recognition", "faster-whisper", "tiny:whisper-ct2",
+              params_m=0.5, twin="tiny-whisper", description="Tiny random Whisper on CTranslate2 (offline testing)."),
+    ),
+    tiny_builders={"whisper": TinyBuilder(build_whisper),
+                   "whisper-ct2": TinyBuilder(build_whisper_ct2_beside_whisper, needs=("whisper",))},
+    tab="mmdemo.ui.transcribe",
+    finetune="mmdemo.finetune.speech:SpeechAdapter",
+    order=50,
+))

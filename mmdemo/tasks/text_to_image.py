@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 import queue
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TYPE_CHECKING
 
 from ..catalog import ModelSpec
-from ..errors import InvalidInputError, RequestInterrupted
+from ..errors import InvalidFeedbackError, InvalidInputError, RequestInterrupted
 from ..media import MediaLimits
 from ..registry import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
+from .schema import Example, MAX_IMAGE_RATING, TaskSchema, digest
+from .spec import TaskSpec, register_task
+from ..tiny import TinyBuilder
+from ..tiny.stable_diffusion import build_stable_diffusion
+
+if TYPE_CHECKING:
+    from ..feedback.records import FeedbackRecord
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 MAX_SEED = 2**32 - 1
@@ -73,6 +82,10 @@ def _pipeline_view(pipeline: Any) -> Any:
 class TextToImageTask(Task):
     task = "text-to-image"
     Request = TextToImageRequest
+
+    def describe(self, result: dict[str, Any]) -> str:
+        text = f"seed {result['seed']}: " + ", ".join(map(str, result["images"]))
+        return text + "".join(f"\nwarning: {w}" for w in result["warnings"])
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> TextToImageRequest:
         request = TextToImageRequest(**self._known_fields(inputs))
@@ -184,3 +197,132 @@ class TextToImageTask(Task):
 def image_seeds(seed: int, count: int) -> list[int]:
     """The seed of each image of a request: ``seed``, ``seed + 1``, ... (wrapping past ``MAX_SEED``)."""
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+# --- feedback: inputs, correction, exported rows --------------------------------------------------
+
+
+class TextToImageSchema(TaskSchema):
+    task = "text-to-image"
+    media_input = None
+    text_inputs = {"prompt": True, "negative_prompt": False}
+    output_media = "images"
+    what = "image ratings"
+    correction_is_text = False
+    column_docs = {"image": "an image the model generated (PNG)"}
+
+    def parse_correction(self, text: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise InvalidFeedbackError('A text-to-image correction is JSON: {"image_ratings": [1-5 or null per '
+                                       'image], "preferred": an image index or null}.') from None
+
+    def input_key(self, media_refs: list[str], text: dict[str, Any]) -> str:
+        return digest(self.task, text.get("prompt", ""), text.get("negative_prompt", ""))
+
+    def clean_correction(self, correction: Any, images: int) -> Any:
+        count = images
+        if not isinstance(correction, Mapping):
+            raise InvalidFeedbackError(
+                'A text-to-image correction is {"image_ratings": [1-5 per image], "preferred": image index}.'
+            )
+        unknown = sorted(set(correction) - {"image_ratings", "preferred"})
+        if unknown:
+            raise InvalidFeedbackError(
+                f"Unexpected key(s) in the text-to-image correction: {', '.join(map(str, unknown))}; "
+                "use image_ratings and preferred."
+            )
+        ratings = correction.get("image_ratings")
+        if ratings is not None:
+            if not isinstance(ratings, (list, tuple)) or len(ratings) != count:
+                raise InvalidFeedbackError(
+                    f"image_ratings must list one rating (1-{MAX_IMAGE_RATING}, or none) for each of the "
+                    f"{count} image(s)."
+                )
+            for rating in ratings:
+                if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)
+                                           or not 1 <= rating <= MAX_IMAGE_RATING):
+                    raise InvalidFeedbackError(
+                        f"An image rating must be a whole number from 1 to {MAX_IMAGE_RATING}, not {rating!r}."
+                    )
+            ratings = list(ratings) if any(r is not None for r in ratings) else None
+        preferred = correction.get("preferred")
+        if preferred is not None:
+            if count < 2:
+                raise InvalidFeedbackError("A preferred image can only be chosen when several images were made.")
+            if isinstance(preferred, bool) or not isinstance(preferred, int) or not 0 <= preferred < count:
+                raise InvalidFeedbackError(
+                    f"The preferred image must be an index from 0 to {count - 1}, not {preferred!r}."
+                )
+        if ratings is None and preferred is None:
+            raise InvalidFeedbackError(
+                "The text-to-image correction is empty: rate at least one image or choose the preferred one."
+            )
+        return {"image_ratings": ratings, "preferred": preferred}
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from datasets import Image, Value
+
+        prompt = {"prompt": Value("string"), "negative_prompt": Value("string")}
+        return {
+            "ratings": dict(**prompt, image=Image(), rating=Value("int8"), preferred=Value("bool")),
+            "preferences": dict(**prompt, chosen=Image(), rejected=Image(), reason=Value("string")),
+        }
+
+    def examples(self, record: FeedbackRecord) -> Iterator[Example]:
+        out = record.output
+        prompt = {"prompt": out.inputs["prompt"], "negative_prompt": out.inputs.get("negative_prompt", "")}
+        correction = record.correction or {}
+        ratings = correction.get("image_ratings") or [None] * len(out.output_media)
+        preferred = correction.get("preferred")
+        for index, ref in enumerate(out.output_media):
+            row = {**prompt, "rating": ratings[index], "preferred": preferred == index}
+            yield self._example(record, "ratings", row, {"image": ref})
+        # Preference pairs: the preferred image over each other one; without a choice, any image
+        # rated higher than another.
+        images = out.output_media
+        if preferred is not None:
+            pairs = [(preferred, other, "preferred") for other in range(len(images)) if other != preferred]
+        else:
+            pairs = [(a, b, "ratings") for a in range(len(images)) for b in range(len(images))
+                     if ratings[a] is not None and ratings[b] is not None and ratings[a] > ratings[b]]
+        for chosen, rejected, reason in pairs:
+            if images[chosen] == images[rejected]:
+                continue  # two identical images: no preference to learn
+            yield self._example(record, "preferences", {**prompt, "reason": reason},
+                                {"chosen": images[chosen], "rejected": images[rejected]})
+
+
+# --- the descriptor ------------------------------------------------------------------------------
+
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+SPEC = register_task(TaskSpec(
+    id="text-to-image",
+    title="Create",
+    description="Create images from a prompt (Stable Diffusion pipelines).",
+    aliases=("t2i", "generate"),
+    api_name="text_to_image",
+    input_kind="text",
+    runner=TextToImageTask(),
+    schema=TextToImageSchema(),
+    kinds={"diffusers": "diffusers"},
+    models=(
+    ModelSpec("sd-turbo", "text-to-image", "diffusers", "hf-hub:stabilityai/sd-turbo", variant="fp16",
+              params_m=1290, defaults={"steps": 1, "guidance": 0.0, "width": 512, "height": 512},
+              description="SD-Turbo: 512px images in 1-4 steps, no guidance."),
+    ModelSpec("sdxl-base", "text-to-image", "diffusers", "hf-hub:stabilityai/stable-diffusion-xl-base-1.0",
+              variant="fp16", params_m=3470, defaults={"steps": 30, "guidance": 7.0, "width": 1024, "height": 1024},
+              description="Stable Diffusion XL base: higher quality 1024px images, slower."),
+    ),
+    tiny_models=(
+    ModelSpec("tiny-stable-diffusion", "text-to-image", "diffusers", "tiny:stable-diffusion", params_m=1.0,
+              defaults={"steps": 4, "guidance": 5.0, "width": 64, "height": 64},
+              description="Tiny random Stable Diffusion pipeline (offline testing; images are noise)."),
+    ),
+    tiny_builders={"stable-diffusion": TinyBuilder(build_stable_diffusion)},
+    tab="mmdemo.ui.create",
+    finetune=None,
+    order=30,
+))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, TYPE_CHECKING
 
 from PIL import Image
 
@@ -12,6 +12,14 @@ from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
 from .base import Task, load_kwargs, require_int, require_text
 from .bundle import TransformersBundle
+from .schema import Example, TaskSchema, require_output_text
+from .spec import TaskSpec, register_task
+from ..tiny import TinyBuilder
+from ..tiny.blip import build_blip_vqa
+from ..tiny.vilt import build_vilt_vqa
+
+if TYPE_CHECKING:
+    from ..feedback.records import FeedbackRecord
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,9 @@ class VqaRequest:
 class VqaTask(Task):
     task = "visual-question-answering"
     Request = VqaRequest
+
+    def describe(self, result: dict[str, Any]) -> str:
+        return result["answer"] + "".join(f"\n  {a['score']:.3f}  {a['answer']}" for a in result["answers"])
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> VqaRequest:
         request = VqaRequest(**self._known_fields(inputs))
@@ -64,3 +75,61 @@ class VqaTask(Task):
             output = model.model.generate(**inputs, max_new_tokens=request.max_new_tokens)
         answer = model.processor.decode(output[0], skip_special_tokens=True).strip()
         return {"answer": answer, "answers": []}
+
+
+# --- feedback: inputs, correction, exported rows --------------------------------------------------
+
+
+class VqaSchema(TaskSchema):
+    task = "visual-question-answering"
+    text_inputs = {"question": True}
+    what = "answer"
+    suggested = "answer"
+
+    def check_output(self, output: dict[str, Any]) -> None:
+        require_output_text(self.task, output, "answer")
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from datasets import Image, Value
+
+        return {"default": dict(image=Image(), question=Value("string"), answer=Value("string"))}
+
+    def examples(self, record: FeedbackRecord) -> Iterator[Example]:
+        out = record.output
+        answer = record.correction if record.correction is not None else out.output["answer"]
+        row = {"question": out.inputs["question"], "answer": answer}
+        yield self._example(record, "default", row, {"image": out.input_media[0]})
+
+
+# --- the descriptor ------------------------------------------------------------------------------
+
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+SPEC = register_task(TaskSpec(
+    id="visual-question-answering",
+    title="Ask",
+    description="Ask a question about an image (ViLT picks an answer, BLIP writes one).",
+    aliases=("vqa",),
+    api_name="vqa",
+    input_kind="image",
+    runner=VqaTask(),
+    schema=VqaSchema(),
+    kinds={"vilt": "transformers", "blip": "transformers"},
+    models=(
+    ModelSpec("vilt-vqa", "visual-question-answering", "vilt", "hf-hub:dandelin/vilt-b32-finetuned-vqa",
+              revision="d0a1f6a", params_m=118,
+              description="ViLT fine-tuned on VQAv2: picks from 3,129 answers, with scores."),
+    ModelSpec("blip-vqa-base", "visual-question-answering", "blip", "hf-hub:Salesforce/blip-vqa-base",
+              params_m=385, description="BLIP VQA: generates a free-form short answer."),
+    ),
+    tiny_models=(
+    ModelSpec("tiny-vilt-vqa", "visual-question-answering", "vilt", "tiny:vilt-vqa", params_m=0.3,
+              description="Tiny random ViLT VQA (offline testing)."),
+    ModelSpec("tiny-blip-vqa", "visual-question-answering", "blip", "tiny:blip-vqa", params_m=0.5,
+              description="Tiny random BLIP VQA (offline testing)."),
+    ),
+    tiny_builders={"blip-vqa": TinyBuilder(build_blip_vqa), "vilt-vqa": TinyBuilder(build_vilt_vqa)},
+    tab="mmdemo.ui.vqa",
+    finetune="mmdemo.finetune.vqa:VqaAdapter",
+    order=20,
+))

@@ -6,20 +6,29 @@ and cached with the loaded model; a call then costs one image forward pass.
 
 from __future__ import annotations
 
+import json
+
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, TYPE_CHECKING
 
 from PIL import Image
 
 from ..catalog import ModelSpec
-from ..errors import InvalidInputError
+from ..errors import InvalidFeedbackError, InvalidInputError
 from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
 from ..registry import Placement
 from .base import Task, check_characters, load_kwargs, require_text
 from .bundle import TransformersBundle
+from .schema import Example, TaskSchema, check_correction_size
+from .spec import TaskSpec, register_task
+from ..tiny import TinyBuilder
+from ..tiny.clip import build_clip, build_siglip
+
+if TYPE_CHECKING:
+    from ..feedback.records import FeedbackRecord
 
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 100
@@ -92,6 +101,9 @@ class ZeroShotTask(Task):
     task = "zero-shot-image-classification"
     Request = ZeroShotRequest
     batchable = True
+
+    def describe(self, result: dict[str, Any]) -> str:
+        return "\n".join(f"{item['score']:.3f}  {item['label']}" for item in result["labels"])
 
     def prepare(self, inputs: Mapping[str, Any], limits: MediaLimits, spec: ModelSpec) -> ZeroShotRequest:
         request = ZeroShotRequest(**self._known_fields(inputs))
@@ -167,3 +179,102 @@ def _features(output: Any):
 
 def _normalise(tensor):
     return tensor / tensor.norm(p=2, dim=-1, keepdim=True)
+
+
+# --- feedback: inputs, correction, exported rows --------------------------------------------------
+
+
+class ZeroShotSchema(TaskSchema):
+    task = "zero-shot-image-classification"
+    text_inputs = {"labels": True, "template": False}
+    what = "labels"
+    correction_is_text = False
+
+    def parse_correction(self, text: str) -> Any:
+        """A JSON list of labels, or labels separated by commas (one of them may start with "[")."""
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    def suggestion(self, output: Mapping[str, Any]) -> str | None:
+        return ", ".join(f"{item['label']} ({item['score']:.2f})" for item in output.get("labels", [])[:5])
+
+    def clean_text_input(self, name: str, value: Any) -> Any:
+        if name == "labels":
+            return list(parse_labels(value))
+        return super().clean_text_input(name, value)
+
+    def check_output(self, output: dict[str, Any]) -> None:
+        labels = output.get("labels")
+        if not isinstance(labels, list) or not labels or not all(
+            isinstance(item, Mapping) and isinstance(item.get("label"), str) for item in labels
+        ):
+            raise InvalidInputError(f"The {self.task} output needs 'labels': a list of {{label, score}}.")
+
+    def clean_correction(self, correction: Any, images: int) -> Any:
+        items = [correction] if isinstance(correction, str) else correction
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise InvalidFeedbackError("The corrected labels must be a label or a list of labels (text).")
+        if not "".join(items).strip():
+            raise InvalidFeedbackError(
+                "The corrected labels are empty: choose or type the right label(s), or leave the correction out."
+            )
+        for item in items:
+            check_characters(item, f"corrected {self.what}", InvalidFeedbackError)
+        check_correction_size(sum(len(item.encode("utf-8")) for item in items), self.what)
+        try:
+            return list(parse_labels(correction))  # as the task reads labels: commas separate them
+        except InvalidInputError as exc:
+            raise InvalidFeedbackError(str(exc)) from None
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from datasets import Image, List, Value
+
+        return {"default": dict(image=Image(), labels=List(Value("string")),
+                                     candidate_labels=List(Value("string")), template=Value("string"))}
+
+    def examples(self, record: FeedbackRecord) -> Iterator[Example]:
+        out = record.output
+        # Without a correction the accepted answer is the model's top label.
+        labels = record.correction if record.correction is not None else [out.output["labels"][0]["label"]]
+        row = {"labels": list(labels), "candidate_labels": list(out.inputs["labels"]),
+               "template": out.inputs.get("template")}  # None: the model's default template
+        yield self._example(record, "default", row, {"image": out.input_media[0]})
+
+
+# --- the descriptor ------------------------------------------------------------------------------
+
+# Revisions: where a commit is given it is the one transformers itself pins for its pipeline default;
+# other entries follow "main" until pinned (pin your own with a catalog file).
+SPEC = register_task(TaskSpec(
+    id="zero-shot-image-classification",
+    title="Classify",
+    description="Classify an image with labels you type (CLIP, SigLIP).",
+    aliases=("zero-shot", "classify"),
+    api_name="zero_shot",
+    input_kind="image",
+    runner=ZeroShotTask(),
+    schema=ZeroShotSchema(),
+    kinds={"clip": "transformers", "siglip": "transformers"},
+    models=(
+    ModelSpec("clip-vit-base-patch32", "zero-shot-image-classification", "clip",
+              "hf-hub:openai/clip-vit-base-patch32", revision="3d74acf", params_m=151,
+              description="OpenAI CLIP ViT-B/32: the classic zero-shot classifier (single-label)."),
+    ModelSpec("siglip-base", "zero-shot-image-classification", "siglip",
+              "hf-hub:google/siglip-base-patch16-224", params_m=203,
+              defaults={"template": "This is a photo of {}."},
+              description="SigLIP base: sigmoid scores, good for multi-label."),
+    ),
+    tiny_models=(
+    ModelSpec("tiny-clip", "zero-shot-image-classification", "clip", "tiny:clip", params_m=0.3,
+              description="Tiny random CLIP (offline testing)."),
+    ModelSpec("tiny-siglip", "zero-shot-image-classification", "siglip", "tiny:siglip", params_m=0.3,
+              defaults={"template": "This is a photo of {}."},
+              description="Tiny random SigLIP (offline testing)."),
+    ),
+    tiny_builders={"clip": TinyBuilder(build_clip), "siglip": TinyBuilder(build_siglip)},
+    tab="mmdemo.ui.classify",
+    finetune="mmdemo.finetune.zero_shot:ZeroShotAdapter",
+    order=40,
+))

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from .. import tasks
 from ..errors import MMDemoError
 from ..tasks.base import require_int
+from ..tasks.spec import task_spec, task_specs
 from .common import AppContext, answered_in, json_safe, readable_errors, standalone, validated_api
 from .feedback import correction_for, feedback_validator
 
@@ -36,7 +36,6 @@ NEED_LOGIN = ("**Annotation is for annotators.** Sign in with an account whose r
               "link it printed at start-up (see README, Login).")
 INPUT_NAMES = {"question": "Question", "labels": "Labels offered", "prompt": "Prompt",
                "negative_prompt": "Negative prompt", "prefix": "Caption prefix", "language": "Language"}
-SUGGESTION = {"image-to-text": "text", "visual-question-answering": "answer", "automatic-speech-recognition": "text"}
 VERDICTS = [("Right", "up"), ("Wrong", "down")]
 
 
@@ -78,19 +77,17 @@ def signed_in_text(ctx: AppContext, request: gr.Request | None) -> str:
 def suggestion_of(output: "OutputRecord") -> dict[str, Any]:
     """The model's output as the correction widgets read it (text-to-image: its images by ref)."""
     result = dict(output.output)
-    if output.task == "text-to-image":
-        result["images"] = list(output.output_media)
+    media = task_spec(output.task).schema.output_media
+    if media:
+        result[media] = list(output.output_media)
     return result
 
 
 def suggestion_text(output: "OutputRecord") -> str:
     model = output.model_id or "the model"
-    if output.task in SUGGESTION:
-        text = output.output.get(SUGGESTION[output.task]) or "(nothing)"
+    text = task_spec(output.task).schema.suggestion(output.output)
+    if text is not None:
         return f"**{model} suggests:** {text}"
-    if output.task == "zero-shot-image-classification":
-        labels = ", ".join(f"{item['label']} ({item['score']:.2f})" for item in output.output.get("labels", [])[:5])
-        return f"**{model} suggests:** {labels}"
     return f"**{model} made these images;** rate them (1-5) and choose the best."
 
 
@@ -125,7 +122,7 @@ def media_copy(ctx: AppContext, ref: str) -> str:
 
 
 def build(ctx: AppContext) -> SimpleNamespace:
-    task_ids = list(tasks.TASK_RUNNERS)
+    task_ids = [spec.id for spec in task_specs() if spec.tab]
     batch = gr.State({})  # this session's batch: campaign, task, instructions, output ids, position
     intro = gr.Markdown(elem_classes="mmdemo-annotate-intro")
     with gr.Row(equal_height=True):
@@ -189,16 +186,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
             return hidden
         output = ctx.store.get_output(ids[index])
         task = output.task
+        heard = task_spec(task).input_kind == "audio"
         values: dict[Any, Any] = {
             item_box: gr.Column(visible=True),
             position: f"**Item {index + 1} of {len(ids)}** · {state['campaign']}",
             instructions: state.get("instructions") or "",
-            image: gr.Image(value=media_copy(ctx, output.input_media[0]) if output.input_media
-                            and task != "automatic-speech-recognition" else None,
-                            visible=bool(output.input_media) and task != "automatic-speech-recognition"),
-            audio: gr.Audio(value=media_copy(ctx, output.input_media[0])
-                            if task == "automatic-speech-recognition" else None,
-                            visible=task == "automatic-speech-recognition"),
+            image: gr.Image(value=media_copy(ctx, output.input_media[0]) if output.input_media and not heard
+                            else None, visible=bool(output.input_media) and not heard),
+            audio: gr.Audio(value=media_copy(ctx, output.input_media[0]) if heard else None, visible=heard),
             gallery: gr.Gallery(value=[media_copy(ctx, ref) for ref in output.output_media] or None,
                                 visible=bool(output.output_media)),
             given: inputs_text(output),

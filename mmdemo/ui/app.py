@@ -1,15 +1,14 @@
-"""The whole app: five task tabs and the Models panel over one registry, in one queue group, and the
+"""The whole app: a tab per registered task, Annotate and the Models panel over one registry, in one queue group, and the
 ``/feedback`` endpoint beside it."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from . import annotate, caption, classify, create, models_panel, transcribe, vqa
+from ..tasks.spec import resolve, task_specs
+from . import annotate, models_panel
 from .common import AppContext, configure_queue
 from .feedback import feedback_api
-
-TABS = (caption, vqa, create, classify, transcribe, annotate)
 
 # gradio 6 takes theme and CSS at launch(). System fonts: the default theme would fetch web fonts
 # from Google, and no request may leave the machine.
@@ -60,9 +59,12 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="mmdemo", delete_cache=(3600, 3600)) as demo:
         header(ctx)
         with gr.Tabs():
-            for tab in TABS:
-                with gr.Tab(tab.TITLE, id=tab.TITLE.lower(), elem_id=f"tab-{tab.TITLE.lower()}"):
-                    tab.build(ctx)
+            for spec in task_specs():  # one tab per registered task, then Annotate
+                if spec.tab:
+                    with gr.Tab(spec.title, id=spec.title.lower(), elem_id=f"tab-{spec.title.lower()}"):
+                        resolve(spec.tab).build(ctx)
+            with gr.Tab(annotate.TITLE, id="annotate", elem_id="tab-annotate"):
+                annotate.build(ctx)
             with gr.Tab(models_panel.TITLE, id="models", elem_id="tab-models") as models_tab:
                 panel = models_panel.build(ctx)
         models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",

@@ -7,11 +7,13 @@ from typing import Any
 
 import gradio as gr
 
+from ..tasks.spec import task_spec
 from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
                      results_column, standalone)
+from .feedback import Correction, TextCorrection
 
 TASK = "image-to-text"
-TITLE = "Caption"
+TITLE = task_spec(TASK).title
 
 
 def request(image: Any, prefix: str, model: str, max_new_tokens: int, num_beams: int, do_sample: bool,
@@ -46,10 +48,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
               [asset("rocket.jpg"), ""]], inputs=[image, prefix])
     inputs = [image, prefix, model, max_new_tokens, num_beams, do_sample, temperature, top_p]
     event = connect(ctx, task=TASK, button=button, request=request, inputs=inputs, present=present,
-                    outputs=[caption], area=area, api_name="caption", model=model, note=note,
+                    outputs=[caption], area=area, api_name=task_spec(TASK).api_name, model=model, note=note,
                     media="image", text="prefix", batch=True, triggers=[prefix.submit])
     return SimpleNamespace(image=image, prefix=prefix, model=model, button=button, caption=caption,
                            area=area, event=event)
+
+
+def correction() -> Correction:
+    """The correction widgets under a result (and in Annotate)."""
+    return TextCorrection("text", "Correct caption")
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

@@ -9,11 +9,13 @@ import gradio as gr
 
 from ..errors import InvalidInputError
 from ..tasks.zero_shot import parse_labels
+from ..tasks.spec import task_spec
 from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
                      results_column, standalone)
+from .feedback import Correction, LabelsCorrection
 
 TASK = "zero-shot-image-classification"
-TITLE = "Classify"
+TITLE = task_spec(TASK).title
 DEFAULT_TEMPLATE = "a photo of a {}."
 ONE_LABEL_NOTE = ("*With one label the score is always 100%, whatever the image: a softmax only compares labels "
                   "with each other. Add the other things it could be, or tick Multi-label with a SigLIP model for "
@@ -62,10 +64,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
           show_progress="hidden", api_visibility="private")
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[image, labels, model, template, multi_label], present=present, outputs=[scores],
-                    area=area, api_name="zero_shot", model=model, note=note, media="image", text="labels",
+                    area=area, api_name=task_spec(TASK).api_name, model=model, note=note, media="image", text="labels",
                     batch=True)
     return SimpleNamespace(image=image, labels=labels, labels_note=note_on_labels, model=model, button=button,
                            scores=scores, area=area, event=event)
+
+
+def correction() -> Correction:
+    """The correction widgets under a result (and in Annotate)."""
+    return LabelsCorrection()
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

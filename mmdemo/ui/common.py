@@ -126,7 +126,7 @@ class AppContext:
     @classmethod
     def create(cls, settings: Settings, registry: ModelRegistry | None = None,
                auth: AuthFile | None = None) -> "AppContext":
-        return cls(settings, registry or ModelRegistry.from_settings(settings), auth)
+        return cls(settings, registry or tasks.open_registry(settings), auth)
 
     # -- who may do what --
 

@@ -11,10 +11,12 @@ from typing import Any
 import gradio as gr
 
 from ..cli import save_images
+from ..tasks.spec import task_spec
 from .common import AppContext, connect, examples, model_picker, output_area, results_column, standalone
+from .feedback import Correction, ImageRatings
 
 TASK = "text-to-image"
-TITLE = "Create"
+TITLE = task_spec(TASK).title
 MAX_SEED = 2**32 - 1
 FALLBACK_DEFAULTS = {"steps": 25, "guidance": 7.0, "width": 512, "height": 512}
 
@@ -87,7 +89,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                 [seed, randomize_seed], queue=False, show_progress="hidden", api_visibility="private")
     inputs = [prompt, negative_prompt, model, steps, guidance, width, height, num_images, seed, randomize_seed]
     event = connect(ctx, task=TASK, button=button, request=request, inputs=inputs, present=present,
-                    outputs=[gallery, seed_used], area=area, api_name="text_to_image", model=model, note=note,
+                    outputs=[gallery, seed_used], area=area, api_name=task_spec(TASK).api_name, model=model, note=note,
                     media=None, text="prompt", step_progress=True, triggers=[prompt.submit], interrupt=interrupt)
     return SimpleNamespace(prompt=prompt, model=model, seed=seed, randomize_seed=randomize_seed, button=button,
                            interrupt=interrupt, gallery=gallery, seed_used=seed_used, reuse=reuse, area=area,
@@ -98,6 +100,11 @@ def seed_of_selected(details: dict[str, Any] | None, selected: gr.SelectData) ->
     """The seed of the gallery image that was selected, read from the result's ``seeds``."""
     seeds = (details or {}).get("seeds") or []
     return seeds[selected.index] if isinstance(selected.index, int) and selected.index < len(seeds) else gr.skip()
+
+
+def correction() -> Correction:
+    """The correction widgets under a result (and in Annotate)."""
+    return ImageRatings()
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

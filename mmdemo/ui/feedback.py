@@ -14,7 +14,6 @@ text-to-image                  a 1-5 rating per image and, when several were mad
 The store is imported on first use (it costs start-up time); nothing here imports torch.
 """
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,6 +22,7 @@ import gradio as gr
 
 from ..errors import MMDemoError
 from ..tasks.base import check_characters
+from ..tasks.spec import resolve, task_spec
 from .common import AppContext, answered_in, readable_errors, validated_api
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
@@ -54,20 +54,13 @@ def parse_thumbs(thumbs: Any) -> int | None:
 
 
 def parse_correction(task: str, correction: str) -> Any:
-    """A correction sent as JSON text, in the form the store takes for ``task``: a list of labels for
-    zero-shot, ``{"image_ratings": [...], "preferred": i}`` for text-to-image; text for the others."""
-    from ..feedback import InvalidFeedbackError
-
-    if task not in ("zero-shot-image-classification", "text-to-image"):
+    """A correction sent as text (the API's ``correction`` field), in the form the store takes for ``task``
+    (its schema's ``parse_correction``: JSON for structured corrections, the text itself for text ones)."""
+    schema = task_spec(task).schema
+    if schema.correction_is_text:
         return correction
     check_correction_text(correction)
-    try:
-        return json.loads(correction)
-    except ValueError:
-        if task == "text-to-image":
-            raise InvalidFeedbackError('A text-to-image correction is JSON: {"image_ratings": [1-5 or null per '
-                                       'image], "preferred": an image index or null}.') from None
-        return correction  # labels separated by commas, one of them starting with "["
+    return schema.parse_correction(correction)
 
 
 def check_correction_text(correction: str) -> str:
@@ -259,15 +252,12 @@ class ImageRatings(Correction):
 
 
 def correction_for(task: str) -> Correction:
-    """Build the correction widgets ``task`` needs (inside the current Blocks)."""
-    builders = {
-        "image-to-text": lambda: TextCorrection("text", "Correct caption"),
-        "visual-question-answering": lambda: TextCorrection("answer", "Right answer", lines=1),
-        "automatic-speech-recognition": lambda: TextCorrection("text", "Correct transcript", lines=4),
-        "zero-shot-image-classification": LabelsCorrection,
-        "text-to-image": ImageRatings,
-    }
-    return builders[task]()
+    """Build the correction widgets ``task`` needs (inside the current Blocks): its tab module's
+    ``correction()`` (the tab named by the task's descriptor)."""
+    spec = task_spec(task)
+    if spec.tab is None:
+        raise ValueError(f"Task {spec.id} has no tab, so no correction widgets.")
+    return resolve(spec.tab).correction()
 
 
 # --- the row -----------------------------------------------------------------------------------------

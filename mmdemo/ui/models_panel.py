@@ -105,7 +105,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     message = gr.Markdown(elem_classes="mmdemo-models-message")
     with gr.Accordion("Export feedback (admins)", open=False, elem_id="mmdemo-export"):
         with gr.Row():
-            export_task = gr.Dropdown(list(tasks.TASK_RUNNERS), value=next(iter(tasks.TASK_RUNNERS)), label="Task")
+            export_task = gr.Dropdown(list(tasks.task_ids()), value=tasks.task_ids()[0], label="Task")
             export_format = gr.Dropdown(EXPORT_FORMATS, value="datasets", label="Format")
             export_only = gr.Dropdown(EXPORT_ONLY, value="approved", label="Records")
         export = gr.Button("Export")

@@ -11,11 +11,13 @@ from typing import Any
 
 import gradio as gr
 
+from ..tasks.spec import task_spec
 from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
                      results_column, standalone)
+from .feedback import Correction, TextCorrection
 
 TASK = "automatic-speech-recognition"
-TITLE = "Transcribe"
+TITLE = task_spec(TASK).title
 # Whisper's commonest languages first; any other code can be typed in.
 LANGUAGES = ["auto", "en", "de", "es", "fr", "it", "pt", "nl", "pl", "ru", "uk", "tr", "ar", "hi", "zh", "ja", "ko"]
 SEGMENT_HEADERS = ["start (s)", "end (s)", "text"]
@@ -54,10 +56,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
                       show_progress="hidden", api_visibility="private")
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[audio, model, language, translate, timestamps], present=present,
-                    outputs=[transcript, segments], area=area, api_name="transcribe", model=model, note=note,
+                    outputs=[transcript, segments], area=area, api_name=task_spec(TASK).api_name, model=model, note=note,
                     media="audio", text="language", batch=True)
     return SimpleNamespace(audio=audio, model=model, button=button, transcript=transcript, segments=segments,
                            area=area, event=event)
+
+
+def correction() -> Correction:
+    """The correction widgets under a result (and in Annotate)."""
+    return TextCorrection("text", "Correct transcript", lines=4)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

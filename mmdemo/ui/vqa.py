@@ -8,11 +8,13 @@ from typing import Any
 
 import gradio as gr
 
+from ..tasks.spec import task_spec
 from .common import (AppContext, asset, connect, examples, media_source, model_picker, output_area,
                      results_column, standalone)
+from .feedback import Correction, TextCorrection
 
 TASK = "visual-question-answering"
-TITLE = "Ask"
+TITLE = task_spec(TASK).title
 
 
 def request(image: Any, question: str, model: str, top_k: int, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
@@ -47,13 +49,18 @@ def build(ctx: AppContext) -> SimpleNamespace:
               [asset("rocket.jpg"), "Is it day or night?"]], inputs=[image, question])
     event = connect(ctx, task=TASK, button=button, request=request,
                     inputs=[image, question, model, top_k, max_new_tokens], present=present,
-                    outputs=[answer, top_answers], area=area, api_name="vqa", model=model, note=note,
+                    outputs=[answer, top_answers], area=area, api_name=task_spec(TASK).api_name, model=model, note=note,
                     media="image", text="question", triggers=[question.submit])
     # Shown for models that score their answers (the API's output stays a plain value).
     event.success(lambda details: gr.Label(visible=bool((details or {}).get("answers"))), area.details,
                   [top_answers], queue=False, show_progress="hidden", api_visibility="private")
     return SimpleNamespace(image=image, question=question, model=model, button=button, answer=answer,
                            top_answers=top_answers, area=area, event=event)
+
+
+def correction() -> Correction:
+    """The correction widgets under a result (and in Annotate)."""
+    return TextCorrection("answer", "Right answer", lines=1)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:
