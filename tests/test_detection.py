@@ -3,7 +3,9 @@ concurrency, the feedback schema (corrections) and the exported rows."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -204,3 +206,138 @@ def test_an_example_is_in_the_fine_tuning_guide_shape():
     (example,) = SCHEMA.examples(record(output, corrected))
     assert example.row["objects"] == [{"id": 0, "area": 305.0, "bbox": [0.0, 0.0, 30.5, 10.0], "category": "dog"}]
     assert set(example.row) | {"image"} == set(SCHEMA.configs()["default"])
+
+
+# --- end to end: the API, feedback, Annotate, the CLI, export -----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "assets" / "cat.jpg"
+
+
+def test_detect_through_the_api_then_correct_and_export_with_the_cli(tiny_app, tmp_path, capsys):
+    import datasets
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import ValidationError
+
+    from mmdemo.cli import main
+
+    client = Client(tiny_app.url, verbose=False)
+    table, footer, details = client.predict(handle_file(str(CAT)), "cat, remote control", "tiny-owlvit", 0.05, 10,
+                                            api_name="/detect")
+    assert "tiny-owlvit" in footer and details["boxes"] and len(details["boxes"]) <= 10
+    assert table["headers"] == ["label", "score", "xmin", "ymin", "xmax", "ymax"]
+    assert [row[0] for row in table["data"]] == [item["label"] for item in details["boxes"]]
+    with pytest.raises(ValidationError, match="threshold"):
+        client.predict(handle_file(str(CAT)), "cat", "tiny-owlvit", 2, 10, api_name="/detect")
+    with pytest.raises(ValidationError, match="quer"):
+        client.predict(handle_file(str(CAT)), " , ", "tiny-owlvit", None, 10, api_name="/detect")
+
+    tiny_app.flush_records()
+    kept = details["boxes"][0]
+    drawn = {"label": "tabby cat", "box": {"xmin": 5, "ymin": 6, "xmax": 105, "ymax": 86}}
+    correction = json.dumps([{"label": kept["label"], "box": kept["box"]}, drawn])
+    message, record_id = client.predict(details["output_id"], "down", correction, None, api_name="/feedback")
+    assert message == f"Saved #{record_id}"
+    with pytest.raises(Exception, match="(?i)box 1"):  # an empty box: refused, readable
+        client.predict(details["output_id"], None, json.dumps([{"label": "cat", "box": {"xmin": 9, "ymin": 9,
+                                                                                          "xmax": 9, "ymax": 20}}]),
+                       None, api_name="/feedback")
+
+    out = tmp_path / "export"
+    common = ["--profile", "tiny", "--data-dir", str(tiny_app.settings.data_dir)]
+    assert main(["export", "--task", "detect", "--out", str(out), "--only", "corrected", *common]) == 0
+    exported = [row for split in datasets.load_from_disk(str(out)).values() for row in split]
+    ours = [row for row in exported if row["record_id"] == record_id]
+    assert len(ours) == 1
+    row = ours[0]
+    width, height = Image.open(CAT).size
+    assert (row["width"], row["height"]) == (width, height) and row["image"].size == (width, height)
+    assert row["queries"] == ["cat", "remote control"]
+    box = kept["box"]
+    assert row["objects"] == [
+        {"id": 0, "area": pytest.approx((box["xmax"] - box["xmin"]) * (box["ymax"] - box["ymin"]), abs=0.5),
+         "bbox": pytest.approx([box["xmin"], box["ymin"], box["xmax"] - box["xmin"], box["ymax"] - box["ymin"]],
+                               abs=0.1), "category": kept["label"]},
+        {"id": 1, "area": 8000.0, "bbox": [5.0, 6.0, 100.0, 80.0], "category": "tabby cat"},
+    ]
+
+
+def test_predict_from_the_command_line(capsys, tiny_data_dir):
+    from mmdemo.cli import main
+
+    common = ["--profile", "tiny", "--data-dir", str(tiny_data_dir), "--device", "cpu"]
+    assert main(["predict", "detect", "--input", str(CAT), "--queries", "cat, dog", "--model", "tiny-grounding-dino",
+                 "--threshold", "0.2", "--json", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["boxes"] and all(item["score"] >= 0.2 and item["label"] in ("cat", "dog") for item in result["boxes"])
+    assert main(["predict", "detect", "--input", str(CAT), "--queries", "cat", *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[1] == "cat" and "-- tiny-owlv2" in printed  # score, label, corners
+
+
+def test_an_annotator_corrects_boxes_through_annotate(login_app, login_store):
+    import uuid
+
+    from gradio_client import Client
+
+    from mmdemo.feedback import AnnotationQueue
+
+    tag = uuid.uuid4().hex[:6]
+    output = {"boxes": [{**CAT_BOX, "score": 0.5}], "width": 64, "height": 48, "threshold": 0.1,
+              "model": {"id": "tiny-owlv2", "revision": None, "backend": "transformers"}}
+    output_id = login_store.record_output(TASK, inputs={"image": photo(64, 48), "queries": "cat, dog"}, output=output)
+    queue = AnnotationQueue(login_store)
+    campaign = queue.create_campaign(f"boxes-{tag}", TASK, instructions="Box every cat.")
+    queue.add_outputs(campaign.id, [output_id])
+    bob = Client(login_app.url, auth=("bob", "pw-bob"), verbose=False)
+    (item,) = bob.predict(campaign.name, 5, api_name="/annotate_batch")
+    assert item["suggestion"]["boxes"][0]["label"] == "cat"
+    moved = [{"label": "dog", "box": {"xmin": 1, "ymin": 2, "xmax": 30, "ymax": 40}}]
+    message, record_id = bob.predict(campaign.name, output_id, correction=json.dumps(moved),
+                                     api_name="/annotate_submit")
+    record = login_store.get(record_id)
+    assert record.correction == [{"label": "dog", "box": {"xmin": 1.0, "ymin": 2.0, "xmax": 30.0, "ymax": 40.0}}]
+
+
+CAT_BOX = {"label": "cat", "box": {"xmin": 10.4, "ymin": 20.0, "xmax": 60.0, "ymax": 40.0}}
+
+
+def editor():
+    import gradio as gr
+
+    from mmdemo.ui.detect import BoxesCorrection
+
+    with gr.Blocks():
+        return BoxesCorrection()
+
+
+def test_the_box_editor_reads_what_the_person_changed(tmp_path):
+    """What the Detect tab and Annotate save from the editor: nothing for boxes left as found, the edited
+    boxes otherwise; a box outside the image or without a label is refused with a readable message."""
+    widgets = editor()
+    result = {"boxes": [{**CAT_BOX, "score": 0.5}], "width": 64, "height": 48}
+    picture = tmp_path / "p.png"
+    photo(64, 48).save(picture)
+    value, rows = widgets.fill({**result, "image": str(picture)})  # Annotate passes the input image
+    assert value["boxes"] == [{"label": "cat", "color": value["boxes"][0]["color"], "xmin": 10, "ymin": 20,
+                               "xmax": 60, "ymax": 40}]
+    assert rows == [["cat", 10, 20, 60, 40]]
+    assert widgets.fill(result) == [gr_skip(), gr_skip()]  # the Detect tab fills it from its input image
+    assert widgets.read(result, [value, rows]) is None  # as found: no correction
+    moved = {**value, "boxes": [{**value["boxes"][0], "xmin": 20, "xmax": 64}]}
+    assert widgets.read(result, [moved, rows]) == [{"label": "cat", "box": {"xmin": 20.0, "ymin": 20.0,
+                                                                              "xmax": 64.0, "ymax": 40.0}}]
+    assert widgets.read(result, [{**value, "boxes": []}, []]) == []  # every box rejected
+    with pytest.raises(InvalidFeedbackError, match="outside"):
+        widgets.read(result, [{**value, "boxes": [{**value["boxes"][0], "xmax": 65}]}, rows])
+    with pytest.raises(InvalidFeedbackError, match="label"):
+        widgets.read(result, [{**value, "boxes": [{**value["boxes"][0], "label": ""}]}, rows])
+    # The keyboard table drives the editor: complete rows only.
+    typed = widgets.with_table(value, [["dog", 1, 2, 30, 40], ["cat", "", 3, 4, 5]])
+    assert [(b["label"], b["xmin"], b["xmax"]) for b in typed["boxes"]] == [("dog", 1, 30)]
+
+
+def gr_skip():
+    import gradio as gr
+
+    return gr.skip()
