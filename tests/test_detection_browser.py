@@ -90,3 +90,51 @@ def test_drag_a_box_with_the_mouse_and_save_the_moved_box(page: Page, tiny_app, 
     assert abs(new["box"]["xmin"] - moved_xmin) <= tolerance
     assert abs(new["box"]["ymin"] - (ymin + dy / scale)) <= tolerance
     assert abs((new["box"]["xmax"] - new["box"]["xmin"]) - (xmax - xmin)) <= tolerance  # moved, not resized
+
+
+def test_annotate_shows_the_box_editor_on_the_stored_image(login_app, login_store, browser):
+    """Annotate hands the editor the item's image: the annotator drags the model's box and submits."""
+    import uuid
+
+    import browser_util
+    from PIL import Image
+
+    from mmdemo.feedback import AnnotationQueue
+
+    tag = uuid.uuid4().hex[:6]
+    found = {"label": "cat", "score": 0.5, "box": {"xmin": 20.0, "ymin": 20.0, "xmax": 120.0, "ymax": 100.0}}
+    output_id = login_store.record_output(
+        "zero-shot-object-detection", inputs={"image": Image.new("RGB", (320, 240), (90, 140, 60)), "queries": "cat"},
+        output={"boxes": [found], "width": 320, "height": 240, "threshold": 0.1,
+                "model": {"id": "tiny-owlv2", "revision": None, "backend": "transformers"}})
+    queue = AnnotationQueue(login_store)
+    campaign = queue.create_campaign(f"boxes-{tag}", "zero-shot-object-detection", instructions="Box the cat.")
+    queue.add_outputs(campaign.id, [output_id])
+
+    page = browser_util.sign_in(browser, login_app.url, "bob")
+    panel = open_tab(page, "Annotate")
+    panel.get_by_label("Campaign", exact=True).click()
+    page.get_by_role("option", name=campaign.name, exact=True).click()
+    panel.get_by_role("button", name="Get a batch").click()
+    expect(panel.get_by_text("Box the cat.")).to_be_visible()
+    table = panel.locator(".mmdemo-box-table")
+    expect(table.get_by_test_id("cell-0-0")).to_have_text("cat")  # the model's box, in the editor's table
+    canvas = panel.locator(".mmdemo-box-editor canvas")
+    canvas.scroll_into_view_if_needed()
+    panel.locator(".mmdemo-box-editor").get_by_role("button", name="Drag boxes").click()
+    left, top, scale = image_geometry(canvas, 320, 240)
+    start_x, start_y = left + 70 * scale, top + 60 * scale
+    page.mouse.move(start_x, start_y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(start_x + 6 * step * scale, start_y + 4 * step * scale)
+    page.mouse.up()
+    expect(table.get_by_test_id("cell-0-1")).not_to_have_text("20")
+    panel.get_by_role("button", name="Submit & next").click()
+    status = panel.locator(".prose.mmdemo-annotate-batch")  # the only item: "Item 1: Saved #N. Batch done."
+    expect(status).to_contain_text(SAVED)
+    record = login_store.get(int(SAVED.search(status.inner_text()).group(1)))
+    (box,) = record.correction
+    assert box["label"] == "cat"
+    assert abs(box["box"]["xmin"] - 80) <= 3 and abs(box["box"]["ymin"] - 60) <= 3  # moved by (60, 40)
+    assert abs(box["box"]["xmax"] - box["box"]["xmin"] - 100) <= 2  # moved, not resized
