@@ -169,7 +169,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                                       minimum=1, maximum=MAX_BOXES)
             button = gr.Button("Detect", variant="primary")
         with results_column() as results:
-            drawn = gr.Image(label="Boxes found", type="pil", interactive=False, height=320, format="png",
+            drawn = gr.Image(label="Boxes found", type="pil", interactive=False, height=320, format="jpeg",
                              elem_classes="mmdemo-boxes-drawn")
             table = gr.Dataframe(headers=["label", "score", *COORDINATES], label="Boxes (pixels)", interactive=False,
                                  max_height=240)
@@ -187,7 +187,10 @@ def build(ctx: AppContext) -> SimpleNamespace:
         picture = input_image(value)
         if picture is None or not result:
             return None, gr.skip(), gr.skip()
-        start = editor.editor_value(picture, result.get("boxes") or [])
+        # The editor gets a file: handed a PIL image it would encode it (WebP), seconds for a large photo.
+        path = ctx.output_path("detect", ".jpg")
+        picture.save(path, format="JPEG", quality=92)
+        start = editor.editor_value(str(path), result.get("boxes") or [])
         return draw_boxes(picture, result.get("boxes") or []), start, editor.table_of(start)
 
     event.success(show, [image, area.details], [drawn, editor.annotator, editor.table], queue=False,
