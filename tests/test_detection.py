@@ -146,8 +146,8 @@ CAT = {"label": "cat", "box": {"xmin": 10, "ymin": 20, "xmax": 60, "ymax": 70}}
 
 
 def test_a_correction_keeps_labels_and_corners_and_drops_scores():
-    fixed = SCHEMA.clean_correction([{**CAT, "score": 0.4}, {"label": "  remote   control ",
-                                                              "box": {"xmin": 0, "ymin": 0, "xmax": 5.25, "ymax": 9}}], 0)
+    remote = {"label": "  remote   control ", "box": {"xmin": 0, "ymin": 0, "xmax": 5.25, "ymax": 9}}
+    fixed = SCHEMA.clean_correction([{**CAT, "score": 0.4}, remote], 0)
     assert fixed == [CAT | {"box": {k: float(v) for k, v in CAT["box"].items()}},
                      {"label": "remote control", "box": {"xmin": 0.0, "ymin": 0.0, "xmax": 5.2, "ymax": 9.0}}]
     assert SCHEMA.clean_correction([], 0) == []  # nothing there: every box rejected
@@ -211,7 +211,7 @@ def test_an_example_is_in_the_fine_tuning_guide_shape():
 # --- end to end: the API, feedback, Annotate, the CLI, export -----------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-CAT = ROOT / "assets" / "cat.jpg"
+CAT_PHOTO = ROOT / "assets" / "cat.jpg"
 
 
 def test_detect_through_the_api_then_correct_and_export_with_the_cli(tiny_app, tmp_path, capsys):
@@ -222,15 +222,16 @@ def test_detect_through_the_api_then_correct_and_export_with_the_cli(tiny_app, t
     from mmdemo.cli import main
 
     client = Client(tiny_app.url, verbose=False)
-    table, footer, details = client.predict(handle_file(str(CAT)), "cat, remote control", "tiny-owlvit", 0.05, 10,
+    photo_file = handle_file(str(CAT_PHOTO))
+    table, footer, details = client.predict(photo_file, "cat, remote control", "tiny-owlvit", 0.05, 10,
                                             api_name="/detect")
     assert "tiny-owlvit" in footer and details["boxes"] and len(details["boxes"]) <= 10
     assert table["headers"] == ["label", "score", "xmin", "ymin", "xmax", "ymax"]
     assert [row[0] for row in table["data"]] == [item["label"] for item in details["boxes"]]
     with pytest.raises(ValidationError, match="threshold"):
-        client.predict(handle_file(str(CAT)), "cat", "tiny-owlvit", 2, 10, api_name="/detect")
+        client.predict(photo_file, "cat", "tiny-owlvit", 2, 10, api_name="/detect")
     with pytest.raises(ValidationError, match="quer"):
-        client.predict(handle_file(str(CAT)), " , ", "tiny-owlvit", None, 10, api_name="/detect")
+        client.predict(photo_file, " , ", "tiny-owlvit", None, 10, api_name="/detect")
 
     tiny_app.flush_records()
     kept = details["boxes"][0]
@@ -250,7 +251,7 @@ def test_detect_through_the_api_then_correct_and_export_with_the_cli(tiny_app, t
     ours = [row for row in exported if row["record_id"] == record_id]
     assert len(ours) == 1
     row = ours[0]
-    width, height = Image.open(CAT).size
+    width, height = Image.open(CAT_PHOTO).size
     assert (row["width"], row["height"]) == (width, height) and row["image"].size == (width, height)
     assert row["queries"] == ["cat", "remote control"]
     box = kept["box"]
@@ -266,11 +267,11 @@ def test_predict_from_the_command_line(capsys, tiny_data_dir):
     from mmdemo.cli import main
 
     common = ["--profile", "tiny", "--data-dir", str(tiny_data_dir), "--device", "cpu"]
-    assert main(["predict", "detect", "--input", str(CAT), "--queries", "cat, dog", "--model", "tiny-grounding-dino",
-                 "--threshold", "0.2", "--json", *common]) == 0
+    assert main(["predict", "detect", "--input", str(CAT_PHOTO), "--queries", "cat, dog",
+                 "--model", "tiny-grounding-dino", "--threshold", "0.2", "--json", *common]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["boxes"] and all(item["score"] >= 0.2 and item["label"] in ("cat", "dog") for item in result["boxes"])
-    assert main(["predict", "detect", "--input", str(CAT), "--queries", "cat", *common]) == 0
+    assert main(["predict", "detect", "--input", str(CAT_PHOTO), "--queries", "cat", *common]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split()[1] == "cat" and "-- tiny-owlv2" in printed  # score, label, corners
 

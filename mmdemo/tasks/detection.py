@@ -219,7 +219,8 @@ def clean_boxes(boxes: Any, what: str = "corrected boxes") -> list[dict[str, Any
     cleaned = []
     for number, item in enumerate(boxes, 1):
         if not isinstance(item, Mapping) or not isinstance(item.get("box"), Mapping):
-            raise InvalidFeedbackError(f"Box {number} of the {what} must be {{label, box: {{xmin, ymin, xmax, ymax}}}}.")
+            raise InvalidFeedbackError(f"Box {number} of the {what} must be "
+                                       "{label, box: {xmin, ymin, xmax, ymax}}.")
         label = item.get("label")
         if not isinstance(label, str) or not " ".join(label.split()):
             raise InvalidFeedbackError(f"Box {number} of the {what} needs a label (text).")
