@@ -193,7 +193,8 @@ def open_tab_on_a_phone(page: Page, name: str) -> None:
 
 
 @pytest.mark.parametrize("tab, button", [("Caption", "Caption"), ("Ask", "Ask"), ("Create", "Create"),
-                                         ("Classify", "Classify"), ("Transcribe", "Transcribe")])
+                                         ("Classify", "Classify"), ("Transcribe", "Transcribe"),
+                                         ("Detect", "Detect")])
 def test_on_a_phone_the_inputs_and_button_come_first(page: Page, tiny_app, tab: str, button: str):
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(tiny_app.url)

@@ -57,12 +57,12 @@ def _file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def test_layout_marker_and_size(tiny_dir):
-    assert tuple(tasks.TINY_BUILDERS) == (
-        "blip-caption", "blip-vqa", "vilt-vqa", "clip",
-        "siglip", "whisper", "whisper-ct2", "stable-diffusion",
+    assert tuple(tasks.tiny_builders()) == (
+        "blip-caption", "blip-vqa", "vilt-vqa", "stable-diffusion", "clip",
+        "siglip", "whisper", "whisper-ct2", "owlv2", "owlvit", "grounding-dino",
     )
-    for name in tasks.TINY_BUILDERS:
-        assert tiny.tiny_model_dir(tiny_dir, name, tasks.TINY_BUILDERS) == tiny_dir / name
+    for name in tasks.tiny_builders():
+        assert tiny.tiny_model_dir(tiny_dir, name, tasks.tiny_builders()) == tiny_dir / name
         assert (tiny_dir / name).is_dir()
     assert (tiny_dir / ".tiny-version").read_text().strip() == str(tiny.TINY_BUILDER_VERSION)
     assert not list(tiny_dir.glob(".*.tmp-*"))  # no half-built leftovers
@@ -71,19 +71,19 @@ def test_layout_marker_and_size(tiny_dir):
 
 
 def test_second_build_is_a_noop(tiny_dir):
-    before = {name: _folder_state(tiny_dir / name) for name in tasks.TINY_BUILDERS}
+    before = {name: _folder_state(tiny_dir / name) for name in tasks.tiny_builders()}
     start = time.perf_counter()
     folders = tasks.build_tiny_models(tiny_dir)
     assert time.perf_counter() - start < 1.0
-    assert folders == {name: tiny_dir / name for name in tasks.TINY_BUILDERS}
-    assert {name: _folder_state(tiny_dir / name) for name in tasks.TINY_BUILDERS} == before
+    assert folders == {name: tiny_dir / name for name in tasks.tiny_builders()}
+    assert {name: _folder_state(tiny_dir / name) for name in tasks.tiny_builders()} == before
 
 
 def test_unknown_name_is_rejected(tmp_path):
     with pytest.raises(KeyError):
         tasks.build_tiny_models(tmp_path, names=["gpt-5"])
     with pytest.raises(KeyError):
-        tiny.tiny_model_dir(tmp_path, "gpt-5", tasks.TINY_BUILDERS)
+        tiny.tiny_model_dir(tmp_path, "gpt-5", tasks.tiny_builders())
 
 
 def test_version_mismatch_rebuilds_deterministically(tmp_path):

@@ -186,14 +186,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
             return hidden
         output = ctx.store.get_output(ids[index])
         task = output.task
+        schema = task_spec(task).schema
         heard = task_spec(task).input_kind == "audio"
+        given = media_copy(ctx, output.input_media[0]) if output.input_media else None
         values: dict[Any, Any] = {
             item_box: gr.Column(visible=True),
             position: f"**Item {index + 1} of {len(ids)}** · {state['campaign']}",
             instructions: state.get("instructions") or "",
-            image: gr.Image(value=media_copy(ctx, output.input_media[0]) if output.input_media and not heard
-                            else None, visible=bool(output.input_media) and not heard),
-            audio: gr.Audio(value=media_copy(ctx, output.input_media[0]) if heard else None, visible=heard),
+            image: gr.Image(value=None if heard else given, visible=bool(given) and not heard),
+            audio: gr.Audio(value=given if heard else None, visible=heard),
             gallery: gr.Gallery(value=[media_copy(ctx, ref) for ref in output.output_media] or None,
                                 visible=bool(output.output_media)),
             given: inputs_text(output),
@@ -204,7 +205,10 @@ def build(ctx: AppContext) -> SimpleNamespace:
         }
         for other, column in columns.items():
             values[column] = gr.Column(visible=other == task)
-        filled = dict(zip(corrections[task].components, corrections[task].fill(suggestion_of(output))))
+        shown = suggestion_of(output)
+        if given and schema.media_input:  # the widgets see the input too (a box editor draws on the image)
+            shown[schema.media_input] = given
+        filled = dict(zip(corrections[task].components, corrections[task].fill(shown)))
         return [values.get(c, filled.get(c, gr.skip())) for c in item_outputs]
 
     def progress_text(name: str, annotator: str) -> str:
