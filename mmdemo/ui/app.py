@@ -39,8 +39,7 @@ def theme() -> gr.themes.Base:
     return gr.themes.Default(primary_hue="indigo", font=SYSTEM_FONTS, font_mono=MONO_FONTS)
 
 
-INTRO = ("Try multimodal models: caption a photo, ask about it, create images, classify with your own labels, "
-         "transcribe speech. Models load on first use; the line under each output says which model and device "
+INTRO = ("Try multimodal models, one tab per task. Models load on first use; the line under each output says which model and device "
          "answered, and how long it took. Rate or correct a result under it: your feedback becomes fine-tuning "
          "data.")
 
