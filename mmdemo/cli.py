@@ -219,6 +219,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from .media import save_images
     from .registry import ModelRegistry
     from .tasks import run
 
@@ -261,22 +262,6 @@ def predict_inputs(task: str, args: argparse.Namespace) -> dict[str, Any]:
         inputs["translate"] = args.translate or None
         inputs["timestamps"] = args.timestamps or None
     return inputs
-
-
-def save_images(images: list[Any], out: Path, settings: dict[str, Any], seeds: list[int] | None = None) -> list[str]:
-    """Write PNGs (``out``, or ``out-1.png``... for several) with the settings in their metadata, and each
-    image's own seed where ``seeds`` gives them."""
-    from PIL.PngImagePlugin import PngInfo
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images, start=1):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
-        info = PngInfo()
-        info.add_text("parameters", json.dumps({**settings, "seed": seeds[index - 1]} if seeds else settings))
-        image.save(path, format="PNG", pnginfo=info)
-        paths.append(str(path))
-    return paths
 
 
 def format_result(task: str, result: dict[str, Any]) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 
 from ..catalog import ModelSpec
 from ..media import MediaLimits
-from ..registry import ModelRegistry, Placement
+from ..placement import Placement
+from ..registry import ModelRegistry
 from .base import Task
 from .caption import CaptionTask
 from .speech import SpeechTask
@@ -61,12 +62,12 @@ def get_task(task: str) -> Task:
 
 def load_model(spec: ModelSpec, location: str, placement: Placement) -> Any:
     """The registry's loader: the task of ``spec`` knows how to load its kinds."""
-    _quiet_libraries()
+    quiet_libraries()
     return get_task(spec.task).load(spec, location, placement)
 
 
 @functools.cache
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No progress bars or advisory warnings from the model libraries in a server's logs."""
     import diffusers
     import transformers

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import MediaLimits
-from ..registry import Placement
+from ..placement import Placement
 
 
 class Task(ABC):

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import Audio, MediaLimits, load_audio
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_text
 
 SAMPLING_RATE = 16_000

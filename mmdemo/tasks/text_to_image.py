@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError, RequestInterrupted
 from ..media import MediaLimits
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
