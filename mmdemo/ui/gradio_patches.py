@@ -38,6 +38,7 @@ def validate_single_requests() -> None:
         return validator
 
     create_validator_fn.mmdemo_single_request = True  # type: ignore[attr-defined]
+    create_validator_fn.__wrapped__ = original  # type: ignore[attr-defined]
     gradio.queueing.create_validator_fn = create_validator_fn
 
 
@@ -60,6 +61,7 @@ def bound_queue_groups() -> None:
         return await original(self, body, request, username)
 
     push.mmdemo_group_bounds = True  # type: ignore[attr-defined]
+    push.__wrapped__ = original  # type: ignore[attr-defined]
     gradio.queueing.Queue.push = push
 
 
