@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Mapping
 
 from ..errors import InvalidInputError
-from ..tasks.base import check_characters, require_text
-from ..tasks.zero_shot import parse_labels
+from ..inputs import check_characters, require_text
 from .errors import InvalidFeedbackError, UnknownTaskError
 from .records import FeedbackRecord
 
@@ -272,6 +271,8 @@ class ZeroShotSchema(TaskSchema):
 
     def clean_text_input(self, name: str, value: Any) -> Any:
         if name == "labels":
+            from ..tasks.zero_shot import parse_labels  # the task's own reading; the task modules load on use
+
             return list(parse_labels(value))
         return super().clean_text_input(name, value)
 
@@ -293,6 +294,8 @@ class ZeroShotSchema(TaskSchema):
         for item in items:
             check_characters(item, f"corrected {self.what}", InvalidFeedbackError)
         check_correction_size(sum(len(item.encode("utf-8")) for item in items), self.what)
+        from ..tasks.zero_shot import parse_labels
+
         try:
             return list(parse_labels(correction))  # as the task reads labels: commas separate them
         except InvalidInputError as exc:

@@ -23,7 +23,7 @@ import gradio as gr
 
 from ..application import App as AppContext
 from ..errors import MMDemoError
-from ..tasks.base import check_characters
+from ..inputs import check_characters
 from .messages import answered_in, readable_errors, validated_api
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
