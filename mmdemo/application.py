@@ -31,7 +31,6 @@ from .security import Gatekeeper, visitor_of
 if TYPE_CHECKING:
     from .feedback import FeedbackStore
     from .feedback.recorder import BackgroundRecorder
-    from .finetune.processes import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +188,6 @@ class App:
         except Exception:
             log.exception("recording a %s result for feedback failed", task)
         return None
-
-    # -- fine-tuning --
-
-    @property
-    def finetune_jobs(self) -> "JobRunner | None":
-        """The queue of fine-tuning job processes, once a job was asked about (see :attr:`finetune`)."""
-        return self.finetune.runner if self.finetune.started else None
 
     # -- files the app writes --
 

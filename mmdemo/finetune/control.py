@@ -45,10 +45,6 @@ class JobControl:
                 self._runner = JobRunner(self.settings, self._store(), self.registry)
             return self._runner
 
-    @property
-    def started(self) -> bool:
-        return self._runner is not None
-
     def close(self) -> None:
         """Stop following the jobs (their processes go on; the next app, or the next use, follows them)."""
         with self._lock:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import InvalidDatasetError, UnsupportedBaseError
+from .errors import UnsupportedBaseError
 from .labels import (  # noqa: F401 - callers read them here too
     ACCEPTED,
     ASR,
