@@ -53,8 +53,8 @@ class Edge:
     names: tuple[str, ...]  # names taken with ``from target import ...`` (not modules)
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -75,9 +75,10 @@ def type_checking_nodes(tree: ast.Module) -> set[int]:
     return skipped
 
 
-def import_graph() -> tuple[dict[str, Path], list[Edge]]:
-    """Every mmdemo module (name -> file) and every import between them (runtime ones, lazy ones included)."""
-    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+def import_graph(package_dir: Path = PACKAGE) -> tuple[dict[str, Path], list[Edge]]:
+    """Every module of the package (name -> file) and every import between them (runtime ones, lazy ones
+    included)."""
+    modules = {module_name(path, package_dir.parent): path for path in package_dir.rglob("*.py")}
     edges: list[Edge] = []
     for source, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
@@ -98,7 +99,7 @@ def import_graph() -> tuple[dict[str, Path], list[Edge]]:
                     origin = ".".join(base + ([node.module] if node.module else []))
                 else:
                     origin = node.module or ""
-                if not origin.startswith("mmdemo"):
+                if origin.split(".")[0] != package_dir.name:
                     continue
                 names: list[str] = []
                 for alias in node.names:
@@ -184,17 +185,26 @@ def package_of(module: str, modules: dict[str, Path]) -> str:
 # --- the graph reader itself -------------------------------------------------------------------------
 
 
-def test_graph_reader_sees_lazy_relative_and_package_imports(tmp_path: Path, monkeypatch) -> None:
-    """The reader on the real tree: a lazy import inside a function, ``from . import x`` as the module x,
-    ``from .. import name`` as the package, and TYPE_CHECKING imports left out."""
-    modules, edges = import_graph()
-    pairs = {(edge.source, edge.target) for edge in edges}
-    assert ("mmdemo.cli", "mmdemo.server") in pairs  # lazy: inside cmd_serve
-    assert ("mmdemo.ui.app", "mmdemo.ui.caption") in pairs  # from . import caption
-    assert "mmdemo.ui.common" in modules or "mmdemo.ui.events" in modules
-    found = cycles({"a": Path("a.py"), "b": Path("b.py"), "c": Path("c.py")},
-                   [Edge("a", "b", 1, ()), Edge("b", "a", 2, ()), Edge("c", "c", 3, ("x",))])
-    assert set(found) == {frozenset({"a", "b"}), frozenset({"c"})}
+def test_graph_reader_sees_lazy_relative_and_package_imports(tmp_path: Path) -> None:
+    """Lazy imports inside functions, relative and absolute ones, ``from . import x`` as the module x; imports
+    under TYPE_CHECKING left out; a cycle reported with the imports that make it."""
+    files = {
+        "__init__.py": "",
+        "a.py": "def f():\n    from .b import thing\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import f\nimport pkg.sub.c\n",
+        "sub/__init__.py": "from . import c\nfrom .. import a\n",
+        "sub/c.py": "from pkg import b\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "pkg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / name).write_text(text)
+    modules, edges = import_graph(tmp_path / "pkg")
+    assert {(e.source, e.target, e.names) for e in edges} == {
+        ("pkg.a", "pkg.b", ("thing",)), ("pkg.b", "pkg.sub.c", ()), ("pkg.sub", "pkg.sub.c", ()),
+        ("pkg.sub", "pkg.a", ()), ("pkg.sub.c", "pkg.b", ())}
+    assert cycles(modules, edges) == {frozenset({"pkg.b", "pkg.sub.c"}): ["pkg.b:4 -> pkg.sub.c", "pkg.sub.c:1 -> pkg.b"]}
+    found = cycles({"c": Path("c.py")}, [Edge("c", "c", 3, ("x",))])
+    assert set(found) == {frozenset({"c"})}  # a module importing itself
 
 
 # --- the rules ---------------------------------------------------------------------------------------
