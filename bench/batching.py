@@ -251,7 +251,7 @@ def main() -> None:
                 rows.append((size, endpoint, on[endpoint], off[endpoint], ceiling))
     import torch
 
-    from mmdemo.ui.common import model_concurrency
+    from mmdemo.placement import model_concurrency
 
     print(f"\n{args.clients} concurrent clients; device cpu ({torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} cores); model calls at once: {model_concurrency(base)}")

@@ -244,6 +244,7 @@ def request_options(spec: Any) -> list[tuple[str, type, Any]]:
 
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from .media import save_images
     from .tasks import open_registry, run
     from .tasks.spec import task_spec
 
@@ -273,22 +274,6 @@ def predict_inputs(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
             raise InvalidInputError(f"The input file {args.input} does not exist.")
         inputs[spec.input_kind] = args.input
     return inputs
-
-
-def save_images(images: list[Any], out: Path, settings: dict[str, Any], seeds: list[int] | None = None) -> list[str]:
-    """Write PNGs (``out``, or ``out-1.png``... for several) with the settings in their metadata, and each
-    image's own seed where ``seeds`` gives them."""
-    from PIL.PngImagePlugin import PngInfo
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images, start=1):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
-        info = PngInfo()
-        info.add_text("parameters", json.dumps({**settings, "seed": seeds[index - 1]} if seeds else settings))
-        image.save(path, format="PNG", pnginfo=info)
-        paths.append(str(path))
-    return paths
 
 
 def format_result(spec: Any, result: dict[str, Any]) -> str:

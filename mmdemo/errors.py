@@ -91,3 +91,7 @@ class RequestInterrupted(MMDemoError):
 
 class ModelRuntimeError(MMDemoError):
     """A loaded model failed while running (a fault inside the model, not bad input)."""
+
+
+class NotAllowedError(MMDemoError):
+    """The caller's role does not allow what they asked (loading models, exporting feedback, fine-tuning...)."""

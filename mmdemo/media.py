@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -857,3 +858,19 @@ def load_audio(
     if data is None:
         raise InvalidAudioError(f"The input is not audio we can read ({_AUDIO_FORMATS_TEXT}).")
     return _decode_audio_bytes(data, target_rate, limits)
+
+
+def save_images(images: list[Any], out: Path, settings: dict[str, Any], seeds: list[int] | None = None) -> list[str]:
+    """Write PNGs (``out``, or ``out-1.png``... for several) with the settings in their metadata, and each
+    image's own seed where ``seeds`` gives them."""
+    from PIL.PngImagePlugin import PngInfo
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images, start=1):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
+        info = PngInfo()
+        info.add_text("parameters", json.dumps({**settings, "seed": seeds[index - 1]} if seeds else settings))
+        image.save(path, format="PNG", pnginfo=info)
+        paths.append(str(path))
+    return paths

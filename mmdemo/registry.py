@@ -31,25 +31,12 @@ from .errors import (
     ModelRuntimeError,
 )
 from .hub import HubProbe, cached_snapshot
+from .placement import Placement, default_dtype, detect_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Loader = Callable[[ModelSpec, str, "Placement"], Any]
 TinyBuild = Callable[..., "dict[str, Path]"]  # (target_dir, names=[...]) -> name -> folder
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in which precision a model runs."""
-
-    device: str  # "cuda", "cuda:1", "mps" or "cpu"
-    dtype: str  # "float32", "float16" or "bfloat16"
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -66,34 +53,6 @@ class LoadedModel:
 
 
 # --- hardware ---------------------------------------------------------------------------------------
-
-
-def detect_device(preference: str = "auto") -> str:
-    """CUDA, then Apple MPS, then CPU; an explicit choice is checked, not silently replaced."""
-    import torch
-
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise MMDemoError("Device 'cuda' was requested but no CUDA GPU is available; use --device auto or cpu.")
-    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MMDemoError("Device 'mps' was requested but Apple MPS is not available; use --device auto or cpu.")
-    return preference
-
-
-def default_dtype(device: str) -> str:
-    """bf16 on GPUs that support it, else fp16 on GPUs; fp32 on CPU."""
-    if device.startswith("cuda"):
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "mps":
-        return "float16"
-    return "float32"
 
 
 def device_total_bytes(device: str) -> int:

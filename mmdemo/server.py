@@ -21,18 +21,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .application import App
 from .auth import AuthFile
-from .config import Settings, apply_environment
+from .config import Settings
 from .errors import MMDemoError
 from .ops import OpsEndpoints, Operations, messages_sent, queue_idle
 from .registry import ModelRegistry
 from .security import Gatekeeper, RequestGuard, parse_cookies
-from .tasks import open_registry
 
 if TYPE_CHECKING:
     import gradio as gr
-
-    from .ui.common import AppContext
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +39,18 @@ RESULT_DELIVERY_S = 5.0  # at shutdown, how long finished calls' results may tak
 
 def build_app(settings: Settings, registry: ModelRegistry | None = None, *,
               auth: AuthFile | None = None) -> "gr.Blocks":
-    """The app over ``registry`` (a new one for ``settings`` by default), its queue configured.
-
-    Loads no model, opens no feedback store (the first result does) and does not import torch.
-    ``auth`` defaults to ``settings.auth_file``'s users.
+    """The web UI over a new :class:`~mmdemo.application.App` (:meth:`App.build <mmdemo.application.App.build>`:
+    ``registry``, a new one for ``settings`` by default; ``auth``, ``settings.auth_file``'s users by default),
+    its queue configured. Loads no model, opens no feedback store (the first result does), imports no torch.
     """
+    return build_ui(App.build(settings, registry, auth))
+
+
+def build_ui(app: App) -> "gr.Blocks":
+    """The web UI over ``app`` (all tabs, the Models panel, the queue)."""
     from .ui.app import build_blocks
 
-    return build_blocks(app_context(settings, registry, auth))
-
-
-def app_context(settings: Settings, registry: ModelRegistry | None = None,
-                auth: AuthFile | None = None) -> "AppContext":
-    """What the app's tabs share (see :func:`build_app` for the arguments)."""
-    apply_environment(settings)  # before gradio is imported: it reads GRADIO_ANALYTICS_ENABLED then
-    from .ui.common import AppContext
-
-    if auth is None and settings.auth_file is not None:
-        auth = AuthFile.load(settings.auth_file)
-    return AppContext.create(settings, registry, auth)
+    return build_blocks(app)
 
 
 def listen_address(settings: Settings, environ: dict[str, str] | None = None) -> tuple[str, int]:
@@ -83,7 +74,7 @@ def launch_options(settings: Settings, auth: AuthFile | None = None, gate: Gatek
     and behind it the health and metrics endpoints of ``ops`` (the app context's) when given.
     """
     from .ui.app import CSS, theme
-    from .ui.common import ASSETS_DIR
+    from .ui.widgets import ASSETS_DIR
 
     if gate is None:
         if auth is None and settings.auth_file is not None:
@@ -185,7 +176,7 @@ def preload_in_background(registry: ModelRegistry, model_ids: Iterable[str],
     return thread
 
 
-def open_feedback_store(ctx: "AppContext") -> None:
+def open_feedback_store(ctx: App) -> None:
     """Open (and check) the feedback store before the app serves anyone. A store that is there but
     unusable (an empty or damaged database file, another application's database, its media folder
     missing) raises :class:`~mmdemo.feedback.UnusableStoreError`: serving would lose records. A database
@@ -200,18 +191,16 @@ def open_feedback_store(ctx: "AppContext") -> None:
         log.warning("the feedback store is unavailable for now (feedback is not saved until it is): %s", exc)
 
 
-def follow_finetune_jobs(ctx: "AppContext") -> None:
+def follow_finetune_jobs(ctx: App) -> None:
     """Start the fine-tuning queue's watcher: after a restart, jobs that were waiting start, and models of
     jobs that finished meanwhile join the catalog, without waiting for an admin to open the panel."""
-    from .ui.finetune_panel import runner_of
-
     try:
-        runner_of(ctx).tick()
+        ctx.finetune.follow()
     except Exception:  # noqa: BLE001 - logged; the panel tries again on first use
         log.exception("following the fine-tuning jobs failed")
 
 
-def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
+def tidy_feedback_store_in_background(ctx: App) -> threading.Thread:
     """Open the feedback store if it is not open yet, then once: forget the outputs whose feedback
     window closed without feedback, and remove media files no output refers to."""
 
@@ -230,20 +219,17 @@ def tidy_feedback_store_in_background(ctx: "AppContext") -> threading.Thread:
     return thread
 
 
-def serve(settings: Settings) -> bool:
-    """Check the feedback store, build the app and serve it until SIGTERM or Ctrl-C, then drain (see
+def serve(settings: Settings, app: App | None = None) -> bool:
+    """Check the feedback store, build the UI over ``app`` (default: :meth:`App.build
+    <mmdemo.application.App.build>` for ``settings``) and serve it until SIGTERM or Ctrl-C, then drain (see
     :func:`drain`); meanwhile models in ``settings.preload`` load and the feedback store is tidied.
     True when every call finished within the grace period."""
-    apply_environment(settings)
-    from .ui.app import build_blocks
-
-    auth = AuthFile.load(settings.auth_file) if settings.auth_file is not None else None
-    registry = open_registry(settings)
+    ctx = app or App.build(settings)
+    registry = ctx.registry
     for model_id in settings.preload:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
-    ctx = app_context(settings, registry, auth)
     open_feedback_store(ctx)  # before serving: an unusable store stops here (the CLI prints why)
-    demo = build_blocks(ctx)
+    demo = build_ui(ctx)
     if any(spec.source_scheme == "hf-hub" for spec in registry.catalog):
         registry.hub.check_in_background()  # the Models panel and the tabs then say which models can load
     if settings.preload:
@@ -272,7 +258,7 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def drain(demo: "gr.Blocks", ctx: "AppContext", grace_s: float) -> bool:
+def drain(demo: "gr.Blocks", ctx: App, grace_s: float) -> bool:
     """Shut down without losing what was acknowledged: refuse new calls (``/readyz`` fails first), let the
     queued and running ones finish and reach their clients within ``grace_s``, record the results
     already answered, close the feedback store and the server. True when everything finished in time."""
@@ -287,11 +273,7 @@ def drain(demo: "gr.Blocks", ctx: "AppContext", grace_s: float) -> bool:
         time.sleep(0.05)
     if not finished:
         log.error("calls still running after the %.0f s grace period (MMDEMO_SHUTDOWN_GRACE_S) are cut off", grace_s)
-    if ctx.finetune_jobs is not None:
-        ctx.finetune_jobs.close()  # stop watching; job processes go on, and the next app follows them
-    ctx.recorder.flush(timeout=max(1.0, deadline - time.monotonic()))
-    ctx.recorder.close()
-    ctx.close_store()
+    ctx.close(timeout=max(1.0, deadline - time.monotonic()))  # fine-tuning jobs go on; the next app follows them
     demo.close()
     log.warning("shut down %s", "cleanly" if finished else "after the grace period")
     return finished

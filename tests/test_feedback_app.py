@@ -321,12 +321,13 @@ def test_without_a_working_store_predictions_still_answer_and_feedback_says_why(
 
 def test_start_up_forgets_expired_results_nobody_rated(tiny_settings, tmp_path):
     from mmdemo.feedback import UnknownOutputError
-    from mmdemo.server import app_context, tidy_feedback_store_in_background
+    from mmdemo.application import App
+    from mmdemo.server import tidy_feedback_store_in_background
 
     settings = tiny_settings.replace(database_url=f"sqlite:///{tmp_path / 'feedback.db'}")
     with FeedbackStore.from_settings(settings, output_ttl_days=1e-9) as short_lived:
         expired = short_lived.record_result("image-to-text", {"image": str(CAT)}, {"text": "a cat"})
-    ctx = app_context(settings)
+    ctx = App.build(settings)
     tidy_feedback_store_in_background(ctx).join(timeout=60)
     with pytest.raises(UnknownOutputError):
         ctx.store.get_output(expired)

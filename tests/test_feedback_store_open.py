@@ -230,14 +230,15 @@ def test_the_start_up_sweep_never_deletes_media_when_the_database_file_was_empti
     """Before: SQLite took the 0-byte file for a new database, and the start-up sweep then removed every media
     file (none referenced) older than an hour."""
     from mmdemo.config import Settings
-    from mmdemo.server import app_context, tidy_feedback_store_in_background
+    from mmdemo.application import App
+    from mmdemo.server import tidy_feedback_store_in_background
 
     record_one(tmp_path)
     files = sorted((tmp_path / "media").rglob("*.png"))
     for path in files:
         os.utime(path, (path.stat().st_atime - 7200, path.stat().st_mtime - 7200))  # two hours old
     (tmp_path / "feedback.db").write_bytes(b"")
-    ctx = app_context(Settings(profile="tiny", data_dir=tmp_path))
+    ctx = App.build(Settings(profile="tiny", data_dir=tmp_path))
     tidy_feedback_store_in_background(ctx).join(timeout=60)
     assert sorted((tmp_path / "media").rglob("*.png")) == files and all(path.is_file() for path in files)
     assert (tmp_path / "feedback.db").stat().st_size == 0

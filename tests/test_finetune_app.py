@@ -217,8 +217,7 @@ def test_an_app_restarted_on_the_same_data_dir_follows_a_running_job(launch_app,
     before = wait_until(admin, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 1)
     # the first app goes away (its queue stops following); a new app opens the same data directory
     context = app.demo.mmdemo_context
-    context.finetune_jobs.close()
-    context.finetune_jobs = None  # the module's later tests get a queue of their own again
+    context.finetune.close()  # the module's later tests get a queue of their own again
     restarted = launch_app(data_dir=app.settings.data_dir, auth_file=app.settings.auth_file)
     client = client_for(restarted, "alice")
     seen = wait_until(client, "", lambda s: s["job_id"] == job["job_id"] and s["step"] > before["step"])
@@ -229,7 +228,7 @@ def test_an_app_restarted_on_the_same_data_dir_follows_a_running_job(launch_app,
 
 
 def test_the_server_never_imports_the_training_code(app, feedback, tmp_path):
-    """A server in a process of its own queues a job through the panel's code and follows it to the end."""
+    """A server in a process of its own queues a job through the app's job control and follows it to the end."""
     import json
     import os
     import shutil
@@ -249,14 +248,13 @@ def test_the_server_never_imports_the_training_code(app, feedback, tmp_path):
 import json, os, sys, time
 from mmdemo.config import Settings
 from mmdemo.finetune import FinetuneConfig
-from mmdemo.server import app_context
-from mmdemo.ui.finetune_panel import queue_job, runner_of
-ctx = app_context(Settings(profile="tiny", data_dir={str(data)!r}, device="cpu"))
-info = queue_job(ctx, FinetuneConfig("image-to-text", base={BASE!r}, name="in-process-check", epochs=1, lr=1e-3,
+from mmdemo.application import App
+ctx = App.build(Settings(profile="tiny", data_dir={str(data)!r}, device="cpu"))
+info = ctx.finetune.start(FinetuneConfig("image-to-text", base={BASE!r}, name="in-process-check", epochs=1, lr=1e-3,
                                      batch_size=3, val_fraction=0.0, only="corrected"), "alice")
 while info["state"] not in {DONE!r}:
     time.sleep(0.2)
-    info = runner_of(ctx).status(info["job_id"])
+    info = ctx.finetune.status(info["job_id"])
 print(json.dumps({{"state": info["state"], "pid": info["pid"], "server": os.getpid(),
                   "in_catalog": "in-process-check" in ctx.registry.catalog,
                   "imported": [m for m in ("mmdemo.finetune.train", "mmdemo.finetune.jobs", "peft", "accelerate")

@@ -56,7 +56,7 @@ from ..errors import (
     InvalidImageError,
     InvalidInputError,
 )
-from ..tasks.base import check_characters
+from ..inputs import check_characters
 from .errors import (
     InvalidCampaignError,
     NotInCampaignError,

@@ -11,7 +11,7 @@ import hashlib
 from typing import Any, Mapping
 
 from ..errors import InvalidFeedbackError, UnknownTaskError
-from ..tasks.base import check_characters
+from ..inputs import check_characters
 from ..tasks.schema import (MAX_CORRECTION_BYTES, MAX_IMAGE_RATING, MAX_JSON_BYTES, MAX_TEXT_INPUT_CHARS, Example,
                             TaskSchema, check_correction_size, digest, format_bytes, to_json)
 from ..tasks.spec import task_ids, task_spec

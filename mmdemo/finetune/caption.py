@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..catalog import ModelSpec
-from ..registry import Placement
+from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .adapters import FinetuneAdapter
+from .base import FinetuneAdapter
 
 
 class CaptionAdapter(FinetuneAdapter):

@@ -32,12 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import InvalidDatasetError, UnsupportedBaseError
+from .errors import UnsupportedBaseError
+from .labels import (  # noqa: F401 - callers read them here too
+    ACCEPTED,
+    ASR,
+    CORRECTED,
+    VQA,
+    ZERO_SHOT,
+    CampaignInput,
+    campaign_inputs,
+)
 
-VQA = "visual-question-answering"
-ZERO_SHOT = "zero-shot-image-classification"
-ASR = "automatic-speech-recognition"  # WER and CER: mmdemo.finetune.speech
-ACCEPTED, CORRECTED = "accepted", "corrected"
 BIASED_NOTE = ("biased: only the training data's own validation split was available. The base model looks "
                "perfect on accepted rows (they copy its answer) and hopeless on corrected rows (chosen because "
                "it was wrong); evaluate on a held-out campaign or dataset (--eval-campaign, --eval-dataset).")
@@ -138,50 +143,6 @@ def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]
     return questions_from_rows(rows, split_groups=False, task=task)
 
 
-@dataclass(frozen=True)
-class CampaignInput:
-    """One input of a campaign (an image, a question...) with every label people submitted for it."""
-
-    output: Any                       # its first output record: the inputs and settings it was asked with
-    media: bytes                      # its input media file
-    answers: tuple[Any, ...]          # each person's label: the correction, else the accepted suggestion
-    suggested_by: str | None          # the model whose suggestion someone accepted, if anyone did
-    output_ids: tuple[str, ...]
-
-
-def campaign_inputs(store: Any, campaign: str, task: str, media: str = "image") -> list[CampaignInput]:
-    """The labels people submitted in an annotation campaign of ``task``, grouped by input. A label without a
-    correction is the suggestion the person accepted. ``media`` names the input in messages."""
-    from ..feedback import AnnotationQueue
-
-    queue = AnnotationQueue(store)
-    found = queue.campaign(campaign)
-    if found.task != task:
-        raise InvalidDatasetError(f"Campaign {found.name!r} is a {found.task} campaign, not {task}.")
-    groups: dict[str, dict[str, Any]] = {}
-    for record in queue.labels(found):
-        out = record.output
-        accepted = record.correction is None
-        group = groups.setdefault(out.input_key, {"output": out, "answers": [], "suggested_by": None, "ids": set()})
-        group["answers"].append(_accepted_answer(task, out.output) if accepted else record.correction)
-        group["ids"].add(out.id)
-        if accepted:
-            group["suggested_by"] = out.model_id
-    if not groups:
-        raise InvalidDatasetError(f"Campaign {found.name!r} has no submitted labels to evaluate on.")
-    inputs = []
-    for group in groups.values():
-        ref = group["output"].input_media[0]
-        try:
-            data = store.media.read_bytes(ref)
-        except FileNotFoundError:
-            raise InvalidDatasetError(f"The {media} of an item of campaign {found.name!r} is missing from the media "
-                                      f"store ({ref}).") from None
-        inputs.append(CampaignInput(group["output"], data, tuple(group["answers"]), group["suggested_by"],
-                                    tuple(sorted(group["ids"]))))
-    return inputs
-
-
 def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[LabelledQuestion]:
     """The labels people submitted in an annotation campaign, one question per (image, question)
     (``suggested_by`` names the model whose suggestion someone accepted)."""
@@ -202,14 +163,6 @@ def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[
         else:
             questions.append(LabelledQuestion(image, inputs.get("question", ""), item.answers, **labelled))
     return questions
-
-
-def _accepted_answer(task: str, output: dict[str, Any]) -> Any:
-    """The label of an accepted suggestion: VQA's answer, zero-shot's top label, the transcript (as the export
-    takes it)."""
-    if task == ZERO_SHOT:
-        return [output["labels"][0]["label"]]
-    return output["text"] if task == ASR else output["answer"]
 
 
 # --- scoring ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from ..catalog import MODEL_ENTRY_FILE, ModelSpec
 from ..config import Settings
 from ..errors import MMDemoError, ModelLoadError
 from ..files import replace_folder
-from ..registry import ModelRegistry, Placement
+from ..placement import Placement
+from ..registry import ModelRegistry
 from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
@@ -242,10 +243,10 @@ class FinetuneJob:
         ``evaluation`` (questions, where they come from) if given. ``locations``: the trained model's and
         the base's. Returns the metrics (with the base's identity) and the size in millions of parameters."""
         from ..registry import free_device_memory
-        from ..tasks import _quiet_libraries, get_task
+        from ..tasks import get_task, quiet_libraries
 
         # 2. the base model, float32 weights on the registry's device
-        _quiet_libraries()  # no progress bars for loading and saving weights
+        quiet_libraries()  # no progress bars for loading and saving weights
         try:
             model, processor = adapter.load(trained, locations[0], placement)
         except MMDemoError:

@@ -24,12 +24,13 @@ from typing import Any, Callable, Iterable
 
 from ..catalog import Catalog, ModelSpec
 from ..errors import MMDemoError
-from ..registry import Placement
+from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .adapters import FinetuneAdapter
+from .base import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError, UnsupportedBaseError
+from .labels import ACCEPTED, CORRECTED, campaign_inputs
 
 ASR = "automatic-speech-recognition"
 SAMPLING_RATE = 16_000
@@ -201,8 +202,6 @@ def error_rates(pairs: Iterable[tuple[str, str]]) -> dict[str, float | None]:
 
 def examples_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledSpeech]:
     """:class:`LabelledSpeech` from exported rows (one per row); ``split_groups`` marks accepted / corrected."""
-    from .evaluate import ACCEPTED, CORRECTED
-
     found = []
     for row in rows:
         kind = (CORRECTED if row.get("corrected") else ACCEPTED) if split_groups else None
@@ -223,8 +222,6 @@ def examples_from_export(path: Path) -> list[LabelledSpeech]:
 
 def examples_from_campaign(store: Any, campaign: str) -> list[LabelledSpeech]:
     """The transcripts people submitted in a speech campaign, one example per recording."""
-    from .evaluate import campaign_inputs
-
     return [LabelledSpeech(decode(io.BytesIO(item.media), f"campaign {campaign!r}"), item.answers,
                            item.output.inputs.get("language"), bool(item.output.settings.get("translate")),
                            suggested_by=item.suggested_by, output_ids=item.output_ids)

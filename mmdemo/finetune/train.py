@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..registry import Placement
+from ..placement import Placement
 from .adapters import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData

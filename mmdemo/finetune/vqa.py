@@ -18,9 +18,9 @@ from collections import Counter
 from typing import Any
 
 from ..catalog import ModelSpec
-from ..registry import Placement
+from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .adapters import FinetuneAdapter
+from .base import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError

@@ -16,10 +16,10 @@ from typing import Any
 
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
-from ..registry import Placement
+from ..placement import Placement
 from ..tasks.base import load_kwargs
 from ..tasks.zero_shot import ZeroShotBundle, ZeroShotRequest, fill_template, parse_template
-from .adapters import FinetuneAdapter
+from .base import FinetuneAdapter
 from .data import TrainingData
 from .errors import InvalidDatasetError
 

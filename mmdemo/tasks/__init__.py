@@ -18,7 +18,8 @@ from typing import Any, Iterable
 from ..catalog import Catalog, ModelSpec, load_catalog
 from ..config import Settings
 from ..media import MediaLimits
-from ..registry import ModelRegistry, Placement
+from ..placement import Placement
+from ..registry import ModelRegistry
 from ..tiny import TinyBuilder
 from ..tiny import build_tiny_models as _build_tiny
 from .base import Task
@@ -75,12 +76,12 @@ def open_registry(settings: Settings, catalog: Catalog | None = None, **options:
 
 def load_model(spec: ModelSpec, location: str, placement: Placement) -> Any:
     """The registry's loader: the task of ``spec`` knows how to load its kinds."""
-    _quiet_libraries()
+    quiet_libraries()
     return get_task(spec.task).load(spec, location, placement)
 
 
 @functools.cache
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No progress bars or advisory warnings from the model libraries in a server's logs."""
     import diffusers
     import transformers

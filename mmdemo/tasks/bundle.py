@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..registry import Placement
+from ..placement import Placement
 
 
 @dataclass

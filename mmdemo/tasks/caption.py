@@ -10,7 +10,7 @@ from PIL import Image
 
 from ..catalog import ModelSpec
 from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
 from .bundle import TransformersBundle, generation_settings
 from .schema import Example, TaskSchema, require_output_text

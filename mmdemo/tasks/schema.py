@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
 
 from ..errors import InvalidFeedbackError, InvalidInputError
-from .base import check_characters, require_text
+from ..inputs import check_characters, require_text
 
 if TYPE_CHECKING:
     from ..feedback.records import FeedbackRecord

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, TYPE_CHECKING
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
 from ..media import Audio, MediaLimits, load_audio
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_text
 from .schema import Example, TaskSchema, require_output_text
 from .spec import TaskSpec, register_task

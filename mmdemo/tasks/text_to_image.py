@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, TYPE_CHECKING
 from ..catalog import ModelSpec
 from ..errors import InvalidFeedbackError, InvalidInputError, RequestInterrupted
 from ..media import MediaLimits
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_float, require_int, require_text
 from .schema import Example, MAX_IMAGE_RATING, TaskSchema, digest
 from .spec import TaskSpec, register_task

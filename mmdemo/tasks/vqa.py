@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..catalog import ModelSpec
 from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, load_kwargs, require_int, require_text
 from .bundle import TransformersBundle
 from .schema import Example, TaskSchema, require_output_text

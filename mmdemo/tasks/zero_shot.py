@@ -19,7 +19,7 @@ from PIL import Image
 from ..catalog import ModelSpec
 from ..errors import InvalidFeedbackError, InvalidInputError
 from ..media import MAX_ASPECT_RATIO, MediaLimits, load_image
-from ..registry import Placement
+from ..placement import Placement
 from .base import Task, check_characters, load_kwargs, require_text
 from .bundle import TransformersBundle
 from .schema import Example, TaskSchema, check_correction_size

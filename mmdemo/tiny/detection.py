@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import FFN, HEADS, HIDDEN, IMAGE, LAYERS, PATCH, TINY_TRANSFORMER, learn_subwords, seed, train_tokenizer
+from .common import FFN, HEADS, HIDDEN, IMAGE, PATCH, TINY_TRANSFORMER, learn_subwords, seed, train_tokenizer
 
 OWL_TEXT_POSITIONS = 16  # OWL-ViT and OWLv2 pad every query to 16 tokens
 DINO_IMAGE = 64  # Grounding DINO's smallest working image (GroupNorm over three feature levels)

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..cli import save_images
+from ..media import save_images
 from ..tasks.spec import task_spec
 from .common import AppContext, connect, examples, model_picker, output_area, results_column, standalone
 from .feedback import Correction, ImageRatings

@@ -20,10 +20,11 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 
+from ..application import App as AppContext
 from ..errors import MMDemoError
-from ..tasks.base import check_characters
+from ..inputs import check_characters
 from ..tasks.spec import resolve, task_spec
-from .common import AppContext, answered_in, readable_errors, validated_api
+from .messages import answered_in, readable_errors, validated_api
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
 FEEDBACK_CONCURRENCY = 16  # saves at once (quick database writes; SQLite commits them in groups)

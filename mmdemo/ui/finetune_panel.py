@@ -3,9 +3,9 @@
 An admin picks the task (those a fine-tuning adapter trains), the base model (catalog models of that task
 and of a kind the adapter trains), a name for the new model and the training settings, sees how much
 feedback there is to learn from, and starts the job. A job is an ``mmdemo finetune`` process of its own,
-queued in the feedback store (one runs per device, the others wait in order) by the app's
-:class:`~mmdemo.finetune.processes.JobRunner` (held by the app context), which never imports the training
-code; the panel polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
+queued in the feedback store (one runs per device, the others wait in order); the panel only calls the
+app's job control (``ctx.finetune``, a :class:`~mmdemo.finetune.control.JobControl`, which never imports
+the training code) and polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
 ETA, and can cancel it. A job that succeeds has put its model in the registry's catalog: the tabs' model
 dropdowns offer it after a page reload; the panel then shows its before/after table and loss curve
 (:func:`~mmdemo.finetune.evaluate.before_after`, :func:`~mmdemo.finetune.evaluate.loss_curve`). An app
@@ -18,20 +18,15 @@ batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel`` (
 from __future__ import annotations
 
 import logging
-import threading
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from ..errors import MMDemoError
-from .common import AppContext, answered_in, json_safe, readable_errors, standalone
-from .models_panel import EXPORT_ONLY
-
-if TYPE_CHECKING:
-    from ..finetune import FinetuneConfig
-    from ..finetune.processes import JobRunner
+from ..finetune.control import DEFAULT_ONLY
+from .common import EXPORT_ONLY, AppContext, answered_in, json_safe, readable_errors, standalone
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +34,7 @@ TITLE = "Fine-tune"
 START_QUEUE = "finetune"  # starting a job (quick checks); the training runs in a process of its own
 POLL_SECONDS = 1.0
 # The form's defaults: FinetuneConfig's, and the store export's (only, val_fraction) as `mmdemo finetune` has them.
-DEFAULTS = dict(epochs=3, lr=5e-5, batch_size=8, val_fraction=0.1, only="approved")
+DEFAULTS = dict(epochs=3, lr=5e-5, batch_size=8, val_fraction=0.1, only=DEFAULT_ONLY)
 DESCRIPTION = (
     "Train a catalog model on the feedback people gave (their corrections, and results they approved) and "
     "add it to the catalog under a new name. The job runs as a process of its own (niced on CPU), one at a "
@@ -52,70 +47,9 @@ DESCRIPTION = (
 DONE = ("succeeded", "failed", "cancelled")
 
 
-# --- the app's queue of job processes ------------------------------------------------------------------
-
-
-def runner_of(ctx: AppContext) -> "JobRunner":
-    """The fine-tuning queue of the app behind ``ctx`` (one per app context, made on first use: it opens
-    the feedback store, where the jobs live, and from then on follows them)."""
-    from ..finetune.processes import JobRunner
-
-    with _RUNNER_LOCK:
-        if ctx.finetune_jobs is None:
-            ctx.finetune_jobs = JobRunner(ctx.settings, ctx.store, ctx.registry)
-        return ctx.finetune_jobs
-
-
-_RUNNER_LOCK = threading.Lock()
-
-
-def queue_job(ctx: AppContext, config: "FinetuneConfig", started_by: str | None) -> dict[str, Any]:
-    """Check what the job would refuse at once (see :func:`check_ready`), then queue it; its status."""
-    check_ready(ctx, config)
-    runner = runner_of(ctx)
-    return with_message(runner.status(runner.submit(config, started_by).id))
-
-
 def with_message(info: dict[str, Any]) -> dict[str, Any]:
     info["message"] = status_text(info)
     return json_safe(info)
-
-
-# --- what the form offers and checks --------------------------------------------------------------------
-
-
-def finetune_tasks() -> list[str]:
-    """The tasks that can be fine-tuned (one adapter each in :mod:`mmdemo.finetune`)."""
-    from ..finetune import finetune_adapters
-
-    return list(finetune_adapters())
-
-
-def base_models(ctx: AppContext, task: str | None) -> list[str]:
-    """Catalog models of ``task`` whose kind its adapter trains (fine-tuned ones included)."""
-    from ..finetune import finetune_adapters
-
-    adapter = finetune_adapters().get(task or "")
-    if adapter is None:
-        return []
-    return [spec.id for spec in ctx.registry.catalog if spec.task == task and spec.kind in adapter.kinds]
-
-
-def check_ready(ctx: AppContext, config: "FinetuneConfig") -> int:
-    """Refuse at once what the job would refuse after a while: a base that is unknown or of another task
-    or kind, a name in use, no feedback to learn from. Returns how many feedback records match."""
-    from ..finetune import InvalidDatasetError, adapter_for
-    from ..finetune.processes import check_new_model_name
-
-    adapter_for(config.task).check_base(ctx.registry.catalog.get(config.base))
-    check_new_model_name(ctx.registry.catalog, ctx.settings.models_dir, config.name, overwrite=config.overwrite)
-    only = config.only or DEFAULTS["only"]
-    available = ctx.store.count(config.task, only=only)
-    if not available:
-        raise InvalidDatasetError(
-            f"There is no {only} feedback on {config.task} to train on yet: rate or correct some results first"
-            + ("." if only == "all" else ", or choose all feedback."))
-    return available
 
 
 def available_text(ctx: AppContext, task: str | None, only: str | None) -> str:
@@ -124,7 +58,7 @@ def available_text(ctx: AppContext, task: str | None, only: str | None) -> str:
         return ""
     only = only or DEFAULTS["only"]
     try:
-        matching, total = ctx.store.count(task, only=only), ctx.store.count(task, only="all")
+        matching, total = ctx.finetune.available(task, only)
     except MMDemoError as exc:
         return f"*The feedback store is unavailable: {exc}*"
     if not matching:
@@ -132,28 +66,6 @@ def available_text(ctx: AppContext, task: str | None, only: str | None) -> str:
                 "some results first.")
     return (f"**{matching} {only} feedback record(s)** on {task} to train on ({total} in all). Identical "
             "examples are merged; the validation fraction of the inputs is kept aside.")
-
-
-def config_from(ctx: AppContext, task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any,
-                batch_size: Any, val_fraction: Any, only: str | None) -> "FinetuneConfig":
-    """The run's configuration from the form's or the API's values (readable errors for bad ones)."""
-    from ..finetune import FinetuneConfig, InvalidModelNameError, UnsupportedBaseError
-
-    task = task or next(iter(finetune_tasks()))
-    if not base:
-        bases = base_models(ctx, task)
-        if not bases:
-            raise UnsupportedBaseError(f"No catalog model can be fine-tuned for {task}.")
-        base = bases[0]
-    if not name:
-        raise InvalidModelNameError("Give the new model a name: letters, digits, '.', '_' or '-'.")
-    return FinetuneConfig(task, base=base, name=name, epochs=_whole(epochs), lr=lr,
-                          batch_size=_whole(batch_size), val_fraction=val_fraction, only=only or DEFAULTS["only"])
-
-
-def _whole(value: Any) -> Any:
-    """2.0 -> 2 (JSON and number boxes send floats); anything else as it is, for the config to judge."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # --- what the panel shows -------------------------------------------------------------------------------
@@ -261,19 +173,18 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def start_job(task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any, batch_size: Any,
                   val_fraction: Any, only: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "fine-tune models")
-        config = config_from(ctx, task, base, name, epochs, lr, batch_size, val_fraction, only)
-        return queue_job(ctx, config, ctx.annotator_of(request))
+        config = ctx.finetune.config_from(task, base, name, epochs, lr, batch_size, val_fraction, only)
+        return with_message(ctx.finetune.start(config, ctx.annotator_of(request)))
 
     def job_status(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "follow fine-tuning jobs")
-        return with_message(runner_of(ctx).status(job_id or None))
+        return with_message(ctx.finetune.status(job_id))
 
     def cancel_job(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "cancel fine-tuning jobs")
-        runner = runner_of(ctx)
-        if not job_id and not runner.status()["queue"]:
+        if not job_id and not ctx.finetune.status()["queue"]:
             raise gr.Error("No fine-tuning job is running.", title="Nothing to cancel", print_exception=False)
-        return with_message(runner.status(runner.cancel(job_id or None).id))
+        return with_message(ctx.finetune.cancel(job_id))
 
     # -- the API --
 
@@ -346,9 +257,9 @@ def build(ctx: AppContext) -> SimpleNamespace:
     @readable_errors
     def page_load(request: gr.Request) -> tuple[Any, ...]:
         admin = ctx.role_of(request) == "admin"
-        tasks = finetune_tasks()
+        tasks = ctx.finetune.tasks()
         first = tasks[0] if tasks else None
-        bases = base_models(ctx, first)
+        bases = ctx.finetune.base_models(first)
         info = job_status(None, request) if admin else {"state": "idle", "message": ""}
         return (access_text(ctx, request), gr.Dropdown(choices=tasks, value=first),
                 gr.Dropdown(choices=bases, value=bases[0] if bases else None),
@@ -357,7 +268,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     @readable_errors
     def task_chosen(task_id: str | None, only_value: str | None, request: gr.Request) -> tuple[Any, str]:
-        bases = base_models(ctx, task_id)
+        bases = ctx.finetune.base_models(task_id)
         admin = ctx.role_of(request) == "admin"
         return (gr.Dropdown(choices=bases, value=bases[0] if bases else None),
                 available_text(ctx, task_id, only_value) if admin else "")
@@ -381,7 +292,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def poll(task_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         info = job_status(None, request)
         # When a job has just ended, its model may be a base too: offer it (the value stays as chosen).
-        refreshed = gr.Dropdown(choices=base_models(ctx, task_id)) if info["state"] in DONE else gr.skip()
+        refreshed = gr.Dropdown(choices=ctx.finetune.base_models(task_id)) if info["state"] in DONE else gr.skip()
         return *shown(info), refreshed
 
     quick = dict(queue=False, show_progress="hidden", api_visibility="private")

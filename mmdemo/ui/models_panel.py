@@ -14,15 +14,14 @@ from typing import Any
 import gradio as gr
 
 from .. import tasks
-from .common import ADMIN_QUEUE, AppContext, answered_in, format_bytes, readable_errors, standalone
+from . import finetune_panel
+from .common import ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_bytes, readable_errors, standalone
 
 TITLE = "Models"
 HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
 EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
 # The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
 EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
-EXPORT_ONLY = [("approved: corrected or thumbs up", "approved"), ("corrected only", "corrected"),
-               ("all feedback", "all")]
 
 
 # A model that is not loaded: where it would load from (see ModelRegistry.availability).
@@ -72,8 +71,6 @@ def summary(ctx: AppContext, request: gr.Request | None = None) -> str:
 
 
 def build(ctx: AppContext) -> SimpleNamespace:
-    from . import finetune_panel  # it builds on this module's choices
-
     def refresh(request: gr.Request) -> tuple[str, list[list[Any]]]:
         return summary(ctx, request), status_rows(ctx)
 

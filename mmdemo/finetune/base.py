@@ -1,0 +1,72 @@
+"""The per-task fine-tuning interface, :class:`FinetuneAdapter` (see :mod:`.adapters` for the list of them).
+
+A module of its own, below the adapter modules (``caption``, ``vqa``...) that subclass it and below
+:mod:`.adapters`, which imports them to list them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..catalog import Catalog, ModelSpec
+from ..placement import Placement
+from .errors import UnsupportedBaseError
+
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+    from .data import TrainingData
+
+
+class FinetuneAdapter(ABC):
+    task: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]        # catalog kinds this adapter can train
+    columns: ClassVar[tuple[str, ...]]     # exported dataset columns it reads
+
+    @abstractmethod
+    def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
+        """(model, processor) of ``spec`` from ``location``: float32 weights on ``placement.device``."""
+
+    @abstractmethod
+    def collate(self, model: Any, processor: Any, rows: dict[str, list[Any]], max_length: int) -> dict[str, Any]:
+        """A batch of ``rows`` (column -> values) as the model's keyword arguments, ``labels`` included."""
+
+    def prepare_data(self, data: TrainingData) -> TrainingData:
+        """The exported rows as training examples (e.g. grouped); unchanged by default."""
+        return data
+
+    def prepare_model(self, model: Any, processor: Any, data: TrainingData, config: FinetuneConfig) -> dict[str, Any]:
+        """Fit the loaded model to ``data`` before training (e.g. a larger answer head); returns what it
+        changed, for metrics.json. Raises a typed error when the data does not fit the model."""
+        return {}
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """The mean loss of ``batch`` (a scalar tensor)."""
+        return model(**batch).loss
+
+    def save(self, model: Any, processor: Any, folder: Path) -> None:
+        """Write a checkpoint that the task's ``load`` (``mmdemo.tasks``) reads back."""
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    def training_spec(self, spec: ModelSpec, catalog: Catalog) -> ModelSpec:
+        """The catalog model that trains for base ``spec``: itself, unless it serves another format (a
+        faster-whisper model trains its transformers twin)."""
+        return spec
+
+    def serving_bundle(self, model: Any, processor: Any, spec: ModelSpec, placement: Placement) -> Any:
+        """The loaded ``model`` in the form the task's ``predict`` takes (to score the base before training)."""
+        from ..tasks.bundle import TransformersBundle
+
+        return TransformersBundle(model.eval(), processor, placement)
+
+    def convert_for_serving(self, base: ModelSpec, folder: Path) -> None:
+        """Turn the saved checkpoint in ``folder`` into the format ``base`` serves (nothing by default)."""
+
+    def check_base(self, spec: ModelSpec) -> None:
+        if spec.task != self.task or spec.kind not in self.kinds:
+            raise UnsupportedBaseError(
+                f"Model '{spec.id}' ({spec.task}, kind {spec.kind}) cannot be fine-tuned for {self.task}: "
+                f"choose a model that serves {self.task} and is of kind {' or '.join(sorted(self.kinds))}."
+            )

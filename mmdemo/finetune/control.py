@@ -1,0 +1,126 @@
+"""Starting, following and cancelling fine-tuning jobs from a running app (the Fine-tune panel, its API, the
+server's start-up): :class:`JobControl`, one per app (``App.finetune``).
+
+Jobs are processes of their own, queued in the feedback store and started by a
+:class:`~.processes.JobRunner`, made on first use; nothing here imports the training code.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config import Settings
+from .adapters import adapter_for, finetune_adapters
+from .config import FinetuneConfig
+from .errors import InvalidDatasetError, InvalidModelNameError, UnsupportedBaseError
+
+if TYPE_CHECKING:
+    from ..feedback import FeedbackStore
+    from ..registry import ModelRegistry
+    from .processes import JobRunner
+
+DEFAULT_ONLY = "approved"  # the feedback a run trains on by default (as `mmdemo finetune`'s export has it)
+
+
+class JobControl:
+    """The app's fine-tuning jobs over its ``registry`` and feedback ``store`` (a callable: the store opens
+    when the first job is asked about)."""
+
+    def __init__(self, settings: Settings, registry: "ModelRegistry", store: Callable[[], "FeedbackStore"]):
+        self.settings = settings
+        self.registry = registry
+        self._store = store
+        self._runner: "JobRunner | None" = None
+        self._lock = threading.Lock()
+
+    @property
+    def runner(self) -> "JobRunner":
+        """The queue of job processes, made on first use (it opens the feedback store, where the jobs live,
+        and from then on follows them)."""
+        from .processes import JobRunner
+
+        with self._lock:
+            if self._runner is None:
+                self._runner = JobRunner(self.settings, self._store(), self.registry)
+            return self._runner
+
+    def close(self) -> None:
+        """Stop following the jobs (their processes go on; the next app, or the next use, follows them)."""
+        with self._lock:
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
+
+    # -- what can be trained --
+
+    @staticmethod
+    def tasks() -> list[str]:
+        """The tasks that can be fine-tuned (one adapter each)."""
+        return list(finetune_adapters())
+
+    def base_models(self, task: str | None) -> list[str]:
+        """Catalog models of ``task`` whose kind its adapter trains (fine-tuned ones included)."""
+        adapter = finetune_adapters().get(task or "")
+        if adapter is None:
+            return []
+        return [spec.id for spec in self.registry.catalog if spec.task == task and spec.kind in adapter.kinds]
+
+    def available(self, task: str, only: str | None = None) -> tuple[int, int]:
+        """How many feedback records of ``task`` a run would learn from (``only``), and how many there are."""
+        store = self._store()
+        return store.count(task, only=only or DEFAULT_ONLY), store.count(task, only="all")
+
+    def config_from(self, task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any,
+                    batch_size: Any, val_fraction: Any, only: str | None) -> FinetuneConfig:
+        """A run's configuration from a form's or an API call's values (typed errors for bad ones); the task
+        defaults to the first that can be trained, the base to its first model."""
+        task = task or next(iter(self.tasks()))
+        if not base:
+            bases = self.base_models(task)
+            if not bases:
+                raise UnsupportedBaseError(f"No catalog model can be fine-tuned for {task}.")
+            base = bases[0]
+        if not name:
+            raise InvalidModelNameError("Give the new model a name: letters, digits, '.', '_' or '-'.")
+        return FinetuneConfig(task, base=base, name=name, epochs=whole(epochs), lr=lr,
+                              batch_size=whole(batch_size), val_fraction=val_fraction, only=only or DEFAULT_ONLY)
+
+    def check_ready(self, config: FinetuneConfig) -> int:
+        """Refuse at once what the job would refuse after a while: a base that is unknown or of another task
+        or kind, a name in use, no feedback to learn from. Returns how many feedback records match."""
+        from .processes import check_new_model_name
+
+        adapter_for(config.task).check_base(self.registry.catalog.get(config.base))
+        check_new_model_name(self.registry.catalog, self.settings.models_dir, config.name, overwrite=config.overwrite)
+        only = config.only or DEFAULT_ONLY
+        available = self._store().count(config.task, only=only)
+        if not available:
+            raise InvalidDatasetError(
+                f"There is no {only} feedback on {config.task} to train on yet: rate or correct some results first"
+                + ("." if only == "all" else ", or choose all feedback."))
+        return available
+
+    # -- the jobs --
+
+    def start(self, config: FinetuneConfig, started_by: str | None) -> dict[str, Any]:
+        """Check the run (:meth:`check_ready`), then queue it; its status."""
+        self.check_ready(config)
+        return self.runner.status(self.runner.submit(config, started_by).id)
+
+    def status(self, job_id: str | None = None) -> dict[str, Any]:
+        """A job's status (default: the newest) and the queue."""
+        return self.runner.status(job_id or None)
+
+    def cancel(self, job_id: str | None = None) -> dict[str, Any]:
+        """Cancel a job (default: the newest waiting or running); its status."""
+        return self.runner.status(self.runner.cancel(job_id or None).id)
+
+    def follow(self) -> None:
+        """Start waiting jobs and publish the models of jobs that finished (at start-up, after a restart)."""
+        self.runner.tick()
+
+
+def whole(value: Any) -> Any:
+    """2.0 -> 2 (JSON and number boxes send floats); anything else as it is, for the config to judge."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
