@@ -286,12 +286,14 @@ def test_waiting_requests_are_batched_and_a_bad_one_fails_alone(tiny_app):
 
 
 def test_each_tab_runs_as_an_app_of_its_own(tiny_settings):
-    from mmdemo.ui import caption, classify, create, models_panel, transcribe, vqa
+    from mmdemo.tasks.spec import resolve, task_specs
+    from mmdemo.ui import models_panel, vqa
     from mmdemo.ui.common import AppContext
 
     ctx = AppContext.create(tiny_settings)
-    expected = {caption: "caption", vqa: "vqa", create: "text_to_image", classify: "zero_shot",
-                transcribe: "transcribe", models_panel: "models_status"}
+    expected = {resolve(spec.tab): spec.api_name for spec in task_specs()}
+    assert set(expected.values()) >= {"caption", "vqa", "text_to_image", "zero_shot", "transcribe", "detect"}
+    expected[models_panel] = "models_status"
     for module, api_name in expected.items():
         demo = module.demo(ctx)
         assert api_name in {fn.api_name for fn in demo.fns.values()}

@@ -134,7 +134,7 @@ def test_concurrent_calls_overlap_and_match_single_calls(shared_registry, model_
 
 def test_the_task_is_registered_with_its_models_and_builders():
     spec = task_spec("detect")
-    assert spec.id == TASK and spec.api_name == "detect" and spec.tab == "mmdemo.ui.detect"
+    assert spec.id == TASK and spec.api_name == "detect" and spec.tab == "mmdemo.ui.detection"
     assert {m.id for m in spec.tiny_models} == set(MODELS)
     assert {m.source.removeprefix("tiny:") for m in spec.tiny_models} == set(spec.tiny_builders)
 
@@ -306,7 +306,7 @@ CAT_BOX = {"label": "cat", "box": {"xmin": 10.4, "ymin": 20.0, "xmax": 60.0, "ym
 def editor():
     import gradio as gr
 
-    from mmdemo.ui.detect import BoxesCorrection
+    from mmdemo.ui.detection import BoxesCorrection
 
     with gr.Blocks():
         return BoxesCorrection()

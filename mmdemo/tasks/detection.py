@@ -353,6 +353,6 @@ SPEC = register_task(TaskSpec(
     ),
     tiny_builders={"owlv2": TinyBuilder(build_owlv2), "owlvit": TinyBuilder(build_owlvit),
                    "grounding-dino": TinyBuilder(build_grounding_dino)},
-    tab="mmdemo.ui.detect",
+    tab="mmdemo.ui.detection",
     order=60,
 ))

@@ -280,7 +280,7 @@ SPEC = register_task(TaskSpec(
     ),
     tiny_builders={"whisper": TinyBuilder(build_whisper),
                    "whisper-ct2": TinyBuilder(build_whisper_ct2_beside_whisper, needs=("whisper",))},
-    tab="mmdemo.ui.transcribe",
+    tab="mmdemo.ui.speech",
     finetune="mmdemo.finetune.speech:SpeechAdapter",
     order=50,
 ))

@@ -322,7 +322,7 @@ SPEC = register_task(TaskSpec(
               description="Tiny random Stable Diffusion pipeline (offline testing; images are noise)."),
     ),
     tiny_builders={"stable-diffusion": TinyBuilder(build_stable_diffusion)},
-    tab="mmdemo.ui.create",
+    tab="mmdemo.ui.text_to_image",
     finetune=None,
     order=30,
 ))

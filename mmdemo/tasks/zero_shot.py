@@ -274,7 +274,7 @@ SPEC = register_task(TaskSpec(
               description="Tiny random SigLIP (offline testing)."),
     ),
     tiny_builders={"clip": TinyBuilder(build_clip), "siglip": TinyBuilder(build_siglip)},
-    tab="mmdemo.ui.classify",
+    tab="mmdemo.ui.zero_shot",
     finetune="mmdemo.finetune.zero_shot:ZeroShotAdapter",
     order=40,
 ))
