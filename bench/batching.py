@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,32 +107,37 @@ def endpoint_inputs(endpoint: str, n: int) -> list:
     return [image, LABELS] if endpoint == "/zero_shot" else [image]
 
 
-def load(url: str, endpoint: str, model: str, clients: int, requests: int, max_seconds: float) -> dict:
-    """``clients`` threads, each with its own client, each sending ``requests`` calls one after another."""
-    handles = [Client(url, verbose=False) for _ in range(clients)]
+def drive(handles: list, call: Callable[[Any, int], Any], requests: int, max_seconds: float) -> tuple[list, float]:
+    """Each of ``handles`` (a client) in a thread of its own makes ``requests`` calls one after another,
+    ``call(handle, n)``, until ``max_seconds`` have passed. Returns ``(latency, answer)`` per call and the
+    wall time of the whole."""
     deadline = time.monotonic() + max_seconds
-    batches: list[int] = []
-    latencies: list[float] = []
+    answers: list[tuple[float, Any]] = []
     lock = threading.Lock()
 
-    def one_client(index: int) -> int:
-        done = 0
+    def one_client(index: int) -> None:
         for n in range(requests):
             if time.monotonic() > deadline:
                 break
             started = time.perf_counter()
-            *_, details = handles[index].predict(*endpoint_inputs(endpoint, index + n), model=model, api_name=endpoint)
+            answer = call(handles[index], index + n)
             with lock:
-                latencies.append(time.perf_counter() - started)
-                batches.append(details["batch"])
-            done += 1
-        return done
+                answers.append((time.perf_counter() - started, answer))
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        total = sum(pool.map(one_client, range(clients)))
-    seconds = time.perf_counter() - started
-    return {"requests": total, "seconds": seconds, "throughput": total / seconds,
+    with ThreadPoolExecutor(len(handles)) as pool:
+        list(pool.map(one_client, range(len(handles))))
+    return answers, time.perf_counter() - started
+
+
+def load(url: str, endpoint: str, model: str, clients: int, requests: int, max_seconds: float) -> dict:
+    """``clients`` threads, each with its own client, each sending ``requests`` calls one after another."""
+    handles = [Client(url, verbose=False) for _ in range(clients)]
+    answers, seconds = drive(handles, lambda client, n: client.predict(*endpoint_inputs(endpoint, n), model=model,
+                                                                       api_name=endpoint)[-1], requests, max_seconds)
+    batches = [details["batch"] for _, details in answers]
+    latencies = [latency for latency, _ in answers]
+    return {"requests": len(answers), "seconds": seconds, "throughput": len(answers) / seconds,
             "mean_batch": statistics.mean(batches) if batches else 0.0,
             "p50_latency": statistics.median(latencies) if latencies else 0.0}
 
@@ -191,18 +197,24 @@ def serve(settings: Settings, max_batch: int, max_queue: int) -> tuple[subproces
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
+    wait_until_serving(process, url, "mmdemo serve")
+    return process, url
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, what: str, seconds: float = 120) -> None:
+    """Return once ``url`` answers 200; raise if ``process`` exits first or ``seconds`` pass (then kill it)."""
+    deadline = time.monotonic() + seconds
     while True:  # bounded by the deadline
         if process.poll() is not None:
-            raise RuntimeError(f"mmdemo serve exited with {process.returncode}")
+            raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return process, url
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             process.kill()
-            raise TimeoutError("the app did not start in 120 s")
+            raise TimeoutError(f"{what} did not start in {seconds:g} s")
         time.sleep(0.1)
 
 
@@ -218,12 +230,17 @@ def measure(settings: Settings, size: str, max_batch: int, args: argparse.Namesp
         for endpoint, model in MODELS[size].items():
             results[endpoint] = load(url, endpoint, model, args.clients, requests, args.max_seconds)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     return results
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a server process; kill it if it has not exited after 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,7 +493,67 @@ def _load_image(source: Any, limits: MediaLimits) -> Image.Image:
         raise InvalidImageError(
             f"The input is not an image we can read ({_IMAGE_FORMATS_TEXT})."
         )
-    return _open_image_bytes(data, limits)
+    key = hashlib.sha256(data).digest()
+    image = _decoded_images.get(key)
+    if image is not None:
+        _check_pixels(image.size, limits)  # decoded under other limits, perhaps
+        return image
+    image = _open_image_bytes(data, limits)
+    _decoded_images.put(key, image)
+    return image.copy()
+
+
+class DecodedImages:
+    """Images recently decoded from file bytes, by the SHA-256 of those bytes, least recently used first out.
+
+    One request's upload is read several times: checked before it joins the queue (a browser's click checks
+    it once more), prepared for the model, and again when its result is recorded. Decoding a photo costs
+    far more than hashing its bytes, so the same bytes are decoded once. Callers get a copy, never the kept
+    image; the pixel limit is checked again on every hit. Bounded by the decoded size (``max_bytes``); an
+    image larger than that is not kept. Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> Image.Image | None:
+        """A copy of the image decoded from bytes with digest ``key``; None when not kept."""
+        with self._lock:
+            image = self._images.get(key)
+            if image is None:
+                return None
+            self._images.move_to_end(key)
+        return image.copy()
+
+    def put(self, key: bytes, image: Image.Image) -> None:
+        """Keep ``image`` (the caller hands out copies of it only) under ``key``."""
+        size = _decoded_bytes(image)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._images:
+                return
+            self._images[key] = image
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._images.popitem(last=False)
+                self._bytes -= _decoded_bytes(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._images.clear()
+            self._bytes = 0
+
+
+def _decoded_bytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())
+
+
+DECODED_IMAGES_BYTES = 128 * 1024 * 1024  # about three decoded 12 MP photos
+_decoded_images = DecodedImages(DECODED_IMAGES_BYTES)
 
 
 def strip_image_metadata(image: Image.Image) -> Image.Image:

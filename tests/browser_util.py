@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from playwright.sync_api import Browser, Page, expect
+from typing import Callable
+
+from playwright.sync_api import BrowserContext, Page, expect
 
 
 def open_app(page: Page, url: str, width: int = 1280, height: int = 900) -> Page:
@@ -52,10 +54,12 @@ def _type_until_kept(box, value: str, attempts: int, commit: str | None = None) 
     expect(box).to_have_value(value)
 
 
-def sign_in(browser: Browser, url: str, name: str, password: str | None = None) -> Page:
+def sign_in(new_context: Callable[..., BrowserContext], url: str, name: str, password: str | None = None) -> Page:
     """A new browser context (cookies: one person) on ``url``, signed in as ``name`` (password ``pw-NAME``
-    by default, as the tests' auth files have it)."""
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    by default, as the tests' auth files have it). ``new_context`` is pytest-playwright's fixture of that
+    name, which closes the context when the test ends: an open page keeps polling the server (the
+    fine-tuning panel's timer) and keeps its renderer process alive for the rest of the session."""
+    page = new_context(viewport={"width": 1280, "height": 1000}).new_page()
     page.goto(url)
     page.get_by_test_id("textbox").fill(name)
     page.get_by_test_id("password").fill(password or f"pw-{name}")

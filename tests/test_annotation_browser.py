@@ -12,7 +12,7 @@ from pathlib import Path
 import browser_util
 import pytest
 from browser_util import field, fill_text, open_as_admin, open_tab, set_number
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from mmdemo.feedback import AnnotationQueue, export_dataset
 
@@ -28,9 +28,10 @@ def image(n: int):
     return Image.new("RGB", (24, 24), (40 * n % 256, 90, 200 - 30 * n % 200))
 
 
-def sign_in(browser: Browser, url: str, name: str) -> Page:
-    """A browser context of its own (cookies: one person), signed in as ``name``, on the Annotate tab."""
-    page = browser_util.sign_in(browser, url, name)
+def sign_in(new_context, url: str, name: str) -> Page:
+    """A browser context of its own (cookies: one person), signed in as ``name``, on the Annotate tab
+    (closed when the test ends: see :func:`browser_util.sign_in`)."""
+    page = browser_util.sign_in(new_context, url, name)
     open_tab(page, "Annotate")
     expect(page.locator("#tab-annotate").get_by_text(f"Signed in as {name}")).to_be_visible()
     return page
@@ -46,7 +47,7 @@ def suggestion(panel) -> str:
 
 
 def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress(login_app, login_store,
-                                                                                   browser: Browser,
+                                                                                   new_context,
                                                                                    tmp_path: Path):
     import datasets
 
@@ -57,7 +58,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     name = f"captions-{tag}"
 
     # 1. the admin creates the campaign from the recorded outputs
-    alice = sign_in(browser, login_app.url, "alice")
+    alice = sign_in(new_context, login_app.url, "alice")
     admin = alice.locator("#tab-annotate")
     admin.get_by_role("button", name="Campaigns and progress (admins)").click()
     fill_text(field(admin, "Campaign name"), name)  # the accordion has just opened: checked, refilled if lost
@@ -70,7 +71,7 @@ def test_two_annotators_get_disjoint_batches_correct_and_the_admin_sees_progress
     batches = {}
     pages = {}
     for who in ("bob", "carol"):
-        page = pages[who] = sign_in(browser, login_app.url, who)
+        page = pages[who] = sign_in(new_context, login_app.url, who)
         panel = page.locator("#tab-annotate")
         choose(panel, "Campaign", name)
         set_number(field(panel, "Batch size"), "2")  # retyped until it sticks (a fill can be lost on mount)
@@ -134,7 +135,7 @@ def test_a_person_without_the_annotator_role_is_told_what_to_do(launch_app, page
         "Not allowed: Annotation is for annotators. Sign in with an account whose role is annotator")
 
 
-def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_app, login_store, browser: Browser):
+def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_app, login_store, new_context):
     offered = ["cup of coffee", "cat", "tabby", "dog"]  # the model put "cup of coffee" first
     scores = [0.7, 0.15, 0.1, 0.05]
     output_id = login_store.record_output(
@@ -145,7 +146,7 @@ def test_an_annotate_zero_shot_correction_saves_exactly_the_labels_chosen(login_
     queue = AnnotationQueue(login_store)
     queue.add_outputs(queue.create_campaign(name, "zero-shot-image-classification").id, [output_id])
 
-    bob = sign_in(browser, login_app.url, "bob").locator("#tab-annotate")
+    bob = sign_in(new_context, login_app.url, "bob").locator("#tab-annotate")
     choose(bob, "Campaign", name)
     bob.get_by_role("button", name="Get a batch").click()
     expect(bob.locator(".prose.mmdemo-annotate-position")).to_contain_text(f"Item 1 of 1 · {name}")

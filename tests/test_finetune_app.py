@@ -320,11 +320,11 @@ def test_the_form_defaults_are_the_run_configuration_defaults():
 
 
 @pytest.mark.browser
-def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_model(app, feedback, browser):
+def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_model(app, feedback, new_context):
     from browser_util import field, fill_text, open_tab, sign_in
     from playwright.sync_api import expect
 
-    page = sign_in(browser, app.url, "alice")
+    page = sign_in(new_context, app.url, "alice")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")
@@ -359,11 +359,11 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
 
 
 @pytest.mark.browser
-def test_a_non_admin_sees_the_section_read_only(app, browser):
+def test_a_non_admin_sees_the_section_read_only(app, new_context):
     from browser_util import open_tab, sign_in
     from playwright.sync_api import expect
 
-    page = sign_in(browser, app.url, "bob")
+    page = sign_in(new_context, app.url, "bob")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")
@@ -373,11 +373,11 @@ def test_a_non_admin_sees_the_section_read_only(app, browser):
 
 
 @pytest.mark.browser
-def test_start_and_cancel_answer_beside_the_buttons(app, browser):
+def test_start_and_cancel_answer_beside_the_buttons(app, new_context):
     from browser_util import field, fill_text, open_tab, set_number, sign_in
     from playwright.sync_api import expect
 
-    page = sign_in(browser, app.url, "alice")
+    page = sign_in(new_context, app.url, "alice")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")
@@ -394,7 +394,8 @@ def test_start_and_cancel_answer_beside_the_buttons(app, browser):
 
 
 @pytest.mark.browser
-def test_a_finished_vqa_job_shows_its_before_after_table_and_loss_curve(launch_app, tiny_data_dir, tmp_path, browser):
+def test_a_finished_vqa_job_shows_its_before_after_table_and_loss_curve(launch_app, tiny_data_dir, tmp_path,
+                                                                        new_context):
     """Issue 10: a VQA model trained from the panel; the panel then shows the base's and the new model's
     VQA accuracy (overall, accepted / corrected apart, with the bias note) and the losses per epoch."""
     import random
@@ -418,7 +419,7 @@ def test_a_finished_vqa_job_shows_its_before_after_table_and_loss_curve(launch_a
         assert message.startswith("Saved #")
     vqa_app.flush_records()
 
-    page = sign_in(browser, vqa_app.url, "alice")
+    page = sign_in(new_context, vqa_app.url, "alice")
     panel = open_tab(page, "Models")
     panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
     section = panel.locator("#mmdemo-finetune")

@@ -525,6 +525,75 @@ def test_image_digest(d):
     assert image_digest(palette) == image_digest(palette.convert("RGB"))
 
 
+# --- the same bytes are decoded once ---------------------------------------------------------------
+
+
+def counting_decodes(monkeypatch) -> list[int]:
+    """The sizes of the files :mod:`mmdemo.media` decodes from now on (one entry per decode)."""
+    decoded: list[int] = []
+    original = media._open_image_bytes
+
+    def counted(data, limits):
+        decoded.append(len(data))
+        return original(data, limits)
+
+    monkeypatch.setattr(media, "_open_image_bytes", counted)
+    return decoded
+
+
+def new_photo(folder: Path, seed: int) -> Path:
+    """A JPEG no test has decoded yet (random pixels)."""
+    path = folder / f"photo-{seed}.jpg"
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_the_same_bytes_are_decoded_once_whatever_the_source(tmp_path, monkeypatch):
+    decoded = counting_decodes(monkeypatch)
+    path = new_photo(tmp_path, 1)
+    data = path.read_bytes()
+    first = load_image(path)
+    again = [load_image(str(path)), load_image(data), load_image(io.BytesIO(data))]
+    assert decoded == [len(data)]
+    assert {image_digest(img) for img in [first, *again]} == {image_digest(first)}
+    load_image(new_photo(tmp_path, 2))  # other bytes: decoded
+    assert len(decoded) == 2
+
+
+def test_a_kept_image_is_never_handed_out(tmp_path, monkeypatch):
+    """Each caller gets an image of its own: what one caller draws on, the next never sees."""
+    decoded = counting_decodes(monkeypatch)
+    path = new_photo(tmp_path, 3)
+    first = load_image(path)
+    untouched = px(first, (0, 0))
+    first.putpixel((0, 0), (1, 2, 3))
+    second = load_image(path)
+    second.putpixel((1, 1), (4, 5, 6))
+    third = load_image(path)
+    assert len(decoded) == 1 and len({id(first), id(second), id(third)}) == 3
+    assert px(third, (0, 0)) == untouched and px(third, (1, 1)) == px(first, (1, 1))
+
+
+def test_a_kept_image_still_meets_the_pixel_limit_of_each_call(tmp_path):
+    path = new_photo(tmp_path, 4)  # 64x48 = 3072 pixels
+    load_image(path)
+    with pytest.raises(ImageTooLargeError) as info:
+        load_image(path, MediaLimits(max_image_pixels=3000))
+    assert str(info.value) == "The image is 64x48 pixels; the limit is 0.003 megapixels."
+
+
+def test_decoded_images_are_bounded_by_their_size():
+    kept = media.DecodedImages(max_bytes=2 * 10 * 10 * 3)  # two 10x10 RGB images
+    images = {key: Image.new("RGB", (10, 10), (n, 0, 0)) for n, key in enumerate((b"a", b"b", b"c"))}
+    for key in (b"a", b"b"):
+        kept.put(key, images[key])
+    assert kept.get(b"a") is not None  # now the most recently used
+    kept.put(b"c", images[b"c"])
+    assert kept.get(b"b") is None and px(kept.get(b"a"), (0, 0)) == (0, 0, 0) and kept.get(b"c") is not None
+    kept.put(b"big", Image.new("RGB", (20, 20)))  # larger than the bound: not kept, nothing dropped
+    assert kept.get(b"big") is None and kept.get(b"a") is not None and kept.get(b"c") is not None
+
+
 # --- audio: decoding and normalisation ------------------------------------------------------------
 
 
