@@ -92,7 +92,7 @@ def test_drag_a_box_with_the_mouse_and_save_the_moved_box(page: Page, tiny_app, 
     assert abs((new["box"]["xmax"] - new["box"]["xmin"]) - (xmax - xmin)) <= tolerance  # moved, not resized
 
 
-def test_annotate_shows_the_box_editor_on_the_stored_image(login_app, login_store, browser):
+def test_annotate_shows_the_box_editor_on_the_stored_image(login_app, login_store, new_context):
     """Annotate hands the editor the item's image: the annotator drags the model's box and submits."""
     import uuid
 
@@ -111,7 +111,7 @@ def test_annotate_shows_the_box_editor_on_the_stored_image(login_app, login_stor
     campaign = queue.create_campaign(f"boxes-{tag}", "zero-shot-object-detection", instructions="Box the cat.")
     queue.add_outputs(campaign.id, [output_id])
 
-    page = browser_util.sign_in(browser, login_app.url, "bob")
+    page = browser_util.sign_in(new_context, login_app.url, "bob")
     panel = open_tab(page, "Annotate")
     panel.get_by_label("Campaign", exact=True).click()
     page.get_by_role("option", name=campaign.name, exact=True).click()
