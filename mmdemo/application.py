@@ -1,7 +1,7 @@
 """The composition root: :class:`App`, everything a running mmdemo shares, built in one place.
 
 >>> app = App.build(Settings(profile="tiny"))   # no model loaded, no store opened, no gradio imported
->>> app.registry.status(); app.store; app.record(...); app.finetune.status()
+>>> app.registry.status(); app.store; predict(app.registry, ..., record=app.recorder_for(request))
 
 The web UI (``mmdemo.ui``, which takes an ``App``), the CLI (``mmdemo serve``) and tests build it with
 :meth:`App.build` and hand it on; nothing here imports gradio or torch.
@@ -31,6 +31,7 @@ from .security import Gatekeeper, visitor_of
 
 if TYPE_CHECKING:
     from .feedback import FeedbackStore
+    from .tasks import Prediction, Record
     from .feedback.recorder import BackgroundRecorder
 
 log = logging.getLogger(__name__)
@@ -174,21 +175,24 @@ class App:
                                                         on_recorded=lambda: self.ops.metrics.recorded("output"))
         return self._recorder
 
-    def record(self, task: str, task_inputs: dict[str, Any], result: dict[str, Any], request: Any) -> str | None:
-        """Issue a result's ``output_id`` and record it in the background, so that it can be rated.
+    def recorder_for(self, request: Any) -> "Record":
+        """What :func:`mmdemo.tasks.predict` records with for the caller of ``request`` (who asked; None
+        when unknown): the result's ``output_id`` is issued at once and the write follows in the background.
 
         A failure to record is logged and never fails the prediction; feedback on that id then says that
-        the result could not be recorded. None when not even an id could be issued. ``request`` (who
-        asked) may be None when unknown.
+        the result could not be recorded. The id is None when not even an id could be issued.
         """
-        try:
-            self.store  # noqa: B018 - opened once (at start-up, in the background); unavailable: no id
-            return self.recorder.record(task, task_inputs, result, session=self.annotator_of(request))
-        except MMDemoError as exc:
-            log.warning("a %s result was not recorded for feedback: %s", task, exc)
-        except Exception:
-            log.exception("recording a %s result for feedback failed", task)
-        return None
+        def record(prediction: "Prediction") -> str | None:
+            try:
+                self.store  # noqa: B018 - opened once (at start-up, in the background); unavailable: no id
+                return self.recorder.record(prediction, session=self.annotator_of(request))
+            except MMDemoError as exc:
+                log.warning("a %s result was not recorded for feedback: %s", prediction.task, exc)
+            except Exception:
+                log.exception("recording a %s result for feedback failed", prediction.task)
+            return None
+
+        return record
 
     # -- files the app writes --
 

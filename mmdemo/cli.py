@@ -208,6 +208,8 @@ def add_predict_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--model", help="catalog model id (default: the task's first model)")
     shared.add_argument("--json", action="store_true", help="print the result as JSON")
+    shared.add_argument("--no-record", action="store_true",
+                        help="do not record the result in the feedback store (by default it is, as in the app)")
     for spec in task_specs():
         parser = tasks.add_parser(spec.id, aliases=list(spec.aliases), parents=[common, shared],
                                   help=spec.description or spec.title)
@@ -245,13 +247,19 @@ def request_options(spec: Any) -> list[tuple[str, type, Any]]:
 
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from .media import save_images
-    from .tasks import open_registry, run
+    from .tasks import open_registry, predict
     from .tasks.spec import task_spec
 
     spec = task_spec(args.task)
     inputs = predict_inputs(spec, args)
     registry = open_registry(settings)
-    result = run(registry, spec.id, args.model, **inputs)
+    if args.no_record:
+        result = predict(registry, spec.id, args.model, inputs).result
+    else:  # recorded as in the app: the output can be rated and exported (its id is printed)
+        from .feedback import FeedbackStore
+
+        with FeedbackStore.from_settings(settings) as store:
+            result = predict(registry, spec.id, args.model, inputs, record=store.record_prediction).result
     if spec.schema.output_media:
         media = spec.schema.output_media
         result[media] = save_images(result[media], args.out or Path("mmdemo-image.png"), result["settings"],
@@ -280,6 +288,8 @@ def format_result(spec: Any, result: dict[str, Any]) -> str:
     """The task's own text form of ``result`` and a line saying which model answered, where, how fast."""
     model = result["model"]
     footer = f"\n-- {model['id']} on {model['device']} ({model['dtype']}), {result['seconds']:.2f}s"
+    if result.get("output_id"):
+        footer += f"; recorded as output {result['output_id']}"
     return spec.runner.describe(result) + footer
 
 

@@ -276,6 +276,11 @@ def test_the_composition_root_builds_without_gradio_or_torch(tmp_path: Path):
     """App.build (settings, registry, store, recorder, jobs) is for the UI, the CLI and tests alike: no gradio."""
     loaded = imported_by("from mmdemo.application import App\nfrom mmdemo.config import Settings\n"
                          f"app = App.build(Settings(profile='tiny', data_dir={str(tmp_path)!r}))\n"
-                         "app.record('image-to-text', {'image': None}, {'text': 'x'}, None)\n"
+                         "from PIL import Image\nfrom mmdemo.tasks import Prediction\n"
+                         "from mmdemo.tasks.caption import CaptionRequest\n"
+                         "img, spec = Image.new('RGB', (8, 8)), app.registry.catalog.default_for('image-to-text')\n"
+                         "out = app.recorder_for(None)(Prediction('image-to-text', spec, CaptionRequest(img), img, "
+                         "{'text': 'x', 'model': {}}))\n"
+                         "app.recorder.wait(out)\nassert app.store.get_output(out).output['text'] == 'x'\n"
                          "app.finetune.base_models('image-to-text')\napp.close()")
     assert not {name for name in loaded if name.split(".")[0] in ("torch", "gradio")}

@@ -12,10 +12,18 @@ from PIL import Image
 
 from mmdemo.feedback import FeedbackStore, UnknownOutputError
 from mmdemo.feedback.recorder import BackgroundRecorder, OutputNotRecordedError
+from mmdemo.tasks import Prediction, task_spec
+from mmdemo.tasks.caption import CaptionRequest
+from mmdemo.tasks.text_to_image import TextToImageRequest
 
 CAT = Path(__file__).resolve().parents[1] / "assets" / "cat.jpg"
-REQUEST = {"image": str(CAT), "max_new_tokens": 5}
 RESULT = {"text": "a cat", "model": {"id": "tiny-blip-caption", "revision": None, "backend": "transformers"}}
+CAPTIONER = task_spec("image-to-text").tiny_models[0]
+
+
+def caption(media=str(CAT)) -> Prediction:
+    """A captioning prediction as mmdemo.tasks.predict hands it over (the request as the task validated it)."""
+    return Prediction("image-to-text", CAPTIONER, CaptionRequest(Image.open(CAT), max_new_tokens=5), media, dict(RESULT))
 
 
 class GatedStore:
@@ -24,10 +32,10 @@ class GatedStore:
     def __init__(self, store: FeedbackStore):
         self.store, self.gate, self.calls = store, threading.Event(), 0
 
-    def record_result(self, *args, **kwargs):
+    def record_prediction(self, *args, **kwargs):
         self.calls += 1
         assert self.gate.wait(30), "the test never opened the gate"
-        return self.store.record_result(*args, **kwargs)
+        return self.store.record_prediction(*args, **kwargs)
 
 
 @pytest.fixture
@@ -39,7 +47,7 @@ def store(tmp_path):
 def test_the_id_comes_before_the_write_and_feedback_waits_for_it(store):
     gated = GatedStore(store)
     recorder = BackgroundRecorder(lambda: gated)
-    output_id = recorder.record("image-to-text", REQUEST, RESULT, session="alice")
+    output_id = recorder.record(caption(), session="alice")
     assert recorder.backlog == 1  # answered, not written yet
     with pytest.raises(UnknownOutputError):
         store.get_output(output_id)
@@ -56,7 +64,9 @@ def test_the_recorded_result_is_the_one_shown_even_if_the_caller_changes_it_late
     recorder = BackgroundRecorder(lambda: gated)
     image = Image.new("RGB", (8, 8), "red")
     result = {"images": [image], "seed": 3, "warnings": [], "model": RESULT["model"]}
-    output_id = recorder.record("text-to-image", {"prompt": "a red square", "seed": 3}, result)
+    spec = task_spec("text-to-image")
+    request = TextToImageRequest(prompt="a red square", seed=3)
+    output_id = recorder.record(Prediction(spec.id, spec.tiny_models[0], request, None, result))
     result["images"] = ["mmdemo-3.png"]  # what the Create tab does after recording
     gated.gate.set()
     recorder.flush()
@@ -66,7 +76,7 @@ def test_the_recorded_result_is_the_one_shown_even_if_the_caller_changes_it_late
 
 def test_a_failed_record_is_a_clear_error_on_feedback_not_on_the_prediction(store):
     recorder = BackgroundRecorder(lambda: store)
-    output_id = recorder.record("image-to-text", {"image": b"not an image"}, RESULT)
+    output_id = recorder.record(caption(media=b"not an image"))
     with pytest.raises(OutputNotRecordedError, match="could not be recorded"):
         recorder.wait(output_id)
     recorder.wait("0" * 32)  # never pending, never failed: nothing to wait for
@@ -76,9 +86,9 @@ def test_a_failed_record_is_a_clear_error_on_feedback_not_on_the_prediction(stor
 def test_a_full_backlog_records_in_the_callers_thread(store):
     gated = GatedStore(store)
     recorder = BackgroundRecorder(lambda: gated, workers=1, max_backlog=2)
-    first = [recorder.record("image-to-text", REQUEST, RESULT) for _ in range(2)]
+    first = [recorder.record(caption()) for _ in range(2)]
     assert recorder.backlog == 2
-    third = threading.Thread(target=recorder.record, args=("image-to-text", REQUEST, RESULT))
+    third = threading.Thread(target=recorder.record, args=(caption(),))
     third.start()
     third.join(0.3)
     assert third.is_alive()  # waiting in its own thread for the (gated) store: back-pressure

@@ -370,8 +370,8 @@ class AnnotationQueue:
     ) -> ImportSummary:
         """Pre-label every image (or audio file) of ``folder`` with a catalog model and add the results.
 
-        Each file runs through :func:`mmdemo.tasks.run` as in the app and is recorded with
-        :meth:`FeedbackStore.record_result`. ``model``: the catalog model (default: the campaign's, then
+        Each file runs through :func:`mmdemo.tasks.predict` as in the app and is recorded with
+        :meth:`FeedbackStore.record_prediction`. ``model``: the catalog model (default: the campaign's, then
         the task's first). ``inputs``: the task's other inputs, the same for every file (``question``
         for VQA, ``labels`` for zero-shot, ``prefix``, ``language``...). A file the task refuses (not
         an image, too large...) is skipped and listed in the summary; a model failure stops the import
@@ -400,12 +400,13 @@ class AnnotationQueue:
                     progress(index, len(files), path.name)
                 request = {schema.media_input: path, **extra}
                 try:
-                    result = tasks.run(registry, camp.task, model_id, **request)
+                    prediction = tasks.predict(registry, camp.task, model_id, request,
+                                               record=lambda p: self.store.record_prediction(p, session=session))
                 except (InvalidImageError, ImageTooLargeError, InvalidAudioError, AudioTooLongError) as exc:
                     summary.skipped.append((path.name, str(exc)))
                     continue
-                summary.model_id = summary.model_id or (result.get("model") or {}).get("id")
-                summary.output_ids.append(self.store.record_result(camp.task, request, result, session=session))
+                summary.model_id = summary.model_id or prediction.model.id
+                summary.output_ids.append(prediction.output_id)
         finally:
             if summary.output_ids:
                 summary.added = self.add_outputs(camp.id, summary.output_ids)

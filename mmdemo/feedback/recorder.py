@@ -1,6 +1,6 @@
 """Recording results off the request's hot path.
 
-Recording an output decodes its input media again, hashes it, may encode a PNG and waits for an fsync:
+Recording an output hashes its input media (the task's decode is reused), encodes a PNG and waits for an fsync:
 tens of milliseconds for a photo, over a second for a new 12 MP one. The person waiting for a caption
 need not wait for that. :class:`BackgroundRecorder` issues the ``output_id`` at once and records on a
 writer thread; whoever then needs the output (a feedback save, a test) calls :meth:`wait` first.
@@ -13,16 +13,20 @@ writer thread; whoever then needs the output (a feedback save, a test) calls :me
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import MMDemoError
 from .errors import StoreError
 from .store import FeedbackStore, new_output_id
+
+if TYPE_CHECKING:
+    from ..tasks import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +57,21 @@ class BackgroundRecorder:
         self._failed: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def record(self, task: str, request: Mapping[str, Any], result: Mapping[str, Any],
-               session: str | None = None) -> str:
-        """Issue the result's ``output_id`` and record it (in the background unless the backlog is full)."""
+    def record(self, prediction: "Prediction", session: str | None = None) -> str:
+        """Issue the prediction's ``output_id`` and record it (in the background unless the backlog is full)."""
         output_id = new_output_id()
         # The caller may change the result once this returns (the UI replaces images by file names).
-        snapshot = {key: list(value) if isinstance(value, list) else value for key, value in result.items()}
+        snapshot = {key: list(value) if isinstance(value, list) else value for key, value in prediction.result.items()}
+        prediction = dataclasses.replace(prediction, result=snapshot)
         with self._lock:
             background = len(self._pending) < self._max_backlog
             if background:
-                future = self._executor.submit(self._write, task, dict(request), snapshot, session, output_id)
+                future = self._executor.submit(self._write, prediction, session, output_id)
                 self._pending[output_id] = future
         if background:
             future.add_done_callback(lambda _: self._forget(output_id))
         else:
-            self._write(task, request, snapshot, session, output_id)
+            self._write(prediction, session, output_id)
         return output_id
 
     def wait(self, output_id: Any, timeout: float = WAIT_SECONDS) -> None:
@@ -109,17 +113,16 @@ class BackgroundRecorder:
         """Record what is pending, then stop the writer threads."""
         self._executor.shutdown(wait=True)
 
-    def _write(self, task: str, request: Mapping[str, Any], result: Mapping[str, Any], session: str | None,
-               output_id: str) -> None:
+    def _write(self, prediction: "Prediction", session: str | None, output_id: str) -> None:
         try:
-            self._store().record_result(task, request, result, session=session, output_id=output_id)
+            self._store().record_prediction(prediction, session=session, output_id=output_id)
             self._on_recorded()
         except MMDemoError as exc:
-            log.warning("a %s result was not recorded for feedback: %s", task, exc)
+            log.warning("a %s result was not recorded for feedback: %s", prediction.task, exc)
             self._remember_failure(output_id, str(exc))
             raise
         except Exception as exc:
-            log.exception("recording a %s result for feedback failed", task)
+            log.exception("recording a %s result for feedback failed", prediction.task)
             self._remember_failure(output_id, "see the server log")
             raise exc
 

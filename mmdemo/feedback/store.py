@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from sqlalchemy import Connection, Select, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -51,6 +51,7 @@ from .media_store import MediaStore, PreparedMedia
 from .migrations import migrate
 from .records import FeedbackRecord, OutputRecord, SavedFeedback
 from .schemas import (
+    TaskSchema,
     clean_annotator,
     clean_comment,
     clean_thumbs,
@@ -59,6 +60,9 @@ from .schemas import (
     to_json,
 )
 from .tables import Timestamp, feedback, media, output_media, outputs, schema_migrations
+
+if TYPE_CHECKING:
+    from ..tasks import Prediction
 
 Only = Literal["corrected", "approved", "all"]
 ONLY_CHOICES: tuple[str, ...] = ("corrected", "approved", "all")
@@ -202,10 +206,28 @@ class FeedbackStore:
         subclasses (oversized media, bad fields) before anything is written.
         """
         schema = schema_for(task)
+        media_source, text_inputs = schema.clean_inputs(inputs)
+        return self._record(schema, media_source, text_inputs, output, model, settings, session, output_id)
+
+    def record_prediction(self, prediction: "Prediction", *, session: str | None = None,
+                          output_id: str | None = None) -> str:
+        """Record a :class:`mmdemo.tasks.Prediction` (``mmdemo.tasks.predict(..., record=...)`` hands them
+        here); return its ``output_id``. The inputs and settings are the validated request's, kept as the
+        task checked them; the input media is the one the person sent (decoded once: the task's decode is
+        reused)."""
+        schema = schema_for(prediction.task)
+        text_inputs, settings = schema.recorded_fields(prediction.request)
+        return self._record(schema, prediction.media, text_inputs, prediction.result, None, settings, session,
+                            output_id)
+
+    def _record(self, schema: TaskSchema, media_source: Any, text_inputs: dict[str, Any], output: Mapping[str, Any],
+                model: Mapping[str, Any] | None, settings: Mapping[str, Any] | None, session: str | None,
+                output_id: str | None) -> str:
         # 1. check everything, encode the media; nothing is written yet
         if output_id is not None and not _OUTPUT_ID.fullmatch(str(output_id)):
             raise InvalidInputError("An output id is 32 lowercase hexadecimal digits.")
-        media_source, text_inputs = schema.clean_inputs(inputs)
+        if schema.media_input and media_source is None:
+            raise InvalidInputError(f"{schema.task} needs its input {schema.media_input}.")
         output_data, output_media_sources = schema.clean_output(output)
         model = model if model is not None else (output.get("model") or {})
         if not isinstance(model, Mapping):

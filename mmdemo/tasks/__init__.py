@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from ..catalog import Catalog, ModelSpec, load_catalog
 from ..config import Settings
@@ -110,25 +111,70 @@ def prepare(registry: ModelRegistry, task: str, model_id: str | None, inputs: di
     return spec, runner.prepare(merged, limits_for(registry), spec)
 
 
-def run(registry: ModelRegistry, task: str, model_id: str | None = None, **inputs: Any) -> dict[str, Any]:
-    """Run one ``task`` request on ``model_id`` (default: the task's first catalog model).
+@dataclass
+class Prediction:
+    """One answered request: the task, the catalog model that answered, the validated request (what the
+    task checked and the model ran on), the raw media the person sent (the store keeps it), the result
+    (with ``model``, ``seconds`` and, once recorded, ``output_id``)."""
 
-    Returns the task's result plus ``model`` (id, revision, device, dtype) and ``seconds``.
-    Raises ``InvalidInputError`` subclasses for bad input and model errors from ``mmdemo.errors``.
+    task: str
+    model: ModelSpec
+    request: Any
+    media: Any
+    result: dict[str, Any]
+
+    @property
+    def output_id(self) -> str | None:
+        return self.result.get("output_id")
+
+
+Record = Callable[[Prediction], "str | None"]  # records a prediction for feedback; returns its output id
+
+
+def predict(registry: ModelRegistry, task: str, model_id: str | None, inputs: dict[str, Any], *,
+            record: Record | None = None) -> Prediction:
+    """The one way a request is answered (the UI, the API, ``mmdemo predict`` and annotation imports):
+    resolve the model, validate and decode the inputs once, run the model, and hand the prediction to
+    ``record`` (the feedback store's or the app's recorder), whose output id goes into the result.
+
+    Raises ``InvalidInputError`` subclasses for bad input (before any model is touched) and model errors
+    from ``mmdemo.errors``.
     """
-    spec, request = prepare(registry, task, model_id, inputs)
-    result, placement, seconds = registry.call(spec.id, _timed(get_task(spec.task).predict, request), spec.task)
-    return _with_provenance(result, spec, placement, seconds)
+    return predict_batch(registry, task, model_id, [inputs], record=record)[0]
 
 
-def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run several requests for one model in one call (batched where the task supports it)."""
+def predict_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]], *,
+                  record: Record | None = None) -> list[Prediction]:
+    """:func:`predict` for several requests to one model, in one model call where the task batches."""
     prepared = [prepare(registry, task, model_id, inputs) for inputs in batch]
     spec = prepared[0][0]
     requests = [request for _, request in prepared]
-    results, placement, seconds = registry.call(spec.id, _timed(get_task(spec.task).predict_batch, requests),
-                                                spec.task)
-    return [_with_provenance(result, spec, placement, seconds) for result in results]
+    runner = get_task(spec.task)
+    body = _timed(runner.predict_batch, requests) if len(requests) > 1 else _timed(_one(runner), requests)
+    results, placement, seconds = registry.call(spec.id, body, spec.task)
+    media_field = task_spec(spec.task).schema.media_input
+    predictions = [Prediction(spec.task, spec, request, inputs.get(media_field) if media_field else None,
+                              _with_provenance(result, spec, placement, seconds))
+                   for inputs, request, result in zip(batch, requests, results)]
+    if record is not None:
+        for prediction in predictions:
+            prediction.result["output_id"] = record(prediction)
+    return predictions
+
+
+def run(registry: ModelRegistry, task: str, model_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+    """The result of :func:`predict`, not recorded: the task's result plus ``model`` (id, revision, device,
+    dtype) and ``seconds``."""
+    return predict(registry, task, model_id, inputs).result
+
+
+def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results of :func:`predict_batch`, not recorded."""
+    return [prediction.result for prediction in predict_batch(registry, task, model_id, batch)]
+
+
+def _one(runner: Task) -> Callable[[Any, list[Any]], list[dict[str, Any]]]:
+    return lambda model, requests: [runner.predict(model, requests[0])]
 
 
 def _timed(predict: Any, request: Any) -> Any:
@@ -149,6 +195,6 @@ def _with_provenance(result: dict[str, Any], spec: ModelSpec, placement: Placeme
     return result
 
 
-__all__ = ["Task", "TaskSpec", "build_tiny_models", "get_task", "load_model", "open_catalog", "open_registry", "task_catalog",
-           "prepare", "register_task", "resolve", "run", "run_batch", "task_ids", "task_spec", "task_specs",
-           "tiny_builders"]
+__all__ = ["Prediction", "Record", "Task", "TaskSpec", "build_tiny_models", "get_task", "load_model", "open_catalog",
+           "open_registry", "predict", "predict_batch", "prepare", "register_task", "resolve", "run", "run_batch",
+           "task_catalog", "task_ids", "task_spec", "task_specs", "tiny_builders"]

@@ -13,6 +13,7 @@ Nothing here touches the store: :mod:`mmdemo.feedback` calls these.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -130,6 +131,25 @@ class TaskSchema:
                 continue
             text[name] = self.clean_text_input(name, value)
         return media, text
+
+    def recorded_fields(self, request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(text inputs, settings) of a validated request (the task's request dataclass), as the store keeps
+        them: the task already checked every value, with its own limits, so nothing is parsed again.
+        Settings are the other fields the model ran with; callbacks and unset (None) fields are left out."""
+        text: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
+        for request_field in dataclasses.fields(request):
+            name = request_field.name
+            value = getattr(request, name)
+            if name == self.media_input or value is None or callable(value):
+                continue
+            value = list(value) if isinstance(value, tuple) else value
+            if name in self.text_inputs:
+                if value != "" or self.text_inputs[name]:
+                    text[name] = value
+            else:
+                settings[name] = value
+        return text, settings
 
     def clean_text_input(self, name: str, value: Any) -> Any:
         return require_text(value, name, max_chars=MAX_TEXT_INPUT_CHARS)

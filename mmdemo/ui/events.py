@@ -78,17 +78,21 @@ def output_area(ctx: AppContext, task: str, results: gr.Column) -> OutputArea:
     return OutputArea(footer, row, details, results)
 
 
-def run_grouped(ctx: AppContext, task: str, requests: list[tuple[str | None, dict[str, Any]]]) -> list[dict]:
-    """Run a batch formed by the queue: one ``run_batch`` call per model, results in request order."""
+def run_grouped(ctx: AppContext, task: str, requests: list[tuple[str | None, dict[str, Any]]],
+                caller: gr.Request | None) -> list[dict]:
+    """Answer a batch formed by the queue: one :func:`mmdemo.tasks.predict_batch` per model, each result
+    recorded for feedback (its ``output_id`` in the result), results in request order."""
     groups: dict[str | None, list[int]] = {}
     for index, (model_id, _) in enumerate(requests):
         groups.setdefault(model_id, []).append(index)
     results: list[dict[str, Any]] = [{} for _ in requests]
+    record = ctx.recorder_for(caller)
     for model_id, indices in groups.items():
-        outputs = tasks.run_batch(ctx.registry, task, model_id, [requests[i][1] for i in indices])
-        for index, result in zip(indices, outputs):
-            result.setdefault("batch", len(indices))  # a task may say its model calls were shared by fewer
-            results[index] = result
+        predictions = tasks.predict_batch(ctx.registry, task, model_id, [requests[i][1] for i in indices],
+                                          record=record)
+        for index, prediction in zip(indices, predictions):
+            prediction.result.setdefault("batch", len(indices))  # a task may say its calls were shared by fewer
+            results[index] = prediction.result
     return results
 
 
@@ -147,11 +151,8 @@ def connect(
         raise ValueError(f"{api_name}: a batched event cannot be interrupted per request")
     stop_flags = StopFlags() if interrupt is not None else None
 
-    def finish(requests: list[tuple[str | None, dict[str, Any]]], results: list[dict[str, Any]],
-               caller: gr.Request | None) -> list[tuple[Any, ...]]:
-        """Record each result (before ``present``, which may replace its images), then the output values."""
-        for (_, task_inputs), result in zip(requests, results):
-            result["output_id"] = ctx.record(task, task_inputs, result, caller)
+    def finish(results: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """The output values of recorded results (``present`` may replace images: they were recorded first)."""
         return [(*present(result), *area.values(result)) for result in results]
 
     request_parameter = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
@@ -161,9 +162,9 @@ def connect(
             requests = [request(*row) for row in zip(*columns)]
             ctx.ops.metrics.batch_size.labels(task).observe(len(requests))
             with ctx.ops.metrics.timed(task, [model_id for model_id, _ in requests]):
-                results = run_grouped(ctx, task, requests)
-            # gradio hands a batch the first request's gr.Request only: who asked is known for a batch of one
-            rows = finish(requests, results, caller if len(requests) == 1 else None)
+                # gradio hands a batch the first request's gr.Request only: who asked is known for a batch of one
+                results = run_grouped(ctx, task, requests, caller if len(requests) == 1 else None)
+            rows = finish(results)
             return [list(column) for column in zip(*rows)]
         parameters = [*inspect.signature(request).parameters.values(), request_parameter]
     else:
@@ -174,13 +175,15 @@ def connect(
                 progress(0, desc=f"Loading {model_id}")
             if step_progress:
                 task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")
+            record = ctx.recorder_for(caller)
             with ctx.ops.metrics.timed(task, [model_id]):
                 if stop_flags is None:
-                    result = tasks.run(ctx.registry, task, model_id, **task_inputs)
+                    prediction = tasks.predict(ctx.registry, task, model_id, task_inputs, record=record)
                 else:
                     with stop_flags.running(caller) as should_stop:
-                        result = tasks.run(ctx.registry, task, model_id, should_stop=should_stop, **task_inputs)
-            return finish([(model_id, task_inputs)], [result], caller)[0]
+                        prediction = tasks.predict(ctx.registry, task, model_id,
+                                                   {**task_inputs, "should_stop": should_stop}, record=record)
+            return finish([prediction.result])[0]
         parameters = [*inspect.signature(request).parameters.values(),
                       inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
                       request_parameter]
