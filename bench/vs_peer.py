@@ -3,6 +3,7 @@ both serving the same tiny checkpoints, both loaded by the same gradio_client cl
 
     python bench/vs_peer.py                          # 5 rounds, 1 and 16 clients, /caption and /zero_shot
     python bench/vs_peer.py --rounds 7 --seconds 6 --peer /path/to/peer/app.py
+    python bench/vs_peer.py --size mid --clients 16 --seconds 20   # BLIP base / CLIP B/32 sizes, random weights
 
 Both servers run at once, each in a process of its own; each round measures every configuration
 (endpoint x clients) on the peer and on mmdemo back to back, the order alternating from round to round,
@@ -15,7 +16,8 @@ joins the queue, runs up to ``concurrency`` model calls at once, batches waiting
 ``/zero_shot`` requests, and records every result (input image, settings, output) in its feedback store,
 which is the product. Captions stop after ``--max-new-tokens`` on both sides (the peer's MAX_NEW_TOKENS).
 
-Issue 9's targets on tiny: mmdemo/peer >= 1.0x with 1 client and >= 1.2x with 16 clients.
+Issue 9's targets: on tiny, mmdemo/peer >= 1.0x with 1 client and >= 1.2x with 16 clients; on the mid-size
+models (``--size mid``), >= 1.4x with 16 clients.
 """
 
 from __future__ import annotations
@@ -33,16 +35,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batching import (IMAGES, LABELS, ROOT, drive, free_port, serve, stop,  # noqa: E402
-                      wait_until_serving)
+from batching import (IMAGES, LABELS, MODELS, ROOT, build_mid_models, drive, free_port, serve,  # noqa: E402
+                      stop, wait_until_serving)
 from gradio_client import Client, handle_file  # noqa: E402
 
 from mmdemo.config import Settings  # noqa: E402
 from mmdemo.tasks import build_tiny_models  # noqa: E402
 
 PEER_APP = ROOT.parent / "shared" / "peer" / "app.py"
-ENDPOINTS = {"/caption": "tiny-blip-caption", "/zero_shot": "tiny-clip"}  # mmdemo's model for each
-TARGETS = {1: 1.0, 16: 1.2}  # issue 9: mmdemo/peer calls/s, per number of clients
+ENDPOINTS = {"/caption": "tiny-blip-caption", "/zero_shot": "tiny-clip"}  # mmdemo's model for each (tiny)
+TARGETS = {"tiny": {1: 1.0, 16: 1.2}, "mid": {16: 1.4}}  # issue 9: mmdemo/peer calls/s, per size and clients
+PEER_FOLDERS = {"/caption": "blip-caption", "/zero_shot": "clip"}  # the peer's model folder for each endpoint
+
+
+def mid_size_models(tiny_dir: Path, out: Path) -> tuple[Path, Path]:
+    """BLIP base and CLIP ViT-B/32 from their real configurations (random weights, ``bench/batching.py``):
+    (mmdemo's catalog file, the peer's MODEL_DIR, where they stand in for its captioner and classifier;
+    its other two models stay tiny, they are not called)."""
+    catalog = build_mid_models(tiny_dir, out)
+    peer_dir = out / "peer-models"
+    peer_dir.mkdir(exist_ok=True)
+    for name, target in {"blip-caption": out / "blip-base", "clip": out / "clip-b32",
+                         "vilt-vqa": tiny_dir / "vilt-vqa", "whisper": tiny_dir / "whisper"}.items():
+        if not (peer_dir / name).exists():
+            (peer_dir / name).symlink_to(target, target_is_directory=True)
+    return catalog, peer_dir
 
 
 def start_peer(peer_app: Path, tiny_dir: Path, max_new_tokens: int) -> tuple[subprocess.Popen, str]:
@@ -66,15 +83,14 @@ def peer_call(endpoint: str):
     return call
 
 
-def mmdemo_call(endpoint: str, max_new_tokens: int):
+def mmdemo_call(endpoint: str, max_new_tokens: int, model: str):
     """One call of mmdemo's endpoint, with the same inputs and caption length; the answer is the first output."""
     def call(client: Client, n: int):
         image = handle_file(IMAGES[n % len(IMAGES)])
         if endpoint == "/caption":
-            outputs = client.predict(image, "", model=ENDPOINTS[endpoint], max_new_tokens=max_new_tokens,
-                                     api_name=endpoint)
+            outputs = client.predict(image, "", model=model, max_new_tokens=max_new_tokens, api_name=endpoint)
         else:
-            outputs = client.predict(image, LABELS, model=ENDPOINTS[endpoint], api_name=endpoint)
+            outputs = client.predict(image, LABELS, model=model, api_name=endpoint)
         return outputs[0]
     return call
 
@@ -98,6 +114,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measurement")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="caption length on both sides")
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help="endpoints, comma separated")
+    parser.add_argument("--size", choices=["tiny", "mid"], default="tiny",
+                        help="tiny checkpoints, or BLIP base / CLIP B/32 built from their real configurations")
     args = parser.parse_args()
     if not args.peer.is_file():
         parser.error(f"no peer app at {args.peer} (give --peer)")
@@ -107,7 +125,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmdemo-vs-peer-") as tmp:
         settings = Settings(profile="tiny", data_dir=Path(tmp) / "data", device="cpu")
         build_tiny_models(settings.tiny_dir)
-        peer, peer_url = start_peer(args.peer, settings.tiny_dir, args.max_new_tokens)
+        peer_dir, models = settings.tiny_dir, ENDPOINTS
+        if args.size == "mid":
+            catalog, peer_dir = mid_size_models(settings.tiny_dir, Path(tmp) / "mid")
+            settings, models = settings.replace(catalog=catalog), MODELS["mid"]
+        peer, peer_url = start_peer(args.peer, peer_dir, args.max_new_tokens)
         try:
             mmdemo, mmdemo_url = serve(settings, settings.max_batch, settings.max_queue)
         except BaseException:
@@ -119,7 +141,7 @@ def main() -> None:
                 "peer": ([Client(peer_url, verbose=False) for _ in range(most)],
                          {endpoint: peer_call(endpoint) for endpoint in endpoints}),
                 "mmdemo": ([Client(mmdemo_url, verbose=False) for _ in range(most)],
-                           {endpoint: mmdemo_call(endpoint, args.max_new_tokens) for endpoint in endpoints}),
+                           {endpoint: mmdemo_call(endpoint, args.max_new_tokens, models[endpoint]) for endpoint in endpoints}),
             }
             for handles, calls in sides.values():  # load the models, warm every path
                 for endpoint in endpoints:
@@ -144,7 +166,7 @@ def main() -> None:
 
     import torch
 
-    print(f"\nmmdemo (tiny profile, max batch {settings.max_batch}, model calls at once: "
+    print(f"\nmmdemo ({args.size} models, max batch {settings.max_batch}, model calls at once: "
           f"{_concurrency(settings)}) against the peer (one call at a time); {args.rounds} rounds of "
           f"{args.seconds:g} s per measurement; max_new_tokens={args.max_new_tokens}; {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads")
@@ -154,7 +176,7 @@ def main() -> None:
         for clients in client_counts:
             peer_rates, ours = rates[(endpoint, clients, "peer")], rates[(endpoint, clients, "mmdemo")]
             ratios = [mine / theirs for mine, theirs in zip(ours, peer_rates)]
-            target = TARGETS.get(clients)
+            target = TARGETS[args.size].get(clients)
             verdict = "" if target is None else (f">={target:g}x " + ("met" if statistics.median(ratios) >= target
                                                                       else "MISSED"))
             print(f"{endpoint:<11} {clients:>7} {statistics.median(peer_rates):>12.1f} "
