@@ -20,6 +20,8 @@ Where the labels come from decides what the numbers mean:
 
 from __future__ import annotations
 
+import hashlib
+import io
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
@@ -148,6 +150,7 @@ def evaluation_for(task: str) -> TaskEvaluation:
 
 
 def has_metric(task: str) -> bool:
+    """Whether ``task`` has an evaluation (its adapter's ``evaluation`` is set)."""
     return task in task_evaluations()
 
 
@@ -163,8 +166,6 @@ def grouped_rows(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]],
     """Exported rows (image bytes, merged_record_ids, corrected...) grouped by their image and ``key(row)``:
     ``{"row": the first row, "image": bytes, "labels": [..], "corrected": bool}``, each row's ``label(row)``
     repeated once per person who gave it (exact duplicates were merged by the export)."""
-    import hashlib
-
     groups: dict[tuple[str, Any], dict[str, Any]] = {}
     for row in rows:
         data = row["image"]["bytes"]
@@ -182,8 +183,6 @@ def group_of(corrected: bool, split_groups: bool) -> str | None:
 
 def image_of(data: bytes) -> Any:
     """Exported or stored image bytes as an RGB PIL image."""
-    import io
-
     from PIL import Image
 
     return Image.open(io.BytesIO(data)).convert("RGB")

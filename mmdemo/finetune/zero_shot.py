@@ -97,9 +97,9 @@ class ZeroShotEvaluation(TaskEvaluation):
     def example_from_campaign(self, item: CampaignInput, campaign: str) -> LabelledQuestion:
         right = agreed_labels(list(item.answers))
         inputs = item.output.inputs
-        return LabelledQuestion(image_of(item.media), "", right, labels_offered=offered(inputs.get("labels", []), right),
-                                template=inputs.get("template"), suggested_by=item.suggested_by,
-                                output_ids=item.output_ids)
+        return LabelledQuestion(image_of(item.media), "", right, suggested_by=item.suggested_by,
+                                output_ids=item.output_ids, labels_offered=offered(inputs.get("labels", []), right),
+                                template=inputs.get("template"))
 
     def accepted_answer(self, output: dict[str, Any]) -> list[str]:
         return [output["labels"][0]["label"]]
