@@ -475,19 +475,11 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from .finetune.evaluate import (
-        check_metric,
-        describe_source,
-        format_table,
-        questions_from_campaign,
-        questions_from_export,
-        score,
-        served_model_answers,
-    )
+    from .finetune.evaluate import describe_source, evaluation_for, format_table
     from .tasks import open_registry
 
     task = task_id(args.task)
-    check_metric(task)
+    evaluation = evaluation_for(task)
     registry = open_registry(settings)
     model_ids = [name.strip() for name in args.models.split(",") if name.strip()]
     if not model_ids:
@@ -498,12 +490,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         from .feedback import FeedbackStore
 
         with FeedbackStore.from_settings(settings) as store:
-            questions = questions_from_campaign(store, args.campaign, task)
+            questions = evaluation.examples_from_campaign(store, args.campaign)
         source = describe_source(questions, {"kind": "campaign", "campaign": args.campaign})
     else:
-        questions = questions_from_export(args.dataset, task)
+        questions = evaluation.examples_from_export(args.dataset)
         source = describe_source(questions, {"kind": "dataset", "dataset": str(args.dataset.resolve())})
-    results = {model_id: score(served_model_answers(registry, model_id, task), questions, task)
+    results = {model_id: evaluation.score(evaluation.served_model_answers(registry, model_id), questions)
                for model_id in model_ids}
     if args.json:
         print(json.dumps({"task": task, "data": source, "models": results}, indent=2))

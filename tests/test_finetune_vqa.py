@@ -20,8 +20,8 @@ from mmdemo.errors import InvalidInputError
 from mmdemo.feedback import AnnotationQueue, FeedbackStore, NothingToExportError, export_dataset
 from mmdemo.finetune import METRICS_FILE, FinetuneConfig, FinetuneJob, InvalidDatasetError, adapter_for
 from mmdemo.finetune.data import load_export
-from mmdemo.finetune.evaluate import BIASED_NOTE, before_after, loss_curve, normalize_answer, vqa_accuracy
-from mmdemo.finetune.vqa import soft_scores
+from mmdemo.finetune.evaluate import BIASED_NOTE, before_after, loss_curve
+from mmdemo.finetune.vqa import normalize_answer, soft_scores, vqa_accuracy
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run

@@ -20,7 +20,8 @@ from mmdemo.config import Settings
 from mmdemo.feedback import AnnotationQueue, FeedbackStore, NothingToExportError, export_dataset
 from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, adapter_for
 from mmdemo.finetune.data import load_export
-from mmdemo.finetune.evaluate import LabelledQuestion, agreed_labels, zero_shot_metrics
+from mmdemo.finetune.evaluate import LabelledQuestion
+from mmdemo.finetune.zero_shot import agreed_labels, zero_shot_metrics
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run

@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 
 from mmdemo.errors import UnknownTaskError
+from mmdemo.finetune import UnsupportedBaseError
+from mmdemo.finetune.caption import CaptionAdapter
+from mmdemo.finetune.evaluate import (
+    LabelledQuestion,
+    TaskEvaluation,
+    before_after,
+    evaluation_for,
+    format_table,
+    task_evaluations,
+)
 from mmdemo.tasks import task_catalog, tiny_builders
 from mmdemo.tasks.caption import CaptionSchema, CaptionTask
 from mmdemo.tasks.spec import TaskSpec, register_task, resolve, task_spec, task_specs, unregister_task
@@ -101,3 +111,83 @@ def test_importing_the_store_imports_no_task_module_and_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+# --- evaluation: descriptor -> fine-tuning adapter -> evaluation -------------------------------------------
+
+
+def test_each_tasks_evaluation_is_found_through_its_descriptor():
+    found = task_evaluations()
+    for spec in task_specs():
+        evaluation = resolve(spec.finetune)().evaluation if spec.finetune else None
+        if evaluation is None:
+            assert spec.id not in found
+            with pytest.raises(UnsupportedBaseError, match=f"Evaluation is not available for {spec.id} yet"):
+                evaluation_for(spec.id)
+            continue
+        assert isinstance(evaluation, TaskEvaluation) and evaluation.task == spec.id
+        assert evaluation_for(spec.id) is found[spec.id] is evaluation
+    headlines = {task: evaluation.metrics[0][0] for task, evaluation in found.items()}
+    assert headlines == {"visual-question-answering": "VQA accuracy",
+                         "zero-shot-image-classification": "top-1 accuracy", "automatic-speech-recognition": "WER"}
+    # captioning trains, but has no metric yet, and says so
+    assert resolve(task_spec("caption").finetune)().evaluation is None
+    with pytest.raises(UnsupportedBaseError, match="Evaluation is not available for image-to-text yet; tasks: "
+                       "visual-question-answering, zero-shot-image-classification, automatic-speech-recognition"):
+        evaluation_for("image-to-text")
+
+
+class ExactCaptionEvaluation(TaskEvaluation):
+    """A plugin task's metric: the share of captions that are exactly the label."""
+
+    task = "short-image-to-text"
+    metrics = (("exact match", "exact", "questions"),)
+    export_columns = ("image", "text")
+
+    def examples_from_rows(self, rows, *, split_groups):
+        raise NotImplementedError
+
+    def example_from_campaign(self, item, campaign):
+        raise NotImplementedError
+
+    def accepted_answer(self, output):
+        return output["text"]
+
+    def task_inputs(self, example):
+        return {"image": example.image}
+
+    def prediction(self, result):
+        return result["text"]
+
+    def summarise(self, scored):
+        hits = [float(caption == example.answers[0]) for example, caption in scored]
+        return {"exact": sum(hits) / len(hits) if hits else None, "questions": len(hits)}
+
+
+class ShortCaptionAdapter(CaptionAdapter):
+    task = "short-image-to-text"
+    evaluation = ExactCaptionEvaluation()
+
+
+def test_a_plugin_tasks_evaluation_is_used_through_its_descriptor():
+    """A task added at run time with an adapter that has an evaluation: ``evaluation_for``, the scoring loop
+    and the before/after table all use its metric, with no list of tasks to edit."""
+    spec = register_task(dataclasses.replace(short_caption_spec(), finetune="test_task_spec:ShortCaptionAdapter"))
+    try:
+        evaluation = evaluation_for("short-image-to-text")
+        assert evaluation.metrics == (("exact match", "exact", "questions"),)
+        examples = [LabelledQuestion(None, "", ("a cat",), group="accepted"),
+                    LabelledQuestion(None, "", ("a dog",), group="corrected"),
+                    LabelledQuestion(None, "", ("a car",), group="corrected")]
+        scores = evaluation.score(lambda example: "a cat" if example.answers != ("a car",) else "a car", examples)
+        assert scores == {"exact": 2 / 3, "questions": 3, "accepted": {"exact": 1.0, "questions": 1},
+                          "corrected": {"exact": 0.5, "questions": 2}}
+        metrics = {"base": {"id": "tiny-short"}, "evaluation": {"data": {"kind": "validation split", "questions": 3},
+                                                                "base": scores, "new": scores}}
+        table = before_after(metrics, "short-ours", spec.id)
+        assert table["headers"] == ["model", "exact match", "accepted rows", "corrected rows"]
+        assert table["rows"][0] == ["tiny-short (base)", "0.667 (3)", "1.000 (1)", "0.500 (2)"]
+        assert format_table({"tiny-short": scores}, metrics["evaluation"]["data"], spec.id).splitlines()[0].split() == [
+            "model", "exact", "match", "accepted", "rows", "corrected", "rows"]
+    finally:
+        unregister_task("short-image-to-text")

@@ -7,6 +7,8 @@
 * ``config.py``: :class:`FinetuneConfig`, the typed run configuration (saved as ``run_config.json``).
 * ``adapters.py``: the per-task interface (:class:`FinetuneAdapter`); ``caption.py`` trains BLIP
   captioners. Another task is one more adapter module.
+* ``evaluate.py``: the before/after evaluation every task shares; a task's metric is its adapter's
+  ``evaluation`` (a :class:`~mmdemo.finetune.evaluate.TaskEvaluation` beside the adapter, e.g. in ``vqa.py``).
 * ``data.py``: an exported feedback dataset, or the store's feedback exported for the run.
 * ``train.py``: the plain torch loop (AdamW, gradient clipping, validation each epoch, best kept).
 * ``jobs.py``: :class:`FinetuneJob` (status, progress, cancel), the atomic checkpoint and serving, and

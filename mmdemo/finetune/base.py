@@ -17,12 +17,15 @@ from .errors import UnsupportedBaseError
 if TYPE_CHECKING:
     from .config import FinetuneConfig
     from .data import TrainingData
+    from .evaluate import TaskEvaluation
 
 
 class FinetuneAdapter(ABC):
     task: ClassVar[str]
     kinds: ClassVar[frozenset[str]]        # catalog kinds this adapter can train
     columns: ClassVar[tuple[str, ...]]     # exported dataset columns it reads
+    # how the task is scored on labelled data (mmdemo.finetune.evaluate); None: the task has no metric yet
+    evaluation: ClassVar[TaskEvaluation | None] = None
 
     @abstractmethod
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:

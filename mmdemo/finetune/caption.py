@@ -1,4 +1,7 @@
-"""Fine-tuning image captioning (``image-to-text``): BLIP on (image, corrected caption) rows."""
+"""Fine-tuning image captioning (``image-to-text``): BLIP on (image, corrected caption) rows.
+
+Captioning has no metric yet (its adapter's ``evaluation`` is None): a job trains without a before/after
+table and ``mmdemo evaluate`` refuses the task."""
 
 from __future__ import annotations
 

@@ -1,6 +1,12 @@
 """Is the new model better? Task metrics on labelled data, for a fine-tuning job's before/after table
 and for ``mmdemo evaluate``.
 
+Each task that has a metric has one :class:`TaskEvaluation` (its examples, what the model is asked, the
+part of its result that is scored, the metric), living next to the task's fine-tuning adapter and reached
+through it: ``TaskSpec.finetune`` -> ``FinetuneAdapter.evaluation`` (:func:`evaluation_for`). This module
+keeps what every task shares: the scoring loop with its accepted / corrected groups, where the labels come
+from, the tables and the before/after of a job.
+
 Where the labels come from decides what the numbers mean:
 
 * a held-out campaign labelled by people (``--eval-campaign``) or an exported dataset of other data
@@ -10,38 +16,21 @@ Where the labels come from decides what the numbers mean:
 * the training data's own validation split: biased. Accepted (thumbs-up) rows copy the base's own
   answer (the base looks perfect on them), corrected rows are exactly where it was wrong (it looks
   hopeless), so the two are reported apart and the report says the comparison is biased.
-
-VQA accuracy is the standard VQA normalisation (lower case, punctuation and articles dropped, number
-words as digits) and, when several people answered a question, ``min(#people who gave the answer / 3,
-1)``; with one answer it is an exact match after normalisation.
-
-Zero-shot classification: the model ranks the labels offered with the image (plus the right ones, if a
-person typed a label that was not offered), through the record's template or the model's default.
-Single-label images score top-1 accuracy; multi-label images (several right labels) score micro F1 of
-the model's top k labels, k being the number of right labels. The right labels of an image several
-people labelled are those at least half of them gave.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
+from .adapters import finetune_adapters
 from .errors import UnsupportedBaseError
-from .labels import (  # noqa: F401 - callers read them here too
-    ACCEPTED,
-    ASR,
-    CORRECTED,
-    VQA,
-    ZERO_SHOT,
-    CampaignInput,
-    campaign_inputs,
-)
+from .labels import ACCEPTED, CORRECTED, CampaignInput, campaign_inputs
 
 BIASED_NOTE = ("biased: only the training data's own validation split was available. The base model looks "
                "perfect on accepted rows (they copy its answer) and hopeless on corrected rows (chosen because "
@@ -62,66 +51,107 @@ class LabelledQuestion:
     template: str | None = None      # zero-shot: the record's template (None: the model's default)
 
 
-# --- VQA accuracy ------------------------------------------------------------------------------------
-
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+# --- one task's evaluation ---------------------------------------------------------------------------------
 
 
-def normalize_answer(text: str) -> str:
-    """The VQA evaluation's normal form: ``"Two dogs."`` -> ``"2 dogs"``, ``"the Red"`` -> ``"red"``."""
-    text = str(text).lower().replace("\n", " ").replace("\t", " ").strip()
-    text = _PERIOD.sub("", _PUNCTUATION.sub("", text))
-    words = [_NUMBERS.get(word, word) for word in text.split() if word not in _ARTICLES]
-    return " ".join(words)
+class TaskEvaluation(ABC):
+    """How one task is scored on labelled data: its examples (from exported rows, an exported dataset or a
+    campaign), what the model is asked for each, the part of its result that is scored, and the metric.
+
+    An example is any object with ``answers`` (the labels, one per person), ``group`` (accepted / corrected
+    on a validation split, else None), ``suggested_by`` and ``output_ids`` (see :class:`LabelledQuestion`).
+    """
+
+    task: ClassVar[str]
+    # (column title, result key, key of the count it is over) of each metric, headline first
+    metrics: ClassVar[tuple[tuple[str, str, str], ...]]
+    export_columns: ClassVar[tuple[str, ...]]  # the exported dataset columns the examples read
+    media: ClassVar[str] = "image"             # what a campaign's input is called in messages
+
+    @abstractmethod
+    def examples_from_rows(self, rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[Any]:
+        """Examples from exported rows (media undecoded); ``split_groups`` marks each accepted or corrected."""
+
+    @abstractmethod
+    def example_from_campaign(self, item: CampaignInput, campaign: str) -> Any:
+        """The example of one campaign input, with every label people submitted for it."""
+
+    @abstractmethod
+    def accepted_answer(self, output: dict[str, Any]) -> Any:
+        """The label of an accepted suggestion (a recorded output), as the export takes it."""
+
+    @abstractmethod
+    def task_inputs(self, example: Any) -> dict[str, Any]:
+        """What the task is asked for ``example``: its media and the task's other inputs."""
+
+    @abstractmethod
+    def prediction(self, result: dict[str, Any]) -> Any:
+        """The part of the task's result that is scored."""
+
+    @abstractmethod
+    def summarise(self, scored: list[tuple[Any, Any]]) -> dict[str, Any]:
+        """The metrics of (example, prediction) pairs: a dict with every key :attr:`metrics` names."""
+
+    def examples_from_export(self, path: Path) -> list[Any]:
+        """Every row of both splits of an exported dataset folder (``mmdemo export --format datasets``)."""
+        from .data import load_export
+
+        data = load_export(Path(path), self.task, self.export_columns)
+        rows = [row for split in (data.train, data.validation) for row in undecoded(split)]
+        return self.examples_from_rows(rows, split_groups=False)
+
+    def examples_from_campaign(self, store: Any, campaign: str) -> list[Any]:
+        """The labels people submitted in an annotation campaign, one example per input
+        (``suggested_by`` names the model whose suggestion someone accepted)."""
+        return [self.example_from_campaign(item, campaign) for item in campaign_inputs(store, campaign, self)]
+
+    def loaded_model_answers(self, spec: Any, bundle: Any) -> Callable[[Any], Any]:
+        """Predictions from a model loaded here (``bundle``: the task's loaded form), as the app computes them."""
+        from ..media import MediaLimits
+        from ..tasks import get_task
+
+        task = get_task(self.task)
+
+        def answer(example: Any) -> Any:
+            request = task.prepare({**spec.defaults, **self.task_inputs(example)}, MediaLimits(), spec)
+            return self.prediction(task.predict(bundle, request))
+
+        return answer
+
+    def served_model_answers(self, registry: Any, model_id: str) -> Callable[[Any], Any]:
+        """Predictions of a catalog model through the registry (``mmdemo.tasks.run``)."""
+        from ..tasks import run
+
+        return lambda example: self.prediction(run(registry, self.task, model_id, **self.task_inputs(example)))
+
+    def score(self, answer: Callable[[Any], Any], examples: list[Any]) -> dict[str, Any]:
+        """The metrics of ``answer`` (example -> the model's prediction) over ``examples``, overall and per
+        group (accepted / corrected)."""
+        scored = [(example, answer(example)) for example in examples]
+        result = self.summarise(scored)
+        for group in sorted({example.group for example in examples if example.group}):
+            result[group] = self.summarise([pair for pair in scored if pair[0].group == group])
+        return result
 
 
-def vqa_accuracy(prediction: str, answers: Iterable[str]) -> float:
-    """``min(#people who said it / 3, 1)`` when several people answered, else an exact match, both
-    after :func:`normalize_answer`."""
-    answers = [normalize_answer(answer) for answer in answers]
-    said = sum(answer == normalize_answer(prediction) for answer in answers)
-    if len(answers) > 1:
-        return min(said / 3, 1.0)
-    return float(said == 1)
+def task_evaluations() -> dict[str, TaskEvaluation]:
+    """Every task that has a metric, with its evaluation (found through its descriptor's adapter)."""
+    return {task: adapter.evaluation for task, adapter in finetune_adapters().items() if adapter.evaluation}
 
 
-# --- labelled data -------------------------------------------------------------------------------------
+def evaluation_for(task: str) -> TaskEvaluation:
+    """The evaluation of ``task``, or ``UnsupportedBaseError`` when the task has no metric yet."""
+    evaluations = task_evaluations()
+    try:
+        return evaluations[task]
+    except KeyError:
+        raise UnsupportedBaseError(
+            f"Evaluation is not available for {task} yet; tasks: {', '.join(evaluations)}.") from None
 
 
-def group_vqa_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Exported VQA rows (image bytes, question, answer, merged_record_ids, corrected) grouped by
-    (image, question): ``{"image": bytes, "question", "answers": [..], "corrected": bool}``, each
-    answer repeated once per person who gave it (exact duplicates were merged by the export)."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        data = row["image"]["bytes"]
-        key = (hashlib.sha256(data).hexdigest(), row["question"].strip())
-        group = groups.setdefault(key, {"image": data, "question": row["question"], "answers": [],
-                                        "corrected": False})
-        group["answers"] += [row["answer"]] * (1 + len(row.get("merged_record_ids") or []))
-        group["corrected"] = group["corrected"] or bool(row.get("corrected"))
-    return list(groups.values())
-
-
-def questions_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool,
-                        task: str = VQA) -> list[LabelledQuestion]:
-    """:class:`LabelledQuestion` s from exported rows; ``split_groups`` marks each accepted or corrected."""
-    from PIL import Image
-
-    if task == ASR:
-        return _speech().examples_from_rows(rows, split_groups=split_groups)
-    if task == ZERO_SHOT:
-        return labelled_images_from_rows(rows, split_groups=split_groups)
-    found = []
-    for group in group_vqa_rows(rows):
-        image = Image.open(io.BytesIO(group["image"])).convert("RGB")
-        kind = (CORRECTED if group["corrected"] else ACCEPTED) if split_groups else None
-        found.append(LabelledQuestion(image, group["question"], tuple(group["answers"]), kind))
-    return found
+def has_metric(task: str) -> bool:
+    """Whether ``task`` has an evaluation (its adapter's ``evaluation`` is set)."""
+    return task in task_evaluations()
 
 
 def undecoded(split: Any) -> Any:
@@ -131,132 +161,37 @@ def undecoded(split: Any) -> Any:
     return split.cast_column("image", Image(decode=False)) if "image" in split.column_names else split
 
 
-def questions_from_export(path: Path, task: str = VQA) -> list[LabelledQuestion]:
-    """Every row of both splits of an exported dataset folder (``mmdemo export --format datasets``)."""
-    from .data import load_export
+def grouped_rows(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+                 label: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+    """Exported rows (image bytes, merged_record_ids, corrected...) grouped by their image and ``key(row)``:
+    ``{"row": the first row, "image": bytes, "labels": [..], "corrected": bool}``, each row's ``label(row)``
+    repeated once per person who gave it (exact duplicates were merged by the export)."""
+    groups: dict[tuple[str, Any], dict[str, Any]] = {}
+    for row in rows:
+        data = row["image"]["bytes"]
+        group = groups.setdefault((hashlib.sha256(data).hexdigest(), key(row)),
+                                  {"row": row, "image": data, "labels": [], "corrected": False})
+        group["labels"] += [label(row)] * (1 + len(row.get("merged_record_ids") or []))
+        group["corrected"] = group["corrected"] or bool(row.get("corrected"))
+    return list(groups.values())
 
-    check_metric(task)
-    if task == ASR:
-        return _speech().examples_from_export(Path(path))
-    data = load_export(Path(path), task, _EXPORT_COLUMNS[task])
-    rows = [row for split in (data.train, data.validation) for row in undecoded(split)]
-    return questions_from_rows(rows, split_groups=False, task=task)
+
+def group_of(corrected: bool, split_groups: bool) -> str | None:
+    """A validation example's group (accepted / corrected); None when the groups are not split."""
+    return (CORRECTED if corrected else ACCEPTED) if split_groups else None
 
 
-def questions_from_campaign(store: Any, campaign: str, task: str = VQA) -> list[LabelledQuestion]:
-    """The labels people submitted in an annotation campaign, one question per (image, question)
-    (``suggested_by`` names the model whose suggestion someone accepted)."""
+def image_of(data: bytes) -> Any:
+    """Exported or stored image bytes as an RGB PIL image."""
     from PIL import Image
 
-    check_metric(task)
-    if task == ASR:
-        return _speech().examples_from_campaign(store, campaign)
-    questions = []
-    for item in campaign_inputs(store, campaign, task):
-        image = Image.open(io.BytesIO(item.media)).convert("RGB")
-        labelled = dict(suggested_by=item.suggested_by, output_ids=item.output_ids)
-        inputs = item.output.inputs
-        if task == ZERO_SHOT:
-            right = agreed_labels(list(item.answers))
-            questions.append(LabelledQuestion(image, "", right, labels_offered=offered(inputs.get("labels", []), right),
-                                              template=inputs.get("template"), **labelled))
-        else:
-            questions.append(LabelledQuestion(image, inputs.get("question", ""), item.answers, **labelled))
-    return questions
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-# --- scoring ---------------------------------------------------------------------------------------------
+# --- shared by every task ----------------------------------------------------------------------------------
 
 
-# Per task: (column title, result key, key of the count it is over) of each metric, headline first.
-_METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    VQA: (("VQA accuracy", "vqa_accuracy", "questions"),),
-    ZERO_SHOT: (("top-1 accuracy", "top1_accuracy", "single_label"), ("F1 multi-label", "f1", "multi_label")),
-    ASR: (("WER", "wer", "questions"), ("CER", "cer", "questions")),
-}
-_EXPORT_COLUMNS = {
-    VQA: ("image", "question", "answer", "merged_record_ids"),
-    ZERO_SHOT: ("image", "labels", "candidate_labels", "template", "merged_record_ids"),
-}
-
-
-def has_metric(task: str) -> bool:
-    return task in _METRICS
-
-
-def check_metric(task: str) -> None:
-    if not has_metric(task):
-        raise UnsupportedBaseError(f"Evaluation is not available for {task} yet; tasks: {', '.join(_METRICS)}.")
-
-
-def task_inputs(task: str, question: LabelledQuestion) -> dict[str, Any]:
-    """What the task is asked, besides the image: the question, or the labels (and the record's template)."""
-    if task == ZERO_SHOT:
-        return {"labels": list(question.labels_offered),
-                **({"template": question.template} if question.template else {})}
-    return {"question": question.question}
-
-
-def prediction_of(task: str, result: dict[str, Any]) -> Any:
-    """The part of a task's result that is scored: the answer, or the labels best first."""
-    if task == ZERO_SHOT:
-        return [item["label"] for item in result["labels"]]
-    return result["answer"]
-
-
-def _speech() -> Any:
-    """Speech keeps its examples, predictions and metric (WER, CER) in mmdemo.finetune.speech."""
-    from . import speech
-
-    return speech
-
-
-def loaded_model_answers(spec: Any, bundle: Any) -> Callable[[LabelledQuestion], str]:
-    """Answers from a model loaded here (``bundle``: the task's loaded form), as the app computes them."""
-    from ..media import MediaLimits
-    from ..tasks import get_task
-
-    if spec.task == ASR:
-        return _speech().loaded_model_transcripts(spec, bundle)
-    task = get_task(spec.task)
-
-    def answer(question: LabelledQuestion) -> Any:
-        request = task.prepare({**spec.defaults, "image": question.image, **task_inputs(spec.task, question)},
-                               MediaLimits(), spec)
-        return prediction_of(spec.task, task.predict(bundle, request))
-
-    return answer
-
-
-def served_model_answers(registry: Any, model_id: str, task: str = VQA) -> Callable[[LabelledQuestion], str]:
-    """Answers of a catalog model through the registry (``mmdemo.tasks.run``)."""
-    from ..tasks import run
-
-    if task == ASR:
-        return _speech().served_model_transcripts(registry, model_id)
-    return lambda question: prediction_of(task, run(registry, task, model_id, image=question.image,
-                                                    **task_inputs(task, question)))
-
-
-def score(answer: Callable[[LabelledQuestion], Any], questions: list[LabelledQuestion],
-          task: str = VQA) -> dict[str, Any]:
-    """The task's metric of ``answer`` (question -> the model's prediction) over ``questions``, overall
-    and per group (accepted / corrected)."""
-    if task == ASR:
-        return _speech().score(answer, questions)
-    summarise = zero_shot_metrics if task == ZERO_SHOT else _vqa_metrics
-    scored = [(question, answer(question)) for question in questions]
-    result = summarise(scored)
-    for group in sorted({question.group for question in questions if question.group}):
-        result[group] = summarise([pair for pair in scored if pair[0].group == group])
-    return result
-
-
-def _vqa_metrics(scored: list[tuple[LabelledQuestion, str]]) -> dict[str, Any]:
-    return {"vqa_accuracy": _mean([vqa_accuracy(answer, q.answers) for q, answer in scored]), "questions": len(scored)}
-
-
-def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -> dict[str, Any]:
+def describe_source(questions: list[Any], source: dict[str, Any]) -> dict[str, Any]:
     """What metrics.json and ``mmdemo evaluate`` say about the labels: where from, how many, and
     whether they are biased (a validation split, or suggestions accepted from a model)."""
     accepted = Counter(q.suggested_by for q in questions if q.suggested_by)
@@ -273,7 +208,7 @@ def describe_source(questions: list[LabelledQuestion], source: dict[str, Any]) -
     return info
 
 
-def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], task: str = VQA) -> str:
+def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], task: str) -> str:
     """A plain-text table: one line per model, the task's metrics overall (and accepted / corrected apart)."""
     headers, rows = table_rows(results, task)
     width = max(len(row[0]) for row in [headers, *rows])
@@ -286,10 +221,10 @@ def format_table(results: dict[str, dict[str, Any]], source: dict[str, Any], tas
     return "\n".join(lines)
 
 
-def table_rows(results: dict[str, dict[str, Any]], task: str = VQA) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: dict[str, dict[str, Any]], task: str) -> tuple[list[str], list[list[str]]]:
     """The headers ("model", then the task's metrics overall and, when present, on accepted / corrected
     rows apart) and one row of cells per model (``"0.500 (4)"``: the score and the count it is over)."""
-    metrics = _METRICS[task]
+    metrics = evaluation_for(task).metrics
     groups = [g for g in (ACCEPTED, CORRECTED) if any(g in r for r in results.values())]
     columns = [(title, None, metric) for title, *metric in metrics]
     columns += [(f"{g} rows" if len(metrics) == 1 else f"{title}, {g}", g, metric)
@@ -342,67 +277,5 @@ def _cell(result: dict[str, Any] | None, key: str, count: str) -> str:
     return f"{result[key]:.3f} ({result[count]})"
 
 
-def _mean(values: list[float]) -> float | None:
+def average(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
-
-
-# --- zero-shot classification ------------------------------------------------------------------------------
-
-
-def agreed_labels(votes: Iterable[Iterable[str]]) -> tuple[str, ...]:
-    """The labels at least half of the people gave (each vote: one person's labels), in first-given order."""
-    votes = [list(dict.fromkeys(label.strip() for label in vote)) for vote in votes]
-    counts = Counter(label.casefold() for vote in votes for label in vote)
-    first = {}
-    for vote in votes:
-        for label in vote:
-            first.setdefault(label.casefold(), label)
-    return tuple(label for key, label in first.items() if 2 * counts[key] >= len(votes))
-
-
-def offered(candidates: Iterable[str], right: Iterable[str]) -> tuple[str, ...]:
-    """The labels the model chooses from: those offered, then any right label a person typed in."""
-    found = {label.casefold(): label for label in candidates}
-    for label in right:
-        found.setdefault(label.casefold(), label)
-    return tuple(found.values())
-
-
-def labelled_images_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
-    """Exported zero-shot rows (image bytes, labels, candidate_labels, template, merged_record_ids)
-    grouped by (image, labels offered, template), the right labels agreed as :func:`agreed_labels`."""
-    from PIL import Image
-
-    groups: dict[tuple, dict[str, Any]] = {}
-    for row in rows:
-        data = row["image"]["bytes"]
-        key = (hashlib.sha256(data).hexdigest(), tuple(row["candidate_labels"]), row.get("template"))
-        group = groups.setdefault(key, {"image": data, "votes": [], "corrected": False})
-        group["votes"] += [row["labels"]] * (1 + len(row.get("merged_record_ids") or []))
-        group["corrected"] = group["corrected"] or bool(row.get("corrected"))
-    found = []
-    for (_, candidates, template), group in groups.items():
-        right = agreed_labels(group["votes"])
-        kind = (CORRECTED if group["corrected"] else ACCEPTED) if split_groups else None
-        found.append(LabelledQuestion(Image.open(io.BytesIO(group["image"])).convert("RGB"), "", right, kind,
-                                      labels_offered=offered(candidates, right), template=template))
-    return found
-
-
-def zero_shot_metrics(scored: list[tuple[LabelledQuestion, list[str]]]) -> dict[str, Any]:
-    """Top-1 accuracy over single-label images, micro F1 of the top-k labels over multi-label ones."""
-    hits: list[float] = []
-    true_pos = false_pos = false_neg = multi = 0
-    for question, ranked in scored:
-        right = {label.casefold() for label in question.answers}
-        chosen = {label.casefold() for label in ranked[:len(right)]}
-        if len(right) == 1:
-            hits.append(float(chosen == right))
-            continue
-        multi += 1
-        true_pos += len(chosen & right)
-        false_pos += len(chosen - right)
-        false_neg += len(right - chosen)
-    f1 = round(2 * true_pos / (2 * true_pos + false_pos + false_neg), 4) if multi else None
-    return {"top1_accuracy": _mean(hits), "single_label": len(hits), "f1": f1, "multi_label": multi,
-            "questions": len(scored)}

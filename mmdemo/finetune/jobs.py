@@ -39,19 +39,7 @@ from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
 from .errors import FinetuneCancelled, InvalidDatasetError
-from .evaluate import (
-    LabelledQuestion,
-    compared_models,
-    describe_source,
-    format_table,
-    has_metric,
-    loaded_model_answers,
-    questions_from_campaign,
-    questions_from_export,
-    questions_from_rows,
-    score,
-    undecoded,
-)
+from .evaluate import TaskEvaluation, compared_models, describe_source, format_table, undecoded
 from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
 from .train import Progress, train, training_dtype
 from ..tasks import open_registry
@@ -207,7 +195,7 @@ class FinetuneJob:
             staging.mkdir()
             try:
                 with self._training_data(adapter.columns) as exported:
-                    evaluation = self._evaluation_data(exported)
+                    evaluation = self._evaluation_data(adapter.evaluation, exported)
                     exported = without_held_out(exported, evaluation)
                     data = adapter.prepare_data(exported)
                     metrics, params_m = self._train(adapter, base, trained, (location, base_location), placement,
@@ -254,15 +242,16 @@ class FinetuneJob:
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(base.id, f"{type(exc).__name__}: {exc}") from exc
         questions, scores = (evaluation[0], {}) if evaluation else ([], {})
+        scoring = adapter.evaluation
         try:
             # 3. the base scored before training; the model fitted to the data (e.g. new answers)
             if questions and trained is base:
-                scores["base"] = score(loaded_model_answers(base, adapter.serving_bundle(model, processor, base,
-                                                                                         placement)),
-                                       questions, base.task)
+                bundle = adapter.serving_bundle(model, processor, base, placement)
+                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle), questions)
+                del bundle
             elif questions:  # the base as it serves (e.g. on CTranslate2), not its twin
                 bundle = get_task(base.task).load(base, locations[1], placement)
-                scores["base"] = score(loaded_model_answers(base, bundle), questions, base.task)
+                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle), questions)
                 del bundle
             changes = adapter.prepare_model(model, processor, data, self.config)
             # 4. train, writing the best epoch's checkpoint into the staging folder
@@ -285,27 +274,29 @@ class FinetuneJob:
             if questions:
                 saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
                 bundle = get_task(base.task).load(saved, str(staging), placement)
-                scores["new"] = score(loaded_model_answers(saved, bundle), questions, base.task)
+                scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle), questions)
                 del bundle
                 free_device_memory(placement.device)
             metrics["evaluation"] = {"data": evaluation[1], **scores}
         return metrics, params_m
 
-    def _evaluation_data(self, exported: TrainingData) -> tuple[list[LabelledQuestion], dict[str, Any]] | None:
-        """The questions the base and the new model are scored on, and where they come from; None when
-        the task has no metric yet. Read before training, so that bad evaluation data fails early."""
+    def _evaluation_data(self, evaluation: TaskEvaluation | None,
+                         exported: TrainingData) -> tuple[list[Any], dict[str, Any]] | None:
+        """The questions the base and the new model are scored on (``evaluation``: the task's, None when the
+        task has no metric yet), and where they come from; None without a metric. Read before training, so
+        that bad evaluation data fails early."""
         config = self.config
-        if not has_metric(config.task):
+        if evaluation is None:
             return None
         if config.eval_dataset is not None:
-            questions = questions_from_export(Path(config.eval_dataset), config.task)
+            questions = evaluation.examples_from_export(Path(config.eval_dataset))
             source = {"kind": "dataset", "dataset": str(Path(config.eval_dataset).resolve())}
         elif config.eval_campaign is not None:
             with self._store() as store:
-                questions = questions_from_campaign(store, config.eval_campaign, config.task)
+                questions = evaluation.examples_from_campaign(store, config.eval_campaign)
             source = {"kind": "campaign", "campaign": config.eval_campaign}
         else:
-            questions = questions_from_rows(undecoded(exported.validation), split_groups=True, task=config.task)
+            questions = evaluation.examples_from_rows(undecoded(exported.validation), split_groups=True)
             source = {"kind": "validation split"}
         return questions, describe_source(questions, source)
 
@@ -345,7 +336,7 @@ class FinetuneJob:
 
 
 def without_held_out(data: TrainingData,
-                     evaluation: tuple[list[LabelledQuestion], dict[str, Any]] | None) -> TrainingData:
+                     evaluation: tuple[list[Any], dict[str, Any]] | None) -> TrainingData:
     """``data`` without the rows about outputs that the evaluation campaign labelled (a store export
     takes all feedback, the held-out campaign's included); how many went is noted in its source."""
     held_out = {output_id for question in (evaluation[0] if evaluation else []) for output_id in question.output_ids}

@@ -1,7 +1,7 @@
-"""Where evaluation labels come from: the task ids the metrics know, the accepted / corrected groups of a
-validation split, and the labels people submitted in an annotation campaign (:func:`campaign_inputs`).
+"""Where evaluation labels come from: the accepted / corrected groups of a validation split, and the labels
+people submitted in an annotation campaign (:func:`campaign_inputs`).
 
-Below :mod:`.evaluate` and the per-task modules (``speech``), which both read them.
+Below :mod:`.evaluate`, which reads them for every task's evaluation.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from typing import Any
 
 from .errors import InvalidDatasetError
 
-VQA = "visual-question-answering"
-ZERO_SHOT = "zero-shot-image-classification"
-ASR = "automatic-speech-recognition"  # WER and CER: mmdemo.finetune.speech
 ACCEPTED, CORRECTED = "accepted", "corrected"
 
 
@@ -28,11 +25,13 @@ class CampaignInput:
     output_ids: tuple[str, ...]
 
 
-def campaign_inputs(store: Any, campaign: str, task: str, media: str = "image") -> list[CampaignInput]:
-    """The labels people submitted in an annotation campaign of ``task``, grouped by input. A label without a
-    correction is the suggestion the person accepted. ``media`` names the input in messages."""
+def campaign_inputs(store: Any, campaign: str, evaluation: Any) -> list[CampaignInput]:
+    """The labels people submitted in an annotation campaign of ``evaluation.task``, grouped by input. A label
+    without a correction is the suggestion the person accepted (``evaluation.accepted_answer`` of its output);
+    ``evaluation.media`` names the input in messages."""
     from ..feedback import AnnotationQueue
 
+    task, media = evaluation.task, evaluation.media
     queue = AnnotationQueue(store)
     found = queue.campaign(campaign)
     if found.task != task:
@@ -42,7 +41,7 @@ def campaign_inputs(store: Any, campaign: str, task: str, media: str = "image") 
         out = record.output
         accepted = record.correction is None
         group = groups.setdefault(out.input_key, {"output": out, "answers": [], "suggested_by": None, "ids": set()})
-        group["answers"].append(accepted_answer(task, out.output) if accepted else record.correction)
+        group["answers"].append(evaluation.accepted_answer(out.output) if accepted else record.correction)
         group["ids"].add(out.id)
         if accepted:
             group["suggested_by"] = out.model_id
@@ -60,10 +59,3 @@ def campaign_inputs(store: Any, campaign: str, task: str, media: str = "image") 
                                     tuple(sorted(group["ids"]))))
     return inputs
 
-
-def accepted_answer(task: str, output: dict[str, Any]) -> Any:
-    """The label of an accepted suggestion: VQA's answer, zero-shot's top label, the transcript (as the export
-    takes it)."""
-    if task == ZERO_SHOT:
-        return [output["labels"][0]["label"]]
-    return output["text"] if task == ASR else output["answer"]

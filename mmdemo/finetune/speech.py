@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from ..catalog import Catalog, ModelSpec
 from ..errors import MMDemoError
@@ -30,17 +30,110 @@ from .base import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError, UnsupportedBaseError
-from .labels import ACCEPTED, CORRECTED, campaign_inputs
+from .evaluate import TaskEvaluation, group_of
+from .labels import CampaignInput
 
 ASR = "automatic-speech-recognition"
 SAMPLING_RATE = 16_000
 TWIN_FOLDER = "transformers"  # the trained transformers checkpoint inside a converted faster-whisper model
 
 
+# --- WER and CER ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledSpeech:
+    """One recording with its reference transcript(s), one per person."""
+
+    audio: Any                        # mmdemo.media.Audio at 16 kHz
+    answers: tuple[str, ...]          # reference transcripts
+    language: str | None = None
+    translate: bool = False
+    group: str | None = None          # accepted / corrected (validation split only), else None
+    suggested_by: str | None = None   # the model whose transcript a person accepted, if one did
+    output_ids: tuple[str, ...] = ()
+
+
+_PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
+
+
+def normalize_transcript(text: str) -> str:
+    """Lower case, punctuation dropped (apostrophes inside words kept), spaces collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", str(text).lower()).split())
+
+
+def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions) between two token lists."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def error_rates(pairs: Iterable[tuple[str, str]]) -> dict[str, float | None]:
+    """Corpus WER and CER of (reference, hypothesis) pairs: all edits over all reference words
+    (characters, spaces included); None when the references are empty."""
+    word_edits = words = char_edits = chars = 0
+    for reference, hypothesis in pairs:
+        ref, hyp = normalize_transcript(reference), normalize_transcript(hypothesis)
+        word_edits += edit_distance(ref.split(), hyp.split())
+        words += len(ref.split())
+        char_edits += edit_distance(list(ref), list(hyp))
+        chars += len(ref)
+    return {"wer": round(word_edits / words, 4) if words else None,
+            "cer": round(char_edits / chars, 4) if chars else None}
+
+
+class SpeechEvaluation(TaskEvaluation):
+    """WER and CER of the transcripts, each reference transcript (one per person) counting."""
+
+    task = ASR
+    metrics = (("WER", "wer", "questions"), ("CER", "cer", "questions"))
+    export_columns = ("audio", "text", "language", "translate", "merged_record_ids", "output_id")
+    media = "recording"
+
+    def examples_from_rows(self, rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledSpeech]:
+        """One example per row (its audio decoded at 16 kHz)."""
+        found = []
+        for row in rows:
+            people = 1 + len(row.get("merged_record_ids") or [])
+            found.append(LabelledSpeech(decode(row["audio"], f"output {row.get('output_id')}"),
+                                        (row["text"],) * people, row.get("language"), bool(row.get("translate")),
+                                        group_of(bool(row.get("corrected")), split_groups),
+                                        output_ids=(row["output_id"],) if row.get("output_id") else ()))
+        return found
+
+    def example_from_campaign(self, item: CampaignInput, campaign: str) -> LabelledSpeech:
+        return LabelledSpeech(decode(io.BytesIO(item.media), f"campaign {campaign!r}"), item.answers,
+                              item.output.inputs.get("language"), bool(item.output.settings.get("translate")),
+                              suggested_by=item.suggested_by, output_ids=item.output_ids)
+
+    def accepted_answer(self, output: dict[str, Any]) -> str:
+        return output["text"]
+
+    def task_inputs(self, example: LabelledSpeech) -> dict[str, Any]:
+        return {"audio": example.audio, "language": example.language, "translate": example.translate}
+
+    def prediction(self, result: dict[str, Any]) -> str:
+        return result["text"]
+
+    def summarise(self, scored: list[tuple[LabelledSpeech, str]]) -> dict[str, Any]:
+        """Corpus WER and CER over every (reference, transcript) pair."""
+        pairs = [(reference, hypothesis) for example, hypothesis in scored for reference in example.answers]
+        return {**error_rates(pairs), "questions": len(scored)}
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------------
+
+
 class SpeechAdapter(FinetuneAdapter):
     task = ASR
     kinds = frozenset({"whisper", "faster-whisper"})
     columns = ("audio", "text", "language", "translate", "corrected", "merged_record_ids", "output_id")
+    evaluation = SpeechEvaluation()
 
     def training_spec(self, spec: ModelSpec, catalog: Catalog) -> ModelSpec:
         """The model that trains: ``spec`` itself, or the transformers twin of a faster-whisper model."""
@@ -149,123 +242,3 @@ def decoder_labels(tokenizer: Any, text: str, language: str | None, translate: b
                                                                 ids("<|notimestamps|>")]
     words = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
     return (prompt + words)[:limit - 1] + [tokenizer.eos_token_id]
-
-
-# --- WER and CER ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelledSpeech:
-    """One recording with its reference transcript(s), one per person."""
-
-    audio: Any                        # mmdemo.media.Audio at 16 kHz
-    answers: tuple[str, ...]          # reference transcripts
-    language: str | None = None
-    translate: bool = False
-    group: str | None = None          # accepted / corrected (validation split only), else None
-    suggested_by: str | None = None   # the model whose transcript a person accepted, if one did
-    output_ids: tuple[str, ...] = ()
-
-
-_PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
-
-
-def normalize_transcript(text: str) -> str:
-    """Lower case, punctuation dropped (apostrophes inside words kept), spaces collapsed."""
-    return " ".join(_PUNCTUATION.sub(" ", str(text).lower()).split())
-
-
-def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions) between two token lists."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
-
-
-def error_rates(pairs: Iterable[tuple[str, str]]) -> dict[str, float | None]:
-    """Corpus WER and CER of (reference, hypothesis) pairs: all edits over all reference words
-    (characters, spaces included); None when the references are empty."""
-    word_edits = words = char_edits = chars = 0
-    for reference, hypothesis in pairs:
-        ref, hyp = normalize_transcript(reference), normalize_transcript(hypothesis)
-        word_edits += edit_distance(ref.split(), hyp.split())
-        words += len(ref.split())
-        char_edits += edit_distance(list(ref), list(hyp))
-        chars += len(ref)
-    return {"wer": round(word_edits / words, 4) if words else None,
-            "cer": round(char_edits / chars, 4) if chars else None}
-
-
-def examples_from_rows(rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledSpeech]:
-    """:class:`LabelledSpeech` from exported rows (one per row); ``split_groups`` marks accepted / corrected."""
-    found = []
-    for row in rows:
-        kind = (CORRECTED if row.get("corrected") else ACCEPTED) if split_groups else None
-        people = 1 + len(row.get("merged_record_ids") or [])
-        found.append(LabelledSpeech(decode(row["audio"], f"output {row.get('output_id')}"), (row["text"],) * people,
-                                    row.get("language"), bool(row.get("translate")), kind,
-                                    output_ids=(row["output_id"],) if row.get("output_id") else ()))
-    return found
-
-
-def examples_from_export(path: Path) -> list[LabelledSpeech]:
-    """Every row of both splits of an exported speech dataset folder."""
-    from .data import load_export
-
-    data = load_export(Path(path), ASR, ("audio", "text", "language", "translate", "merged_record_ids", "output_id"))
-    return examples_from_rows([row for split in (data.train, data.validation) for row in split], split_groups=False)
-
-
-def examples_from_campaign(store: Any, campaign: str) -> list[LabelledSpeech]:
-    """The transcripts people submitted in a speech campaign, one example per recording."""
-    return [LabelledSpeech(decode(io.BytesIO(item.media), f"campaign {campaign!r}"), item.answers,
-                           item.output.inputs.get("language"), bool(item.output.settings.get("translate")),
-                           suggested_by=item.suggested_by, output_ids=item.output_ids)
-            for item in campaign_inputs(store, campaign, ASR, media="recording")]
-
-
-def loaded_model_transcripts(spec: ModelSpec, bundle: Any) -> Callable[[LabelledSpeech], str]:
-    """Transcripts from a model loaded here (a WhisperBundle), as the app computes them."""
-    from ..media import MediaLimits
-    from ..tasks import get_task
-
-    task = get_task(ASR)
-
-    def transcribe(example: LabelledSpeech) -> str:
-        request = task.prepare({**spec.defaults, **_inputs(example)}, MediaLimits(), spec)
-        return task.predict(bundle, request)["text"]
-
-    return transcribe
-
-
-def served_model_transcripts(registry: Any, model_id: str) -> Callable[[LabelledSpeech], str]:
-    """Transcripts of a catalog model through the registry (``mmdemo.tasks.run``)."""
-    from ..tasks import run
-
-    return lambda example: run(registry, ASR, model_id, **_inputs(example))["text"]
-
-
-def _inputs(example: LabelledSpeech) -> dict[str, Any]:
-    return {"audio": example.audio, "language": example.language, "translate": example.translate}
-
-
-def score(transcribe: Callable[[LabelledSpeech], str], examples: list[LabelledSpeech]) -> dict[str, Any]:
-    """WER and CER of ``transcribe`` over ``examples`` (each reference transcript counts), overall and
-    per group (accepted / corrected)."""
-    pairs_by_group: dict[str, list[tuple[str, str]]] = {}
-    pairs = []
-    for example in examples:
-        hypothesis = transcribe(example)
-        found = [(reference, hypothesis) for reference in example.answers]
-        pairs += found
-        if example.group:
-            pairs_by_group.setdefault(example.group, []).extend(found)
-    result: dict[str, Any] = {**error_rates(pairs), "questions": len(examples)}
-    for group, group_pairs in sorted(pairs_by_group.items()):
-        result[group] = {**error_rates(group_pairs), "questions": sum(1 for e in examples if e.group == group)}
-    return result
-

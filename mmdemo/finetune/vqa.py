@@ -10,12 +10,17 @@ several people answered is one example with all their answers.
   appended, and ``id2label`` / ``label2id`` are saved with it. With ``extend=False`` an unknown answer
   fails the job before training, naming the answer.
 * BLIP learns to write the most frequent answer (question encoded with the image, answer decoded).
+
+The evaluation (:class:`VqaEvaluation`) scores the standard VQA accuracy: the VQA normalisation (lower case,
+punctuation and articles dropped, number words as digits) and, when several people answered a question,
+``min(#people who gave the answer / 3, 1)``; with one answer it is an exact match after normalisation.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 from ..catalog import ModelSpec
 from ..placement import Placement
@@ -24,13 +29,85 @@ from .base import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError
-from .evaluate import group_vqa_rows, normalize_answer, undecoded
+from .evaluate import LabelledQuestion, TaskEvaluation, average, group_of, grouped_rows, image_of, undecoded
+from .labels import CampaignInput
+
+TASK = "visual-question-answering"
+
+# --- VQA accuracy ------------------------------------------------------------------------------------
+
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+
+
+def normalize_answer(text: str) -> str:
+    """The VQA evaluation's normal form: ``"Two dogs."`` -> ``"2 dogs"``, ``"the Red"`` -> ``"red"``."""
+    text = str(text).lower().replace("\n", " ").replace("\t", " ").strip()
+    text = _PERIOD.sub("", _PUNCTUATION.sub("", text))
+    words = [_NUMBERS.get(word, word) for word in text.split() if word not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: Iterable[str]) -> float:
+    """``min(#people who said it / 3, 1)`` when several people answered, else an exact match, both
+    after :func:`normalize_answer`."""
+    answers = [normalize_answer(answer) for answer in answers]
+    said = sum(answer == normalize_answer(prediction) for answer in answers)
+    if len(answers) > 1:
+        return min(said / 3, 1.0)
+    return float(said == 1)
+
+
+def group_vqa_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exported VQA rows (image bytes, question, answer, merged_record_ids, corrected) grouped by
+    (image, question): ``{"image": bytes, "question", "answers": [..], "corrected": bool}``, each
+    answer repeated once per person who gave it (exact duplicates were merged by the export)."""
+    return [{"image": group["image"], "question": group["row"]["question"], "answers": group["labels"],
+             "corrected": group["corrected"]}
+            for group in grouped_rows(rows, key=lambda row: row["question"].strip(), label=lambda row: row["answer"])]
+
+
+class VqaEvaluation(TaskEvaluation):
+    """VQA accuracy of the answer to each (image, question), every person's answer counting."""
+
+    task = TASK
+    metrics = (("VQA accuracy", "vqa_accuracy", "questions"),)
+    export_columns = ("image", "question", "answer", "merged_record_ids")
+
+    def examples_from_rows(self, rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
+        return [LabelledQuestion(image_of(group["image"]), group["question"], tuple(group["answers"]),
+                                 group_of(group["corrected"], split_groups))
+                for group in group_vqa_rows(rows)]
+
+    def example_from_campaign(self, item: CampaignInput, campaign: str) -> LabelledQuestion:
+        return LabelledQuestion(image_of(item.media), item.output.inputs.get("question", ""), item.answers,
+                                suggested_by=item.suggested_by, output_ids=item.output_ids)
+
+    def accepted_answer(self, output: dict[str, Any]) -> str:
+        return output["answer"]
+
+    def task_inputs(self, example: LabelledQuestion) -> dict[str, Any]:
+        return {"image": example.image, "question": example.question}
+
+    def prediction(self, result: dict[str, Any]) -> str:
+        return result["answer"]
+
+    def summarise(self, scored: list[tuple[LabelledQuestion, str]]) -> dict[str, Any]:
+        return {"vqa_accuracy": average([vqa_accuracy(answer, q.answers) for q, answer in scored]),
+                "questions": len(scored)}
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------------
 
 
 class VqaAdapter(FinetuneAdapter):
-    task = "visual-question-answering"
+    task = TASK
     kinds = frozenset({"vilt", "blip"})
     columns = ("image", "question", "answer", "corrected", "merged_record_ids", "output_id")
+    evaluation = VqaEvaluation()
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch

@@ -8,11 +8,18 @@ batch is a negative.
 * CLIP learns with its symmetric InfoNCE loss: cross-entropy of each image over the batch's texts and
   of each right text over the batch's images, with a soft target spread evenly over the positives.
 * SigLIP learns with its sigmoid loss: an independent binary decision per (image, text) pair.
+
+The evaluation (:class:`ZeroShotEvaluation`): the model ranks the labels offered with the image (plus the
+right ones, if a person typed a label that was not offered), through the record's template or the model's
+default. Single-label images score top-1 accuracy; multi-label images (several right labels) score micro
+F1 of the model's top k labels, k being the number of right labels. The right labels of an image several
+people labelled are those at least half of them gave.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, Iterable
 
 from ..catalog import ModelSpec
 from ..errors import InvalidInputError
@@ -22,12 +29,102 @@ from ..tasks.zero_shot import ZeroShotBundle, ZeroShotRequest, fill_template, pa
 from .base import FinetuneAdapter
 from .data import TrainingData
 from .errors import InvalidDatasetError
+from .evaluate import LabelledQuestion, TaskEvaluation, average, group_of, grouped_rows, image_of
+from .labels import CampaignInput
+
+TASK = "zero-shot-image-classification"
+
+# --- the evaluation ----------------------------------------------------------------------------------------
+
+
+def agreed_labels(votes: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    """The labels at least half of the people gave (each vote: one person's labels), in first-given order."""
+    votes = [list(dict.fromkeys(label.strip() for label in vote)) for vote in votes]
+    counts = Counter(label.casefold() for vote in votes for label in vote)
+    first = {}
+    for vote in votes:
+        for label in vote:
+            first.setdefault(label.casefold(), label)
+    return tuple(label for key, label in first.items() if 2 * counts[key] >= len(votes))
+
+
+def offered(candidates: Iterable[str], right: Iterable[str]) -> tuple[str, ...]:
+    """The labels the model chooses from: those offered, then any right label a person typed in."""
+    found = {label.casefold(): label for label in candidates}
+    for label in right:
+        found.setdefault(label.casefold(), label)
+    return tuple(found.values())
+
+
+def zero_shot_metrics(scored: list[tuple[LabelledQuestion, list[str]]]) -> dict[str, Any]:
+    """Top-1 accuracy over single-label images, micro F1 of the top-k labels over multi-label ones."""
+    hits: list[float] = []
+    true_pos = false_pos = false_neg = multi = 0
+    for question, ranked in scored:
+        right = {label.casefold() for label in question.answers}
+        chosen = {label.casefold() for label in ranked[:len(right)]}
+        if len(right) == 1:
+            hits.append(float(chosen == right))
+            continue
+        multi += 1
+        true_pos += len(chosen & right)
+        false_pos += len(chosen - right)
+        false_neg += len(right - chosen)
+    f1 = round(2 * true_pos / (2 * true_pos + false_pos + false_neg), 4) if multi else None
+    return {"top1_accuracy": average(hits), "single_label": len(hits), "f1": f1, "multi_label": multi,
+            "questions": len(scored)}
+
+
+class ZeroShotEvaluation(TaskEvaluation):
+    """Top-1 accuracy (single-label images) and micro F1 (multi-label ones) of the labels the model ranks."""
+
+    task = TASK
+    metrics = (("top-1 accuracy", "top1_accuracy", "single_label"), ("F1 multi-label", "f1", "multi_label"))
+    export_columns = ("image", "labels", "candidate_labels", "template", "merged_record_ids")
+
+    def examples_from_rows(self, rows: Iterable[dict[str, Any]], *, split_groups: bool) -> list[LabelledQuestion]:
+        """Rows grouped by (image, labels offered, template), the right labels agreed as :func:`agreed_labels`."""
+        found = []
+        for group in grouped_rows(rows, key=lambda row: (tuple(row["candidate_labels"]), row.get("template")),
+                                  label=lambda row: row["labels"]):
+            right = agreed_labels(group["labels"])
+            found.append(LabelledQuestion(image_of(group["image"]), "", right,
+                                          group_of(group["corrected"], split_groups),
+                                          labels_offered=offered(group["row"]["candidate_labels"], right),
+                                          template=group["row"].get("template")))
+        return found
+
+    def example_from_campaign(self, item: CampaignInput, campaign: str) -> LabelledQuestion:
+        right = agreed_labels(list(item.answers))
+        inputs = item.output.inputs
+        return LabelledQuestion(image_of(item.media), "", right, suggested_by=item.suggested_by,
+                                output_ids=item.output_ids, labels_offered=offered(inputs.get("labels", []), right),
+                                template=inputs.get("template"))
+
+    def accepted_answer(self, output: dict[str, Any]) -> list[str]:
+        return [output["labels"][0]["label"]]
+
+    def task_inputs(self, example: LabelledQuestion) -> dict[str, Any]:
+        """The image, the labels offered and the record's template (if it had one)."""
+        return {"image": example.image, "labels": list(example.labels_offered),
+                **({"template": example.template} if example.template else {})}
+
+    def prediction(self, result: dict[str, Any]) -> list[str]:
+        """The labels, best first."""
+        return [item["label"] for item in result["labels"]]
+
+    def summarise(self, scored: list[tuple[LabelledQuestion, list[str]]]) -> dict[str, Any]:
+        return zero_shot_metrics(scored)
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------------
 
 
 class ZeroShotAdapter(FinetuneAdapter):
-    task = "zero-shot-image-classification"
+    task = TASK
     kinds = frozenset({"clip", "siglip"})
     columns = ("image", "labels", "candidate_labels", "template", "corrected", "merged_record_ids", "output_id")
+    evaluation = ZeroShotEvaluation()
 
     def __init__(self) -> None:
         self.default_template = ZeroShotRequest.template  # the base's own, once it is loaded
