@@ -189,7 +189,7 @@ def main() -> None:
 
 
 def _concurrency(settings: Settings) -> int:
-    from mmdemo.ui.common import model_concurrency
+    from mmdemo.placement import model_concurrency
 
     return model_concurrency(settings)
 

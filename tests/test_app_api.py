@@ -357,3 +357,13 @@ def test_python_app_py_serves_the_tiny_profile(tiny_settings, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_queue_does_not_summarise_its_history_after_every_event(tiny_settings):
+    """gradio recomputes a pandas summary of its last 10,000 events after each one unless told otherwise
+    (3-11 ms of CPU a call); the app tells it to do so rarely."""
+    from mmdemo.config import GRADIO_SUMMARY_EVERY
+    from mmdemo.server import build_app
+
+    demo = build_app(tiny_settings)
+    assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == GRADIO_SUMMARY_EVERY >= 1000
