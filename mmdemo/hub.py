@@ -107,7 +107,10 @@ def _ask(url: str, timeout: float) -> str:
         return ""  # it answered
     except (urllib.error.URLError, OSError, ValueError) as exc:
         detail = getattr(exc, "reason", exc)
-        return f"{url.split('/api/')[0]} cannot be reached ({detail})"
+        endpoint = url.split('/api/')[0]
+        if isinstance(detail, TimeoutError):  # the socket's own timeout can end the wait first: the same silence
+            return f"{endpoint} did not answer within {timeout:g} s"
+        return f"{endpoint} cannot be reached ({detail})"
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
