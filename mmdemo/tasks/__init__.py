@@ -168,7 +168,8 @@ def run(registry: ModelRegistry, task: str, model_id: str | None = None, **input
     return predict(registry, task, model_id, inputs).result
 
 
-def run_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_batch(registry: ModelRegistry, task: str, model_id: str | None,
+              batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The results of :func:`predict_batch`, not recorded."""
     return [prediction.result for prediction in predict_batch(registry, task, model_id, batch)]
 

@@ -47,8 +47,8 @@ ENTRY_POINT_GROUP = "mmdemo.tasks"
 class TaskSpec:
     """Everything about one task.
 
-    ``id`` is the Hub's task tag; ``aliases`` are short names (for the CLI and the API); ``input_kind`` says what the request's media is (``image``, ``audio``, or ``text``
-    for none); ``kinds`` maps each model kind the task serves to its backend (``transformers``, ``diffusers``,
+    ``id`` is the Hub's task tag; ``aliases`` are short names (for the CLI and the API); ``input_kind`` says
+    what the request's media is (``image``, ``audio``, or ``text`` for none); ``kinds`` maps each model kind the task serves to its backend (``transformers``, ``diffusers``,
     ``ctranslate2``); ``models`` and ``tiny_models`` are its built-in catalog entries (the first is the
     default) and ``tiny_builders`` make the tiny checkpoints those name. ``tab`` is the module of its UI tab,
     ``finetune`` the ``module:Class`` of its fine-tuning adapter (None: not trainable yet).
