@@ -51,6 +51,7 @@ class ModelSpec:
     variant: str | None = None           # e.g. "fp16" weights files on the Hub
     defaults: Mapping[str, Any] = field(default_factory=dict)  # task settings this model wants
     twin: str | None = None              # faster-whisper: the transformers Whisper that fine-tuning trains
+    adapter_of: str | None = None        # a LoRA adapter: the catalog id of the base model it applies to
     backend: str = ""                    # set by the catalog from the task's kinds
 
     def __post_init__(self) -> None:

@@ -58,6 +58,11 @@ class FinetuneConfig:
     grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off
     max_length: int = 40                 # target tokens per example, longer ones are cut
     extend: bool = True                  # answers a fixed-head model (ViLT) does not know extend its head
+    lora: bool | None = None             # train a LoRA adapter (peft); None: the task's and model size's default
+    lora_rank: int = 8                   # r of every LoRA matrix pair
+    lora_alpha: float | None = None      # scale numerator (alpha / r); None: 2 x rank
+    lora_targets: tuple[str, ...] | None = None  # module names to adapt; None: the model kind's default
+    merge: bool = False                  # merge the trained adapter into a full checkpoint (no adapter served)
     eval_campaign: str | None = None     # before/after evaluation on this campaign's labels (held out)
     eval_dataset: str | None = None      # ... or on this exported folder; neither: the validation split
     description: str = ""
@@ -82,6 +87,20 @@ class FinetuneConfig:
             raise InvalidInputError("Evaluate on a campaign or on a dataset, not both.")
         if not isinstance(self.extend, bool):
             raise InvalidInputError(f"extend must be true or false, not {self.extend!r}.")
+        if self.lora is not None and not isinstance(self.lora, bool):
+            raise InvalidInputError(f"lora must be true, false or unset, not {self.lora!r}.")
+        _whole(self.lora_rank, "LoRA rank", 1, 1024)
+        if self.lora_alpha is not None:
+            _number(self.lora_alpha, "LoRA alpha", 1e-3, 1e5)
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str) or not all(
+                    isinstance(t, str) and t and len(t) <= 200 for t in self.lora_targets) or not self.lora_targets:
+                raise InvalidInputError("LoRA target modules must be a non-empty list of module names.")
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not isinstance(self.merge, bool):
+            raise InvalidInputError(f"merge must be true or false, not {self.merge!r}.")
+        if self.merge and self.lora is False:
+            raise InvalidInputError("--merge merges a LoRA adapter: it needs LoRA training (drop --no-lora).")
         if self.only is not None and self.only not in ONLY_CHOICES:
             raise InvalidInputError(f"Unknown filter {self.only!r}; use one of {', '.join(ONLY_CHOICES)}.")
         if self.val_fraction is not None:
