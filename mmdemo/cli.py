@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_annotate_parser(commands, common)
     add_finetune_parser(commands, common)
     add_evaluate_parser(commands, common)
+    add_backup_parsers(commands, common)
     return parser
 
 
@@ -505,6 +506,59 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS["evaluate"] = cmd_evaluate
+
+
+def add_backup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo backup DIR`` (while the app runs) and ``mmdemo restore DIR`` (into an empty store)."""
+    backup = commands.add_parser(
+        "backup", parents=[common], help="snapshot the feedback store and its media into a folder (incremental)",
+        description="A consistent snapshot of the feedback store (SQLite's backup API, or pg_dump) plus the media "
+                    "it uses, into DIR/snapshots/<time>; media already in DIR are not copied again. Safe while "
+                    "the app runs.")
+    backup.add_argument("folder", type=Path, help="the backup folder (created if needed)")
+    backup.add_argument("--keep", type=int, help="keep only the newest N snapshots (and the media they use)")
+    backup.add_argument("--json", action="store_true", help="print JSON")
+    restore = commands.add_parser(
+        "restore", parents=[common], help="restore a backup snapshot into an empty feedback store",
+        description="Restore the newest (or --snapshot) snapshot of DIR into the store of --data-dir / "
+                    "--database-url. Stop the app first. A store that holds records is refused unless --replace "
+                    "(a replaced SQLite file is kept beside the new one).")
+    restore.add_argument("folder", type=Path, help="the backup folder")
+    restore.add_argument("--snapshot", help="snapshot name (default: the newest); see --list")
+    restore.add_argument("--list", action="store_true", help="list the folder's snapshots and exit")
+    restore.add_argument("--replace", action="store_true", help="replace a store that holds records")
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from .feedback import FeedbackStore
+    from .feedback.backup import backup_store
+
+    with FeedbackStore.from_settings(settings) as store:
+        result = backup_store(store, args.folder, keep=args.keep)
+    if args.json:
+        print(json.dumps({"snapshot": result.snapshot, "folder": str(result.folder), "rows": result.rows,
+                          "media_copied": result.media_copied, "media_present": result.media_present,
+                          "media_missing": result.media_missing, "pruned": result.pruned}, indent=2))
+    else:
+        print(result.describe())
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from .feedback.backup import list_snapshots, restore_store
+
+    if args.list:
+        for name in list_snapshots(args.folder):
+            print(name)
+        return 0
+    url = settings.database_url or os.environ.get("MMDEMO_DATABASE_URL") or None
+    result = restore_store(args.folder, settings.data_dir, url, snapshot=args.snapshot, replace=args.replace)
+    print(result.describe())
+    return 0
+
+
+COMMANDS["backup"] = cmd_backup
+COMMANDS["restore"] = cmd_restore
 
 if __name__ == "__main__":
     raise SystemExit(main())
