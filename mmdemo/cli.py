@@ -463,10 +463,11 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo evaluate``: the task's metric for catalog models on labelled data."""
     evaluate = commands.add_parser(
         "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
-        description="Score catalog models with the task's metric (VQA accuracy; zero-shot top-1 accuracy and "
-                    "multi-label F1; WER and CER for speech) on the labels of an annotation "
-                    "campaign or on an exported dataset folder, and print a table.")
-    evaluate.add_argument("--task", required=True, help="task id or alias (vqa, zero-shot, asr)")
+        description="Score catalog models with the task's metric (BLEU-4, ROUGE-L and CIDEr-D for captions; VQA "
+                    "accuracy; zero-shot top-1 accuracy and multi-label F1; WER and CER for speech; mAP@0.5 for "
+                    "detection) on the labels of an annotation campaign or on an exported dataset folder, and "
+                    "print a table.")
+    evaluate.add_argument("--task", required=True, help="task id or alias (caption, vqa, zero-shot, asr, detection)")
     evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")
