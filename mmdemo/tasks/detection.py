@@ -263,7 +263,8 @@ def check_inside(boxes: list[dict[str, Any]], width: int, height: int) -> None:
     for number, item in enumerate(boxes, 1):
         box = item["box"]
         if box["xmax"] > width or box["ymax"] > height:
-            raise InvalidFeedbackError(f"Box {number} ({item['label']}) reaches outside the {width}x{height} image.")
+            raise InvalidFeedbackError(f"Box {number} ({item['label']}, xmax {box['xmax']:g}, ymax {box['ymax']:g}) "
+                                       f"reaches outside the {width}x{height} image.")
 
 
 class DetectionSchema(TaskSchema):
@@ -307,6 +308,10 @@ class DetectionSchema(TaskSchema):
         boxes = clean_boxes(correction)
         check_correction_size(len(json.dumps(boxes).encode("utf-8")), self.what)
         return boxes
+
+    def check_correction(self, correction: Any, output: Mapping[str, Any]) -> None:
+        """Refuse a corrected box that reaches outside the image (its size is the recorded output's)."""
+        check_inside(correction, output["width"], output["height"])
 
     def configs(self) -> dict[str, dict[str, Any]]:
         from datasets import Image, List, Value
