@@ -22,7 +22,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.detection import average_precision, box_iou, mean_average_precision
 from mmdemo.registry import Placement
 from mmdemo.tasks import build_tiny_models, open_registry, run
-from mmdemo.tasks.detection import COORDINATES, model_frame, model_view, pixel_box, relative_box
+from mmdemo.tasks.detection import model_frame, model_view, pixel_box, relative_box
 
 from finetune_util import listing, make_job
 
@@ -121,9 +121,9 @@ def test_mean_average_precision_by_hand():
     assert missed["ap_per_category"] == {"cat": 0.5, "dog": 1.0} and missed["map50"] == 0.75
     # a duplicate: the same cat found twice before the second cat; the second box on it is a false positive:
     # hits T F T over 2 cats -> 5/6 (see above)
-    other = (30.0, 0.0, 40.0, 10.0)
+    other, again = (30.0, 0.0, 40.0, 10.0), (0.0, 0.0, 10.0, 9.0)  # again: IoU 0.9 with the first cat
     duplicate = mean_average_precision([((("cat", cat), ("cat", other)),
-                                         [("cat", 0.9, cat), ("cat", 0.8, (0.0, 0.0, 10.0, 9.0)), ("cat", 0.7, other)])])
+                                         [("cat", 0.9, cat), ("cat", 0.8, again), ("cat", 0.7, other)])])
     assert duplicate["map50"] == pytest.approx(5 / 6, abs=1e-4)
     # IoU 1/2 is a hit, below it a miss; a category nobody labelled (the car) does not count
     half = (0.0, 0.0, 10.0, 20.0)  # overlaps the cat 100 / 200
@@ -233,8 +233,9 @@ def test_bad_data_fails_clearly_and_leaves_the_served_model_alone(settings, scen
 
     splits.map(widen, with_indices=True).save_to_disk(str(broken))
     shutil.copy(scenes.train / ".mmdemo-export", broken / ".mmdemo-export")
-    with pytest.raises(InvalidDatasetError, match=rf"Row 0 of the train split: box 1 \({first['category']}, bbox "
-                                                  r".*\[50.0, 10.0, 30.0, 10.0\]\) does not lie inside its 64x48 image"):
+    refusal = (rf"Row 0 of the train split: box 1 \({first['category']}, bbox .*\[50.0, 10.0, 30.0, 10.0\]\) "
+               r"does not lie inside its 64x48 image")
+    with pytest.raises(InvalidDatasetError, match=refusal):
         job(settings, dataset=str(broken), overwrite=True).run()
     assert listing(settings) == ["owlvit-ft"] and (served.path / "model.safetensors").read_bytes() == weights
     load_export(scenes.train, TASK, adapter_for(TASK).columns)  # the export has every column the adapter reads

@@ -20,8 +20,11 @@ image.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from PIL import Image
 
 from ..catalog import ModelSpec
 from ..placement import Placement
@@ -37,7 +40,7 @@ from .zero_shot import offered
 
 TASK = "zero-shot-object-detection"
 IOU_THRESHOLD = 0.5
-# DETR's loss as OWL-ViT weighs it, the same weights for matching and for the loss
+# DETR's weights (class 1, L1 5, GIoU 2), the same for matching and for the loss
 CLASS_WEIGHT, L1_WEIGHT, GIOU_WEIGHT = 1.0, 5.0, 2.0
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 EDGE_TOLERANCE = 0.5  # pixels: exported coordinates are rounded to 0.1
@@ -192,7 +195,8 @@ class DetectionAdapter(FinetuneAdapter):
         """Refuses a box that is empty or reaches outside its image, naming the row and the box."""
         for split_name, split in (("train", data.train), ("validation", data.validation)):
             for n, row in enumerate(undecoded(split.select_columns(["image", "objects"]))):
-                width, height = image_of(row["image"]["bytes"]).size
+                with Image.open(io.BytesIO(row["image"]["bytes"])) as image:  # the header only
+                    width, height = image.size
                 for number, item in enumerate(row["objects"], 1):
                     x, y, w, h = item["bbox"]
                     if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width + EDGE_TOLERANCE \
