@@ -13,6 +13,8 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
     mmdemo evaluate --task vqa --models vilt-vqa,vilt-ours --campaign held-out
     mmdemo finetune --task zero-shot --base tiny-clip --name clip-ours --eval-dataset ./gold
+    mmdemo finetune --task detection --base owlv2-base --name owlv2-ours --eval-campaign boxes-held-out
+    mmdemo evaluate --task caption --models blip-caption-base,blip-ours --dataset ./gold-captions
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 """
@@ -391,7 +393,8 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
                     "<data_dir>/models/NAME, served as catalog model NAME.")
     finetune.add_argument("--task", help="task id or alias: caption (BLIP), vqa (ViLT or BLIP), zero-shot (CLIP or "
-                                         "SigLIP), asr (Whisper, faster-whisper through its twin) (required)")
+                                         "SigLIP), asr (Whisper, faster-whisper through its twin), detection (OWL-ViT, "
+                                         "OWLv2 or Grounding DINO) (required)")
     finetune.add_argument("--base", help="catalog model id to start from, see `mmdemo models` (required)")
     finetune.add_argument("--name", help="id of the new model: letters, digits, '.', '_', '-' (required)")
     finetune.add_argument("--job-id", help="run the feedback store's queued job ID (what the web app starts), "
@@ -464,10 +467,11 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo evaluate``: the task's metric for catalog models on labelled data."""
     evaluate = commands.add_parser(
         "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
-        description="Score catalog models with the task's metric (VQA accuracy; zero-shot top-1 accuracy and "
-                    "multi-label F1; WER and CER for speech) on the labels of an annotation "
-                    "campaign or on an exported dataset folder, and print a table.")
-    evaluate.add_argument("--task", required=True, help="task id or alias (vqa, zero-shot, asr)")
+        description="Score catalog models with the task's metric (BLEU-4, ROUGE-L and CIDEr-D for captions; VQA "
+                    "accuracy; zero-shot top-1 accuracy and multi-label F1; WER and CER for speech; mAP@0.5 for "
+                    "detection) on the labels of an annotation campaign or on an exported dataset folder, and "
+                    "print a table.")
+    evaluate.add_argument("--task", required=True, help="task id or alias (caption, vqa, zero-shot, asr, detection)")
     evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")

@@ -189,6 +189,22 @@ def test_an_output_with_a_box_outside_its_image_is_refused():
         SCHEMA.check_output({**good, "width": 50})
 
 
+def test_a_corrected_box_outside_the_image_is_refused_by_the_store(store_on_each_database):
+    """The store checks a correction against the recorded output's image size (the API and Annotate save
+    through it), naming the box; the earlier correction stays."""
+    store = store_on_each_database
+    output = {"boxes": [{**CAT, "score": 0.5}], "width": 100, "height": 80, "threshold": 0.1}
+    output_id = store.record_output(TASK, inputs={"image": photo(100, 80), "queries": ["cat", "dog"]}, output=output)
+    inside = [{"label": "dog", "box": {"xmin": 0, "ymin": 0, "xmax": 100, "ymax": 80}}]  # the whole image
+    saved = store.add_feedback(output_id, annotator="alice", correction=inside)
+    outside = [*inside, {"label": "cat", "box": {"xmin": 50, "ymin": 10, "xmax": 120.5, "ymax": 40}}]
+    with pytest.raises(InvalidFeedbackError, match=r"Box 2 \(cat, xmax 120.5, ymax 40\) reaches outside the "
+                                                   r"100x80 image"):
+        store.add_feedback(output_id, annotator="alice", correction=outside)
+    assert store.get(saved.id).correction == [{"label": "dog", "box": {"xmin": 0.0, "ymin": 0.0,
+                                                                               "xmax": 100.0, "ymax": 80.0}}]
+
+
 def record(output: dict, correction=None) -> SimpleNamespace:
     out = SimpleNamespace(output=output, inputs={"queries": ["cat", "dog"]}, input_media=["sha256-abc"],
                           input_key="key")
@@ -243,6 +259,12 @@ def test_detect_through_the_api_then_correct_and_export_with_the_cli(tiny_app, t
         client.predict(details["output_id"], None, json.dumps([{"label": "cat", "box": {"xmin": 9, "ymin": 9,
                                                                                           "xmax": 9, "ymax": 20}}]),
                        None, api_name="/feedback")
+
+    width, height = Image.open(CAT_PHOTO).size
+    outside = {"label": "cat", "box": {"xmin": 10, "ymin": 10, "xmax": width + 5, "ymax": 20}}
+    with pytest.raises(Exception, match=rf"Box 2 \(cat, xmax {width + 5}, ymax 20\) reaches outside the "
+                                        rf"{width}x{height} image"):
+        client.predict(details["output_id"], None, json.dumps([drawn, outside]), None, api_name="/feedback")
 
     out = tmp_path / "export"
     common = ["--profile", "tiny", "--data-dir", str(tiny_app.settings.data_dir)]

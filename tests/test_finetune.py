@@ -4,6 +4,7 @@ catalog model that the registry serves; typed errors, cancels and crashes that p
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,9 @@ from mmdemo.finetune import (
     UnsupportedBaseError,
     adapter_for,
 )
+from mmdemo.finetune.caption import caption_metrics
 from mmdemo.finetune.data import load_export
+from mmdemo.finetune.evaluate import LabelledQuestion
 from mmdemo.finetune.train import evaluate
 from mmdemo.registry import Placement
 from mmdemo.tasks import open_registry  # noqa: E402
@@ -178,6 +181,67 @@ def test_training_from_the_store_matches_the_export_and_is_deterministic(setting
     saved = FinetuneConfig.load(first.path / RUN_CONFIG_FILE)
     assert saved.dataset is None and saved.only == "approved" and saved.val_fraction == 0.3
     assert not [p for p in settings.exports_dir.iterdir()]  # the temporary export is gone
+
+
+# --- caption metrics: BLEU-4, ROUGE-L, CIDEr-D -----------------------------------------------------------
+
+
+def scored_captions(*pairs: tuple[str, tuple[str, ...]]) -> list:
+    image = Image.new("RGB", (8, 8))
+    return [(LabelledQuestion(image, "", references), caption) for caption, references in pairs]
+
+
+def test_caption_metrics_by_hand():
+    same = caption_metrics(scored_captions(("A cat sat on the mat.", ("a cat sat on the mat",)),
+                                           ("two dogs play", ("two dogs play",))))
+    assert same["bleu4"] == 1.0 and same["rouge_l"] == 1.0 and same["images"] == 2
+    # CIDEr-D, identical captions: every 1-4-gram weighs tf * log(2 / df); per n the clipped cosine is 1 where
+    # the caption has n-grams of any weight: "a cat sat on the mat" has all four n (1 each, x10 / 4 * 4 = 10);
+    # "two dogs play" has no 4-gram (0), so 10 * 3 / 4 = 7.5; the mean is 8.75
+    assert same["cider_d"] == 8.75
+    disjoint = caption_metrics(scored_captions(("a red car", ("two dogs play",)), ("blue sky", ("a cat",))))
+    assert disjoint == {"bleu4": 0.0, "rouge_l": 0.0, "cider_d": 0.0, "images": 2}
+    # BLEU-4 worked: "a cat sat on the mat" against "a cat sat on a mat": clipped 1-grams 5/6 (one "a"),
+    # 2-grams 3/5 (a cat, cat sat, sat on), 3-grams 2/4, 4-grams 1/3; same length, no brevity penalty:
+    # (5/6 * 3/5 * 2/4 * 1/3) ** (1/4) = (1/12) ** (1/4) = 0.5373. ROUGE-L: LCS "a cat sat on mat" = 5 words,
+    # precision = recall = 5/6, so F = 5/6 whatever beta.
+    worked = caption_metrics(scored_captions(("a cat sat on the mat", ("a cat sat on a mat",))))
+    assert worked["bleu4"] == pytest.approx((1 / 12) ** 0.25, abs=1e-4)
+    assert worked["rouge_l"] == pytest.approx(5 / 6, abs=1e-4)
+    assert worked["cider_d"] == 0.0  # one image: every n-gram is in all (1) images' references, weight log(1/1)
+    # brevity penalty: 7 words against 8, every n-gram matches: exp(1 - 8/7); ROUGE-L: P = 1, R = 7/8,
+    # F = (1 + 1.2^2) P R / (R + 1.2^2 P) = 2.44 * 0.875 / 2.315 = 0.9222
+    short = caption_metrics(scored_captions(("a black cat sat on the mat", ("a black cat sat on the mat today",))))
+    assert short["bleu4"] == pytest.approx(math.exp(1 - 8 / 7), abs=1e-4)
+    assert short["rouge_l"] == pytest.approx(2.44 * 0.875 / 2.315, abs=1e-4)
+    # several references: the closest length for brevity, clipping by the reference with the most of an n-gram,
+    # the best LCS; CIDEr-D averages over references. "a dog" is right for image 1 (one of its two references)
+    # and wrong for image 2: image 1 scores (10 * 2/4 for "a dog" + 0 for "a puppy") / 2 = 2.5 ("a" weighs 0:
+    # it is in both images' references)
+    several = caption_metrics(scored_captions(("a dog", ("a dog", "a puppy")), ("a dog", ("a cat",))))
+    assert several["cider_d"] == pytest.approx((2.5 + 0.0) / 2)
+    assert several["rouge_l"] == pytest.approx((1.0 + 0.5) / 2)  # image 2: LCS "a", P = R = 1/2
+
+
+def test_a_caption_job_reports_its_metrics_before_and_after_and_evaluate_prints_them(settings, feedback, capsys):
+    # 80 steps: the tiny BLIP then writes the six captions word for word (20 steps only lower the loss)
+    result = job(settings, dataset=str(feedback.overfit), eval_dataset=str(feedback.overfit), epochs=40).run()
+    evaluation = json.loads((result.path / METRICS_FILE).read_text())["evaluation"]
+    assert evaluation["data"]["questions"] == 6 and evaluation["data"]["biased"] is False
+    base, new = evaluation["base"], evaluation["new"]
+    assert base["images"] == new["images"] == 6
+    # the random base writes nonsense; the new model learnt these captions by heart (perfect: 1, 1 and 10)
+    assert base["bleu4"] < 0.1 and base["rouge_l"] < 0.3 and base["cider_d"] < 1.0
+    assert new["bleu4"] > 0.9 and new["rouge_l"] > 0.9 and new["cider_d"] > 9.0
+    assert "BLEU-4" in result.describe() and "CIDEr-D" in result.describe()
+    common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]
+    assert main(["evaluate", *common, "--task", "caption", "--models", f"{BASE},blip-ft",
+                 "--dataset", str(feedback.overfit), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["models"]["blip-ft"] == new and printed["models"][BASE] == base
+    assert main(["evaluate", *common, "--task", "caption", "--models", "blip-ft",
+                 "--dataset", str(feedback.overfit)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["model", "BLEU-4", "ROUGE-L", "CIDEr-D"]
 
 
 # --- refusals ----------------------------------------------------------------------------------------

@@ -349,7 +349,11 @@ class FeedbackStore:
                     f"Output {output_id} expired on {_utc(expires_at):%Y-%m-%d %H:%M} UTC; outputs take feedback "
                     "for a limited time. Run the model again to rate a new result."
                 )
-            fixed = None if correction is None else schema_for(task).clean_correction(correction, images)
+            fixed = None
+            if correction is not None:
+                schema = schema_for(task)
+                fixed = schema.clean_correction(correction, images)
+                schema.check_correction(fixed, conn.execute(self._sql.output_json, {"id": output_id}).scalar_one())
             values = {"b_output_id": output_id, "b_annotator": annotator, "b_thumbs": thumbs, "b_correction": fixed,
                       "b_comment": comment, "b_app_version": self.app_version, "b_now": now}
             new_id = conn.execute(self._sql.insert_feedback, values).scalar()
@@ -580,6 +584,7 @@ class _Statements:
         # FOR SHARE: a concurrent delete of the output waits for this transaction (PostgreSQL)
         self.output_state = (select(outputs.c.task, outputs.c.expires_at, images)
                              .where(outputs.c.id == bindparam("id")).with_for_update(read=True, of=outputs))
+        self.output_json = select(outputs.c.output).where(outputs.c.id == bindparam("id"))
         # bind names differ from column names (SQLAlchemy reserves those in INSERT / UPDATE)
         now = bindparam("b_now", type_=Timestamp)
         media_row = insert(media).values(ref=bindparam("b_ref"), kind=bindparam("b_kind"), size=bindparam("b_size"),

@@ -134,8 +134,7 @@ class DetectionTask(Task):
         boxes = outputs.pred_boxes.float()  # (cx, cy, w, h), relative to the image the model saw
         results = []
         for row, (request, (view, scale)) in enumerate(zip(requests, views)):
-            # OWLv2 pads the image to a square at the right or bottom: its boxes are relative to that square
-            frame = (max(view.size),) * 2 if model.kind == "owlv2" else view.size
+            frame = model_frame(model.kind, view)
             found = []
             for score, query, box in zip(scores[row].tolist(), best[row].tolist(), boxes[row].tolist()):
                 if score < request.threshold:
@@ -151,26 +150,30 @@ class DetectionTask(Task):
 
     @staticmethod
     def _query_of_tokens(model: DetectionBundle, queries: tuple[str, ...], text: str):
-        """For each token of ``text`` (as Grounding DINO's processor encodes it), the query it belongs to (-1:
-        none: special tokens and separators)."""
-        import torch
-
-        starts, position = [], 0
-        for query in queries:
-            starts.append((position, position + len(query)))
-            position += len(query) + len(QUERY_SEPARATOR)
         with model.processor_lock:
-            encoded = model.processor.tokenizer(text, return_offsets_mapping=True)
-        limit = model.model.config.max_text_len
-        if len(encoded["input_ids"]) > limit:
-            raise InvalidInputError(f"The queries make {len(encoded['input_ids'])} tokens; this model reads at "
-                                    f"most {limit}. Give fewer or shorter queries.", "queries")
-        owner = [-1] * len(encoded["input_ids"])
-        for token, (start, end) in enumerate(encoded["offset_mapping"]):
-            for query, (first, last) in enumerate(starts):
-                if end > start and first <= start < last:
-                    owner[token] = query
-        return torch.tensor(owner)
+            return query_of_tokens(model.processor.tokenizer, queries, text, model.model.config.max_text_len)
+
+
+def query_of_tokens(tokenizer: Any, queries: tuple[str, ...] | list[str], text: str, limit: int):
+    """For each token of ``text`` (Grounding DINO's queries joined by ``QUERY_SEPARATOR``, as its tokenizer
+    encodes it), the query it belongs to (-1: none: special tokens and separators). ``limit``: the most tokens
+    the model reads."""
+    import torch
+
+    starts, position = [], 0
+    for query in queries:
+        starts.append((position, position + len(query)))
+        position += len(query) + len(QUERY_SEPARATOR)
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    if len(encoded["input_ids"]) > limit:
+        raise InvalidInputError(f"The queries make {len(encoded['input_ids'])} tokens; this model reads at "
+                                f"most {limit}. Give fewer or shorter queries.", "queries")
+    owner = [-1] * len(encoded["input_ids"])
+    for token, (start, end) in enumerate(encoded["offset_mapping"]):
+        for query, (first, last) in enumerate(starts):
+            if end > start and first <= start < last:
+                owner[token] = query
+    return torch.tensor(owner)
 
 
 def model_view(image: Image.Image) -> tuple[Image.Image, float]:
@@ -188,6 +191,21 @@ def model_view(image: Image.Image) -> tuple[Image.Image, float]:
         canvas.paste(image, (0, 0))
         image = canvas
     return image, scale
+
+
+def model_frame(kind: str, view: Image.Image) -> tuple[int, int]:
+    """The size that a model's relative boxes are fractions of, for the image it saw (``model_view``): OWLv2
+    pads the image to a square at the right or bottom, the others keep it."""
+    return (max(view.size),) * 2 if kind == "owlv2" else view.size
+
+
+def relative_box(corners: Mapping[str, float], frame: tuple[int, int], scale: float) -> tuple[float, ...]:
+    """Corners in the original image's pixels as the model's relative ``(cx, cy, w, h)`` on ``frame`` (the
+    inverse of :func:`pixel_box`)."""
+    (frame_width, frame_height) = frame
+    xmin, ymin, xmax, ymax = (corners[c] * scale for c in COORDINATES)
+    return ((xmin + xmax) / 2 / frame_width, (ymin + ymax) / 2 / frame_height, (xmax - xmin) / frame_width,
+            (ymax - ymin) / frame_height)
 
 
 def pixel_box(box: list[float], frame: tuple[int, int], scale: float, size: tuple[int, int]) -> dict[str, float] | None:
@@ -245,7 +263,8 @@ def check_inside(boxes: list[dict[str, Any]], width: int, height: int) -> None:
     for number, item in enumerate(boxes, 1):
         box = item["box"]
         if box["xmax"] > width or box["ymax"] > height:
-            raise InvalidFeedbackError(f"Box {number} ({item['label']}) reaches outside the {width}x{height} image.")
+            raise InvalidFeedbackError(f"Box {number} ({item['label']}, xmax {box['xmax']:g}, ymax {box['ymax']:g}) "
+                                       f"reaches outside the {width}x{height} image.")
 
 
 class DetectionSchema(TaskSchema):
@@ -289,6 +308,10 @@ class DetectionSchema(TaskSchema):
         boxes = clean_boxes(correction)
         check_correction_size(len(json.dumps(boxes).encode("utf-8")), self.what)
         return boxes
+
+    def check_correction(self, correction: Any, output: Mapping[str, Any]) -> None:
+        """Refuse a corrected box that reaches outside the image (its size is the recorded output's)."""
+        check_inside(correction, output["width"], output["height"])
 
     def configs(self) -> dict[str, dict[str, Any]]:
         from datasets import Image, List, Value
@@ -354,5 +377,6 @@ SPEC = register_task(TaskSpec(
     tiny_builders={"owlv2": TinyBuilder(build_owlv2), "owlvit": TinyBuilder(build_owlvit),
                    "grounding-dino": TinyBuilder(build_grounding_dino)},
     tab="mmdemo.ui.detection",
+    finetune="mmdemo.finetune.detection:DetectionAdapter",
     order=60,
 ))

@@ -4,7 +4,8 @@ A task's schema (``TaskSpec.schema``, defined in its task module) has one interf
 
 * ``clean_inputs`` splits a request's inputs into the media to store and the text fields to keep;
 * ``clean_output`` checks the model's output holds what an export needs, and takes its media out;
-* ``clean_correction`` checks a person's correction has the shape the task needs;
+* ``clean_correction`` checks a person's correction has the shape the task needs, ``check_correction`` that it
+  fits the output it corrects;
 * ``configs`` and ``examples`` say which dataset(s) a feedback record becomes, and the rows;
 * ``suggestion`` is the output a correction starts from (Annotate pre-fills it).
 
@@ -184,6 +185,10 @@ class TaskSchema:
     def clean_correction(self, correction: Any, images: int) -> Any:
         """The correction in the form this task stores; ``images``: how many images the output has."""
         return text_correction(correction, self.what)
+
+    def check_correction(self, correction: Any, output: Mapping[str, Any]) -> None:
+        """Refuse a cleaned correction that does not fit the output it corrects (the recorded ``output``, as
+        :meth:`clean_output` kept it); nothing to check by default."""
 
     def parse_correction(self, text: str) -> Any:
         """A correction the API sent as text (already size-checked), in the form :meth:`clean_correction` takes."""
