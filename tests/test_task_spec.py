@@ -128,12 +128,13 @@ def test_each_tasks_evaluation_is_found_through_its_descriptor():
         assert isinstance(evaluation, TaskEvaluation) and evaluation.task == spec.id
         assert evaluation_for(spec.id) is found[spec.id] is evaluation
     headlines = {task: evaluation.metrics[0][0] for task, evaluation in found.items()}
-    assert headlines == {"visual-question-answering": "VQA accuracy",
+    assert headlines == {"visual-question-answering": "VQA accuracy", "text-to-image": "CLIP score",
                          "zero-shot-image-classification": "top-1 accuracy", "automatic-speech-recognition": "WER"}
     # captioning trains, but has no metric yet, and says so
     assert resolve(task_spec("caption").finetune)().evaluation is None
     with pytest.raises(UnsupportedBaseError, match="Evaluation is not available for image-to-text yet; tasks: "
-                       "visual-question-answering, zero-shot-image-classification, automatic-speech-recognition"):
+                       "visual-question-answering, text-to-image, zero-shot-image-classification, "
+                       "automatic-speech-recognition"):
         evaluation_for("image-to-text")
 
 
