@@ -19,7 +19,10 @@ from mmdemo.catalog import MODEL_ENTRY_FILE
 from mmdemo.cli import main
 from mmdemo.config import Settings
 from mmdemo.feedback import FeedbackStore, export_dataset
-from mmdemo.finetune import METRICS_FILE, InvalidDatasetError
+from mmdemo.feedback.finetune_jobs import FinetuneJobStore
+from mmdemo.errors import InvalidInputError
+from mmdemo.finetune import METRICS_FILE, FinetuneConfig, InvalidDatasetError
+from mmdemo.finetune.control import JobControl
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import before_after
 from mmdemo.finetune.text_to_image import GRID_FILE, LORA_WEIGHTS_FILE, TextToImageAdapter
@@ -204,6 +207,11 @@ def test_no_highly_rated_image_fails_clearly_and_publishes_nothing(settings, tin
     with pytest.raises(InvalidDatasetError, match="rated 4 or 5") as refused:
         make_job(settings, TASK, BASE, "sd-low", FAST, store=store, registry=registry).run()
     assert "None of the" in str(refused.value)
+    # the app refuses it before queueing a job
+    control = JobControl(settings, registry, lambda: store)
+    with pytest.raises(InvalidDatasetError, match="None of the images of the 2 all text-to-image feedback records"):
+        control.start(FinetuneConfig(TASK, base=BASE, name="sd-low", only="all"), "admin")
+    assert FinetuneJobStore(store).list() == []
     assert listing(settings) == [] and "sd-low" not in registry.catalog
     assert np.array_equal(pixels(run(registry, TASK, BASE, prompt="a red square", **SETTINGS)), before)
 
@@ -230,4 +238,10 @@ def test_an_image_folder_naming_a_missing_image_is_refused(settings, pairs, tmp_
     (broken / "metadata.jsonl").write_text(json.dumps({"file_name": "../red.png", "text": "escape"}) + "\n")
     with pytest.raises(InvalidDatasetError, match="not a file in"):
         make_job(settings, TASK, BASE, "sd-broken", FAST, dataset=str(broken)).run()
+    assert listing(settings) == []
+
+
+def test_lora_target_modules_the_unet_lacks_are_refused(settings, pairs):
+    with pytest.raises(InvalidInputError, match="LoRA target modules nonexistent do not fit this UNet"):
+        make_job(settings, TASK, BASE, "sd-targets", FAST, dataset=str(pairs), lora_targets=["nonexistent"]).run()
     assert listing(settings) == []

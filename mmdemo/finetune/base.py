@@ -69,6 +69,10 @@ class FinetuneAdapter(ABC):
     def convert_for_serving(self, base: ModelSpec, folder: Path) -> None:
         """Turn the saved checkpoint in ``folder`` into the format ``base`` serves (nothing by default)."""
 
+    def check_feedback(self, store: Any, only: str) -> None:
+        """Refuse at once (before a job is queued) the store's ``only`` feedback when the adapter would keep
+        none of it (``InvalidDatasetError``); nothing to check by default."""
+
     def load_saved(self, saved: ModelSpec, folder: Path, base_location: str, placement: Placement) -> Any:
         """The checkpoint saved in ``folder`` loaded as the app serves it (to score it after training)."""
         from ..tasks import get_task

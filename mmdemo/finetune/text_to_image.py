@@ -60,6 +60,13 @@ def kept_for_training(rating: int | None, preferred: bool | None, thumbs: int | 
     return bool(preferred) or thumbs == 1
 
 
+def nothing_kept(what: str) -> str:
+    """The message for data without a training example: ``what`` was looked at, and the rule."""
+    return (f"None of the {what} is highly rated: training takes {TRAINING_RULE}. Rate the best images "
+            f"{MIN_RATING} or 5 (or give a thumbs up), or train on a dataset of your own (image, caption) pairs "
+            "(--dataset).")
+
+
 @dataclass
 class DiffusionParts:
     """The frozen parts of a pipeline that turn a (prompt, image) pair into the UNet's inputs and target."""
@@ -346,12 +353,23 @@ class TextToImageAdapter(FinetuneAdapter):
 
         train, validation = keep(data.train), keep(data.validation)
         if train.num_rows == 0:
-            raise InvalidDatasetError(
-                f"None of the {data.train.num_rows} text-to-image training rows is highly rated: training takes "
-                f"{TRAINING_RULE}. Rate the best images {MIN_RATING} or 5 (or give a thumbs up), or train on a "
-                "dataset of your own (image, caption) pairs (--dataset).")
+            raise InvalidDatasetError(nothing_kept(f"{data.train.num_rows} text-to-image training rows"))
         return TrainingData(train, validation, {**data.source, "rule": TRAINING_RULE}, data.fingerprint,
                             {"train": train.num_rows, "validation": validation.num_rows})
+
+    def check_feedback(self, store: Any, only: str) -> None:
+        """Refuse feedback in which no image is kept for training (:data:`TRAINING_RULE`)."""
+        from ..feedback.schemas import schema_for
+
+        schema, records = schema_for(TASK), 0
+        for record in store.iter_records(TASK, only=only):
+            records += 1
+            for example in schema.examples(record):
+                row = example.row
+                if example.config == "ratings" and kept_for_training(row["rating"], row["preferred"], record.thumbs,
+                                                                     record.output.id):
+                    return
+        raise InvalidDatasetError(nothing_kept(f"images of the {records} {only} text-to-image feedback records"))
 
     def prepare_model(self, model: Any, processor: Any, data: TrainingData, config: Any) -> dict[str, Any]:
         """A LoRA on the UNet's attention (``config.lora`` None or true; the base frozen), or the whole UNet."""
