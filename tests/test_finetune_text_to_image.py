@@ -27,6 +27,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import before_after
 from mmdemo.finetune.text_to_image import GRID_FILE, LORA_WEIGHTS_FILE, TextToImageAdapter
 from mmdemo.tasks import build_tiny_models, open_registry, run
+from mmdemo.ui.finetune_panel import job_report
 
 from colour_squares import COLOURS, square
 from finetune_util import listing, make_job
@@ -141,6 +142,11 @@ def test_a_lora_job_from_the_store_lowers_the_loss_and_saves_an_adapter_with_its
     table = before_after(metrics, "sd-lora", TASK)
     assert table["headers"] == ["model", "CLIP score", "validation loss"]
     assert [row[0] for row in table["rows"]] == [f"{BASE} (base)", "sd-lora (new)"]
+    # the Models panel shows that table for the finished job
+    shown, _, curve = job_report({"state": "succeeded", "name": "sd-lora", "task": TASK,
+                                  "result": {"metrics": metrics}})
+    assert list(shown.value["headers"]) == table["headers"] and shown.visible and curve.visible
+    assert shown.value["data"][1][1] == f"{evaluation['new']['clip_score']:.3f} ({evaluation['new']['prompts']})"
 
 
 def test_a_merged_lora_is_a_whole_pipeline_that_answers_through_the_registry(settings, rated):
