@@ -394,13 +394,15 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                     "<data_dir>/models/NAME, served as catalog model NAME.")
     finetune.add_argument("--task", help="task id or alias: caption (BLIP), vqa (ViLT or BLIP), zero-shot (CLIP or "
                                          "SigLIP), asr (Whisper, faster-whisper through its twin), detection (OWL-ViT, "
-                                         "OWLv2 or Grounding DINO) (required)")
+                                         "OWLv2 or Grounding DINO), t2i (Stable Diffusion: a LoRA on the UNet, on "
+                                         "images rated 4-5) (required)")
     finetune.add_argument("--base", help="catalog model id to start from, see `mmdemo models` (required)")
     finetune.add_argument("--name", help="id of the new model: letters, digits, '.', '_', '-' (required)")
     finetune.add_argument("--job-id", help="run the feedback store's queued job ID (what the web app starts), "
                                            "writing its progress and end into the store; no other option needed")
     finetune.add_argument("--dataset", type=Path,
-                          help="a `mmdemo export --format datasets` folder (default: export the store's feedback)")
+                          help="a `mmdemo export --format datasets` folder (default: export the store's feedback); "
+                               "t2i also takes an image folder with metadata.jsonl/.csv (file_name, text)")
     finetune.add_argument("--only", choices=["corrected", "approved", "all"],
                           help="store export: which feedback (default approved: corrected or thumbs up)")
     finetune.add_argument("--since", help="store export: feedback saved on or after this date (YYYY-MM-DD)")
@@ -469,9 +471,10 @@ def add_evaluate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "evaluate", parents=[common], help="score catalog models on labelled data (a campaign or an export)",
         description="Score catalog models with the task's metric (BLEU-4, ROUGE-L and CIDEr-D for captions; VQA "
                     "accuracy; zero-shot top-1 accuracy and multi-label F1; WER and CER for speech; mAP@0.5 for "
-                    "detection) on the labels of an annotation campaign or on an exported dataset folder, and "
-                    "print a table.")
-    evaluate.add_argument("--task", required=True, help="task id or alias (caption, vqa, zero-shot, asr, detection)")
+                    "detection; CLIP score and validation loss for text-to-image) on the labels of an annotation "
+                    "campaign or on an exported dataset folder, and print a table.")
+    evaluate.add_argument("--task", required=True,
+                          help="task id or alias (caption, vqa, zero-shot, asr, detection, t2i)")
     evaluate.add_argument("--models", required=True, help="catalog model ids, comma separated")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--campaign", help="an annotation campaign whose submitted labels are the answers")

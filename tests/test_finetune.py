@@ -38,8 +38,10 @@ from mmdemo.registry import Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
+from mmdemo.tasks.spec import register_task, unregister_task
 
 from finetune_util import listing, make_job
+from test_task_spec import short_caption_spec
 
 BASE = "tiny-blip-caption"
 CAPTIONS = (
@@ -260,8 +262,12 @@ def test_unknown_or_unsuitable_bases_and_bad_data_are_typed_errors(settings, fee
                     settings).run()
     with pytest.raises(UnsupportedBaseError, match="cannot be fine-tuned"):
         FinetuneJob(FinetuneConfig("image-to-text", base="tiny-clip", name="x", dataset=str(dataset)), settings).run()
-    with pytest.raises(UnsupportedBaseError, match="not available"):
-        FinetuneJob(FinetuneConfig("text-to-image", base="tiny-stable-diffusion", name="x"), settings).run()
+    register_task(short_caption_spec())  # a task whose descriptor names no fine-tuning adapter
+    try:
+        with pytest.raises(UnsupportedBaseError, match="not available for short-image-to-text"):
+            FinetuneJob(FinetuneConfig("short-image-to-text", base="tiny-short", name="x"), settings).run()
+    finally:
+        unregister_task("short-image-to-text")
     with pytest.raises(InvalidModelNameError, match="already a catalog model"):
         job(settings, "tiny-blip-vqa", dataset=str(dataset)).run()
     with pytest.raises(InvalidDatasetError, match="does not exist"):

@@ -274,7 +274,6 @@ print(json.dumps({{"state": info["state"], "pid": info["pid"], "server": os.getp
     ({"name": BASE}, "already a catalog model"),
     ({"base": "tiny-clip"}, "cannot be fine-tuned"),
     ({"base": "no-such-model"}, "Unknown model 'no-such-model'"),
-    ({"task": "text-to-image", "base": "tiny-stable-diffusion"}, "not available for text-to-image"),
     ({"task": "visual-question-answering", "base": "tiny-vilt-vqa"}, "no corrected feedback on visual-question"),
     ({"epochs": 0}, "number of epochs"),
     ({"lr": -1.0}, "learning rate"),

@@ -129,14 +129,8 @@ def test_each_tasks_evaluation_is_found_through_its_descriptor():
         assert evaluation_for(spec.id) is found[spec.id] is evaluation
     headlines = {task: evaluation.metrics[0][0] for task, evaluation in found.items()}
     assert headlines == {"image-to-text": "BLEU-4", "visual-question-answering": "VQA accuracy",
-                         "zero-shot-image-classification": "top-1 accuracy", "automatic-speech-recognition": "WER",
-                         "zero-shot-object-detection": "mAP@0.5"}
-    # text-to-image is not fine-tuned and has no metric yet, and says so
-    assert task_spec("text-to-image").finetune is None
-    with pytest.raises(UnsupportedBaseError, match="Evaluation is not available for text-to-image yet; tasks: "
-                       "image-to-text, visual-question-answering, zero-shot-image-classification, "
-                       "automatic-speech-recognition, zero-shot-object-detection"):
-        evaluation_for("text-to-image")
+                         "text-to-image": "CLIP score", "zero-shot-image-classification": "top-1 accuracy",
+                         "automatic-speech-recognition": "WER", "zero-shot-object-detection": "mAP@0.5"}
 
 
 class ExactCaptionEvaluation(TaskEvaluation):

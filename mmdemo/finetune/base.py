@@ -26,6 +26,8 @@ class FinetuneAdapter(ABC):
     columns: ClassVar[tuple[str, ...]]     # exported dataset columns it reads
     # how the task is scored on labelled data (mmdemo.finetune.evaluate); None: the task has no metric yet
     evaluation: ClassVar[TaskEvaluation | None] = None
+    # the column an image folder's caption (metadata ``text``) fills; None: the task takes no image folders
+    text_column: ClassVar[str | None] = None
 
     @abstractmethod
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
@@ -66,6 +68,20 @@ class FinetuneAdapter(ABC):
 
     def convert_for_serving(self, base: ModelSpec, folder: Path) -> None:
         """Turn the saved checkpoint in ``folder`` into the format ``base`` serves (nothing by default)."""
+
+    def check_feedback(self, store: Any, only: str) -> None:
+        """Refuse at once (before a job is queued) the store's ``only`` feedback when the adapter would keep
+        none of it (``InvalidDatasetError``); nothing to check by default."""
+
+    def load_saved(self, saved: ModelSpec, folder: Path, base_location: str, placement: Placement) -> Any:
+        """The checkpoint saved in ``folder`` loaded as the app serves it (to score it after training)."""
+        from ..tasks import get_task
+
+        return get_task(saved.task).load(saved, str(folder), placement)
+
+    def catalog_entry(self, base: ModelSpec, folder: Path) -> dict[str, Any]:
+        """Fields the new model's catalog entry adds to the base's (e.g. ``adapter_of`` for a LoRA folder)."""
+        return {}
 
     def check_base(self, spec: ModelSpec) -> None:
         if spec.task != self.task or spec.kind not in self.kinds:

@@ -99,6 +99,7 @@ class JobControl:
             raise InvalidDatasetError(
                 f"There is no {only} feedback on {config.task} to train on yet: rate or correct some results first"
                 + ("." if only == "all" else ", or choose all feedback."))
+        adapter_for(config.task).check_feedback(self._store(), only)
         return available
 
     # -- the jobs --

@@ -105,8 +105,9 @@ class TaskEvaluation(ABC):
         (``suggested_by`` names the model whose suggestion someone accepted)."""
         return [self.example_from_campaign(item, campaign) for item in campaign_inputs(store, campaign, self)]
 
-    def loaded_model_answers(self, spec: Any, bundle: Any) -> Callable[[Any], Any]:
-        """Predictions from a model loaded here (``bundle``: the task's loaded form), as the app computes them."""
+    def loaded_model_answers(self, spec: Any, bundle: Any, registry: Any = None) -> Callable[[Any], Any]:
+        """Predictions from a model loaded here (``bundle``: the task's loaded form), as the app computes them;
+        ``registry``: where a metric finds the models it scores with (text-to-image: a CLIP)."""
         from ..media import MediaLimits
         from ..tasks import get_task
 
@@ -124,14 +125,24 @@ class TaskEvaluation(ABC):
 
         return lambda example: self.prediction(run(registry, self.task, model_id, **self.task_inputs(example)))
 
-    def score(self, answer: Callable[[Any], Any], examples: list[Any]) -> dict[str, Any]:
+    def score(self, answer: Callable[[Any], Any], examples: list[Any],
+              predictions: list[Any] | None = None) -> dict[str, Any]:
         """The metrics of ``answer`` (example -> the model's prediction) over ``examples``, overall and per
-        group (accepted / corrected)."""
+        group (accepted / corrected); the predictions are appended to ``predictions`` if given."""
         scored = [(example, answer(example)) for example in examples]
+        if predictions is not None:
+            predictions.extend(prediction for _, prediction in scored)
         result = self.summarise(scored)
         for group in sorted({example.group for example in examples if example.group}):
             result[group] = self.summarise([pair for pair in scored if pair[0].group == group])
         return result
+
+
+    def save_artifacts(self, folder: Path, examples: list[Any], predictions: dict[str, list[Any]]) -> dict[str, Any]:
+        """Write what a person looks at beside the numbers (text-to-image: a grid of images) into a new model's
+        ``folder``, from the base's and the new model's ``predictions`` ({"base": [...], "new": [...]});
+        returns what metrics.json says about it (nothing by default)."""
+        return {}
 
 
 def task_evaluations() -> dict[str, TaskEvaluation]:

@@ -194,12 +194,12 @@ class FinetuneJob:
             staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             try:
-                with self._training_data(adapter.columns) as exported:
+                with self._training_data(adapter.columns, adapter.text_column) as exported:
                     evaluation = self._evaluation_data(adapter.evaluation, exported)
                     exported = without_held_out(exported, evaluation)
                     data = adapter.prepare_data(exported)
                     metrics, params_m = self._train(adapter, base, trained, (location, base_location), placement,
-                                                    data, staging, evaluation)
+                                                    data, staging, evaluation, registry)
                 # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
@@ -209,7 +209,7 @@ class FinetuneJob:
                 (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
                 entry = {"task": config.task, "kind": base.kind, "dtype": base.dtype, "params_m": round(params_m, 3),
                          "description": config.description or _description(base, data),
-                         "defaults": dict(base.defaults)}
+                         "defaults": dict(base.defaults), **adapter.catalog_entry(base, staging)}
                 (staging / MODEL_ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
                 if self._cancel.is_set():
                     raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled before it was published.")
@@ -225,11 +225,13 @@ class FinetuneJob:
 
     def _train(self, adapter: FinetuneAdapter, base: ModelSpec, trained: ModelSpec, locations: tuple[str, str],
                placement: Placement, data: TrainingData, staging: Path,
-               evaluation: tuple[list[Any], dict[str, Any]] | None) -> tuple[dict[str, Any], float]:
+               evaluation: tuple[list[Any], dict[str, Any]] | None,
+               registry: ModelRegistry | None = None) -> tuple[dict[str, Any], float]:
         """Steps 2 and 3: load the base (``trained``: the model that trains, the base itself or its twin),
         train it, the best epoch's checkpoint saved in ``staging``; the base and the checkpoint scored on
         ``evaluation`` (questions, where they come from) if given. ``locations``: the trained model's and
-        the base's. Returns the metrics (with the base's identity) and the size in millions of parameters."""
+        the base's; ``registry``: the models a metric scores with. Returns the metrics (with the base's identity)
+        and the size in millions of parameters."""
         from ..registry import free_device_memory
         from ..tasks import get_task, quiet_libraries
 
@@ -243,15 +245,18 @@ class FinetuneJob:
             raise ModelLoadError(base.id, f"{type(exc).__name__}: {exc}") from exc
         questions, scores = (evaluation[0], {}) if evaluation else ([], {})
         scoring = adapter.evaluation
+        predictions: dict[str, list[Any]] = {"base": [], "new": []}
         try:
             # 3. the base scored before training; the model fitted to the data (e.g. new answers)
             if questions and trained is base:
                 bundle = adapter.serving_bundle(model, processor, base, placement)
-                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle), questions)
+                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle, registry), questions,
+                                               predictions["base"])
                 del bundle
             elif questions:  # the base as it serves (e.g. on CTranslate2), not its twin
                 bundle = get_task(base.task).load(base, locations[1], placement)
-                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle), questions)
+                scores["base"] = scoring.score(scoring.loaded_model_answers(base, bundle, registry), questions,
+                                               predictions["base"])
                 del bundle
             changes = adapter.prepare_model(model, processor, data, self.config)
             # 4. train, writing the best epoch's checkpoint into the staging folder
@@ -273,10 +278,12 @@ class FinetuneJob:
             # 5. the saved checkpoint, loaded as the app will load it, scored on the same questions
             if questions:
                 saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
-                bundle = get_task(base.task).load(saved, str(staging), placement)
-                scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle), questions)
+                bundle = adapter.load_saved(saved, staging, locations[1], placement)
+                scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle, registry), questions,
+                                              predictions["new"])
                 del bundle
                 free_device_memory(placement.device)
+                scores.update(scoring.save_artifacts(staging, questions, predictions))
             metrics["evaluation"] = {"data": evaluation[1], **scores}
         return metrics, params_m
 
@@ -301,11 +308,12 @@ class FinetuneJob:
         return questions, describe_source(questions, source)
 
     @contextlib.contextmanager
-    def _training_data(self, columns: tuple[str, ...]) -> Iterator[TrainingData]:
-        """The exported dataset the config names, or the store's feedback exported for this run."""
+    def _training_data(self, columns: tuple[str, ...], text_column: str | None = None) -> Iterator[TrainingData]:
+        """The exported dataset the config names (or an image folder, for a task with a ``text_column``), or
+        the store's feedback exported for this run."""
         config = self.config
         if config.dataset is not None:
-            yield load_export(Path(config.dataset), config.task, columns)
+            yield load_export(Path(config.dataset), config.task, columns, text_column=text_column)
             return
         with self._store() as store, export_from_store(
                 store, config.task, columns, self.settings.exports_dir, only=config.only, since=config.since,

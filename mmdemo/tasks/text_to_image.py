@@ -119,11 +119,7 @@ class TextToImageTask(Task):
         if spec.variant and placement.dtype != "float32" and spec.source_scheme == "hf-hub":
             kwargs["variant"] = spec.variant
         pipeline = AutoPipelineForText2Image.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
-        pipeline = pipeline.to(placement.device)
-        pipeline.set_progress_bar_config(disable=True)
-        # The pipelines check sizes against 8 and the VAE's own downscaling factor.
-        multiple = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
-        return DiffusersBundle(pipeline, placement, multiple)
+        return diffusers_bundle(pipeline.to(placement.device), placement)
 
     def predict(self, model: DiffusersBundle, request: TextToImageRequest) -> dict[str, Any]:
         import torch
@@ -192,6 +188,14 @@ class TextToImageTask(Task):
         if request.negative_prompt and request.guidance <= 1.0:
             warnings.append("The negative prompt has no effect when guidance is 1 or less.")
         return warnings
+
+
+def diffusers_bundle(pipeline: Any, placement: Placement) -> DiffusersBundle:
+    """A loaded pipeline (on ``placement.device``) in the form ``predict`` takes."""
+    pipeline.set_progress_bar_config(disable=True)
+    # The pipelines check sizes against 8 and the VAE's own downscaling factor.
+    multiple = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
+    return DiffusersBundle(pipeline, placement, multiple)
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -323,6 +327,6 @@ SPEC = register_task(TaskSpec(
     ),
     tiny_builders={"stable-diffusion": TinyBuilder(build_stable_diffusion)},
     tab="mmdemo.ui.text_to_image",
-    finetune=None,
+    finetune="mmdemo.finetune.text_to_image:TextToImageAdapter",
     order=30,
 ))
