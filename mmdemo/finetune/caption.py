@@ -17,6 +17,8 @@ class CaptionAdapter(FinetuneAdapter):
     task = "image-to-text"
     kinds = frozenset({"blip"})
     columns = ("image", "text")
+    augmentations = ("crop", "flip", "colour")
+    default_augmentations = ("crop", "colour")  # captions name left and right: flip only when asked for
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch
