@@ -263,7 +263,8 @@ def train(
             if main:
                 save_best(epoch)
             accelerator.wait_for_everyone()
-        metrics["epochs"].append({"epoch": epoch, "steps": len(state.losses), "train_loss": progress.train_loss,
+        train_loss = _mean_over_processes(accelerator, progress.train_loss)
+        metrics["epochs"].append({"epoch": epoch, "steps": len(state.losses), "train_loss": train_loss,
                                   "val_loss": val_loss, "best": improved,
                                   "seconds": round(time.perf_counter() - epoch_started, 3)})
         save_state(epoch_done=True)
@@ -311,6 +312,16 @@ def _gathered(accelerator: Any, count: int) -> list[int]:
     import torch
 
     return [int(n) for n in accelerator.gather(torch.tensor([count], device=accelerator.device)).tolist()]
+
+
+def _mean_over_processes(accelerator: Any, value: float | None) -> float | None:
+    """``value`` (each process's mean over its share) averaged over the processes."""
+    if accelerator.num_processes == 1 or value is None:
+        return value
+    import torch
+
+    return float(accelerator.reduce(torch.tensor([value], dtype=torch.float64, device=accelerator.device),
+                                    reduction="mean")[0])
 
 
 def _get_rng(order: Any, augmenting: Any) -> dict[str, Any]:
