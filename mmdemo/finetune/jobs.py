@@ -31,16 +31,25 @@ from typing import Any, Callable, Iterator
 from .. import __version__
 from ..catalog import MODEL_ENTRY_FILE, ModelSpec
 from ..config import Settings
-from ..errors import MMDemoError, ModelLoadError
+from ..errors import InvalidInputError, MMDemoError, ModelLoadError
 from ..files import replace_folder
 from ..placement import Placement
 from ..registry import ModelRegistry
 from .adapters import FinetuneAdapter, adapter_for
-from .config import FinetuneConfig, check_model_name
+from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
 from .errors import FinetuneCancelled, FinetuneError, InvalidDatasetError
 from .evaluate import TaskEvaluation, compared_models, describe_source, format_table, undecoded
-from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
+from .processes import (
+    RESUME_STATE_FILE,
+    RESUMES,
+    check_new_model_name,
+    model_folder,
+    name_lock,
+    remove_stale_staging,
+    resume_folder,
+    serve_published,
+)
 from .train import Progress, TrainingState, is_main_process, train, training_dtype, wait_for_everyone
 from ..tasks import open_registry
 
@@ -48,8 +57,8 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"   # not config.json: save_pretrained writes the model's config there
 METRICS_FILE = "metrics.json"
-RESUME_STATE_FILE = "state.pt"        # in <models_dir>/.<name>.resume/: a TrainingState, beside best/ (the
-RESUME_BEST = "best"                  # best epoch's checkpoint so far) and the run_config.json to resume with
+RESUME_BEST = "best"  # in resume_folder(): the best epoch's checkpoint so far, beside the TrainingState
+                      # (RESUME_STATE_FILE) and the run_config.json to resume with
 
 
 class JobStatus(str, enum.Enum):
@@ -343,6 +352,12 @@ class FinetuneJob:
         if not (folder / RESUME_STATE_FILE).is_file():
             raise FinetuneError(f"There is no checkpoint to resume '{self.config.name}' from (no {folder}); "
                                 "start a new run instead.")
+        saved = resume_config(self.settings, self.config.name)
+        changed = sorted(key for key, value in self.config.to_dict().items() if saved.to_dict()[key] != value)
+        if changed:
+            raise InvalidInputError(f"The checkpoint of '{self.config.name}' is of a run with other settings "
+                                    f"({', '.join(changed)}); resume it as it was (mmdemo finetune --resume "
+                                    f"{self.config.name}) or start a new run.")
         return TrainingState(**torch.load(folder / RESUME_STATE_FILE, weights_only=True))
 
     def _evaluation_data(self, evaluation: TaskEvaluation | None,
@@ -422,12 +437,6 @@ def without_held_out(data: TrainingData,
                         {"train": train.num_rows, "validation": validation.num_rows})
 
 
-def resume_folder(models_dir: Path, name: str) -> Path:
-    """``<models_dir>/.<name>.resume``: a run's resumable checkpoint, kept until the run publishes its model
-    (or is cancelled); hidden, so that the catalog never reads it."""
-    return Path(models_dir) / f".{check_model_name(name)}.resume"
-
-
 def resume_config(settings: Settings, name: str) -> FinetuneConfig:
     """The configuration of the run that left a resumable checkpoint for ``name`` (``mmdemo finetune
     --resume NAME``), or a clear error when there is none."""
@@ -505,7 +514,11 @@ def run_stored_job(job_id: str, settings: Settings) -> int:
         print(f"fine-tuning job {job_id}: {record.name} from {record.base} ({record.task}) on {record.device}, "
               f"process {process}", flush=True)
         reporter = _StoreReporter(jobs, job_id, process)
-        job = FinetuneJob(FinetuneConfig(**record.config), settings, store=store, on_progress=reporter)
+        options = dict(record.config)
+        resumes = options.pop(RESUMES, None)  # a job that continues a failed one from its checkpoint
+        if resumes:
+            print(f"resuming the run of job {resumes} from its last checkpoint", flush=True)
+        job = FinetuneJob(FinetuneConfig(**options), settings, store=store, on_progress=reporter, resume=bool(resumes))
         if cancelled.is_set():
             job.cancel()
         signal.signal(signal.SIGTERM, lambda *_: job.cancel())

@@ -89,8 +89,8 @@ class TrainingState:
     rng: dict[str, Any]                # python, torch, the shuffling and the augmentation generators
     epoch: int                         # the epoch under way (1-based), or just finished when epoch_done
     epoch_done: bool
-    order: list[int]                   # this process's rows of the epoch, in their shuffled order
-    position: int                      # how many of them were trained on
+    order: list[int]                   # the epoch's rows in their shuffled order (each process takes its share)
+    position: int                      # how many of this process's share were trained on
     step: int                          # optimizer steps done
     losses: list[float]                # the epoch's training losses so far
     rows_seen: int                     # training rows this process trained on since the start
@@ -209,17 +209,18 @@ def train(
         if state.epoch != epoch or state.epoch_done:  # a new epoch (not one resumed midway)
             permutation = torch.randperm(data.train.num_rows, generator=order).tolist()
             state.epoch, state.epoch_done, state.position, state.losses = epoch, False, 0, []
-            state.order = _share(permutation, accelerator.process_index, processes)
-        while state.position < len(state.order) and state.step < total:
+            state.order = permutation
+        share = _share(state.order, accelerator.process_index, processes)
+        while state.position < len(share) and state.step < total:
             if should_stop():
                 raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled at step {state.step}.")
             # 1. the step's batches: rows in this epoch's shuffled order (this process's share), augmented
             #    if asked, collated by the task adapter; grad_accum of them add up into one optimizer step
             batches = []
             for _ in range(config.grad_accum):
-                if state.position >= len(state.order):
+                if state.position >= len(share):
                     break
-                rows = data.train[state.order[state.position:state.position + config.batch_size]]
+                rows = data.train[share[state.position:state.position + config.batch_size]]
                 state.position += len(next(iter(rows.values())))
                 if config.augment:
                     rows = adapter.augment(rows, config.augment, augmenting)
