@@ -291,3 +291,25 @@ def test_augmentations_a_task_cannot_use_are_refused_clearly(settings, feedback,
     assert main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "x",
                  "--dataset", str(feedback.split), "--augment", "crop,noise"]) == 2
     assert "cannot use the augmentation(s) noise" in capsys.readouterr().err
+
+
+# --- mixed precision (GPU tier) ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_on_cuda_the_loop_autocasts_to_the_registry_dtype_after_a_cpu_job_in_the_same_process(
+        tmp_path, tiny_models, feedback, dtype):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    on_cpu = job(make_settings(tmp_path / "cpu", tiny_models), "on-cpu", dataset=str(feedback.split), max_steps=2)
+    assert on_cpu.run().metrics["steps"] == 2
+    settings = make_settings(tmp_path / "gpu", tiny_models).replace(device="cuda", dtype=dtype)
+    result = job(settings, "on-gpu", dataset=str(feedback.overfit), epochs=3).run()
+    saved = FinetuneConfig.load(result.path / RUN_CONFIG_FILE)
+    assert saved.device.startswith("cuda") and saved.dtype == dtype
+    losses = [e["train_loss"] for e in result.metrics["epochs"]]
+    assert all(loss == loss and loss < 1e4 for loss in losses) and losses[-1] < result.metrics["initial"]["train_loss"]
+    assert {t.dtype for t in weights(result.path).values()} == {torch.float32}  # autocast: the weights stay float32

@@ -286,11 +286,16 @@ def _accelerator(placement: Placement) -> Any:
     under ``accelerate launch`` / ``torchrun`` it joins the other processes (gloo on CPU)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = placement.device.startswith("cuda")
-    if cuda and process_share()[1] == 1 and ":" in placement.device:
-        torch.cuda.set_device(placement.device)  # one process: the registry's GPU, not the first one
+    if process_share()[1] == 1:
+        # accelerate keeps its settings process-wide and refuses others: a job in a process that ran another
+        # (tests, a notebook) may train on another device or in another precision
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if cuda and ":" in placement.device:
+            torch.cuda.set_device(placement.device)  # the registry's GPU, not the first one
     precision = {"bfloat16": "bf16", "float16": "fp16"}.get(training_dtype(placement), "no")
     # Some adapters leave parts of a model out of the loss (e.g. BLIP VQA's unused heads): DDP must know.
     return Accelerator(cpu=not cuda, mixed_precision=precision,
