@@ -313,3 +313,31 @@ def test_on_cuda_the_loop_autocasts_to_the_registry_dtype_after_a_cpu_job_in_the
     losses = [e["train_loss"] for e in result.metrics["epochs"]]
     assert all(loss == loss and loss < 1e4 for loss in losses) and losses[-1] < result.metrics["initial"]["train_loss"]
     assert {t.dtype for t in weights(result.path).values()} == {torch.float32}  # autocast: the weights stay float32
+
+
+def test_speech_augmentations_change_the_features_but_not_the_transcripts(tmp_path_factory):
+    import numpy as np
+    import torch
+
+    from mmdemo.finetune.augment import wav_bytes
+
+    folder = tmp_path_factory.mktemp("whisper") / "tiny-models"
+    build_tiny_models(folder, names=["whisper"])
+    settings = make_settings(tmp_path_factory.mktemp("speech") / "data", folder)
+    registry = open_registry(settings)
+    spec = registry.catalog.get("tiny-whisper")
+    adapter = adapter_for("automatic-speech-recognition")
+    model, processor = adapter.load(spec, registry.resolve_location(spec), registry.placement_for(spec))
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(16_000) / 16_000)).astype(np.float32)
+    rows = {"audio": [{"bytes": wav_bytes(tone, 16_000), "path": None}] * 2, "text": ["one two", "three"],
+            "language": ["en", "en"], "translate": [False, False]}
+    plain = adapter.collate(model, processor, rows, 40)
+    ops = adapter.check_augmentations(("default",))
+    assert ops == ("speed", "noise", "specaugment")
+    for chosen in (("speed",), ("noise",), ("specaugment",), ops):
+        generator = torch.Generator().manual_seed(0)
+        batch = adapter.augment_batch(adapter.collate(model, processor, adapter.augment(rows, chosen, generator), 40),
+                                      chosen, generator)
+        assert batch["input_features"].shape == plain["input_features"].shape
+        assert not torch.equal(batch["input_features"], plain["input_features"]), chosen
+        assert torch.equal(batch["labels"], plain["labels"]), chosen
