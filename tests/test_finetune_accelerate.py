@@ -112,7 +112,7 @@ def test_two_cpu_processes_under_accelerate_launch_each_train_on_half_the_rows(s
     metrics = json.loads((settings.models_dir / "two-ranks" / METRICS_FILE).read_text())
     assert printed["metrics"]["processes"] == metrics["processes"]
     # six rows, two processes: three rows each per epoch, two epochs; batches of one, two per step
-    assert metrics["processes"] == {"count": 2, "train_rows_seen": [6, 6]}
+    assert metrics["processes"] == {"world_size": 2, "train_rows_seen": [6, 6]}
     assert metrics["steps"] == 4 and [e["steps"] for e in metrics["epochs"]] == [2, 2]
     assert listing(settings) == ["two-ranks"]  # one model, published once; no staging left by either process
     assert FinetuneConfig.load(settings.models_dir / "two-ranks" / RUN_CONFIG_FILE).grad_accum == 2
@@ -122,7 +122,7 @@ def test_two_cpu_processes_under_accelerate_launch_each_train_on_half_the_rows(s
 
 def test_one_process_records_itself_and_gradient_accumulation_counts_optimizer_steps(settings, feedback):
     single = job(settings, "single", dataset=str(feedback.overfit), epochs=2).run()
-    assert single.metrics["processes"] == {"count": 1, "train_rows_seen": [12]}
+    assert single.metrics["processes"] == {"world_size": 1, "train_rows_seen": [12]}
     accumulated = job(settings, "accumulated", dataset=str(feedback.overfit), epochs=2, batch_size=1,
                       grad_accum=4).run()
     # six rows of one: six forward passes per epoch, two optimizer steps (4 + 2 passes)

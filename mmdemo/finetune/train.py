@@ -148,7 +148,7 @@ def train(
 
     Returns the metrics: the losses before training (``initial``), per epoch (``epochs``: mean
     training loss over its steps, validation loss after it), the ``best_epoch`` and how it was chosen,
-    and the ``processes`` (how many, the training rows each saw).
+    and the ``processes`` (``world_size``, and ``train_rows_seen`` by each, in rank order).
     Raises :class:`FinetuneCancelled` as soon as ``should_stop()`` says so (checked every step).
     ``checkpoint(state)`` is called every ``config.checkpoint_every`` optimizer steps and at each epoch's
     end (on the main process only, as ``save_best``); ``resume_from``: such a state to continue from.
@@ -276,7 +276,7 @@ def train(
             break
     metrics["steps"] = state.step
     metrics["best_val_loss"] = None if state.best == math.inf or data.validation.num_rows == 0 else state.best
-    metrics["processes"] = {"count": processes, "train_rows_seen": _gathered(accelerator, state.rows_seen)}
+    metrics["processes"] = {"world_size": processes, "train_rows_seen": _gathered(accelerator, state.rows_seen)}
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     return metrics
 
