@@ -178,6 +178,7 @@ def test_a_job_killed_mid_training_resumes_to_the_weights_and_losses_of_an_unint
     whole = job(settings, "uninterrupted", **options).run()
 
     assert resumed["steps"] == whole.metrics["steps"] == 8 and resumed["best_epoch"] == whole.metrics["best_epoch"]
+    assert whole.metrics["best_epoch"] == 1  # trained before the kill: the checkpoint carried its weights over
     assert resumed["initial"] == whole.metrics["initial"]
     for ours, theirs in zip(resumed["epochs"], whole.metrics["epochs"], strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-6)

@@ -130,6 +130,7 @@ class FinetuneJob:
         self.registry = registry
         self.on_progress = on_progress
         self.resume = resume
+        self._checkpointed_best: int | None = None  # the best epoch whose checkpoint the resumable one holds
         self.status = JobStatus.PENDING
         self.progress = Progress("pending")
         self.result: FinetuneResult | None = None
@@ -209,6 +210,7 @@ class FinetuneJob:
             location = registry.resolve_location(trained)
             base_location = location if trained is base else registry.resolve_location(base)
             resumed = self._resume_state() if self.resume else None
+            self._checkpointed_best = resumed.metrics.get("best_epoch") if resumed else None
             staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             if main:
                 remove_stale_staging(models_dir)
@@ -327,19 +329,26 @@ class FinetuneJob:
 
     def _checkpoint(self, state: TrainingState, fingerprint: str, staging: Path) -> None:
         """Write ``state`` and the best epoch's checkpoint so far (``staging``) as the job's resumable
-        checkpoint, replacing the previous one atomically (a kill while writing leaves the previous one)."""
+        checkpoint, replacing the previous one atomically (a kill while writing leaves the previous one).
+        The best checkpoint is copied once per best epoch: while it stays the best, its files (never written
+        again once there) are linked from the previous checkpoint."""
         import torch
 
         models_dir = self.settings.models_dir
+        previous = resume_folder(models_dir, self.config.name) / RESUME_BEST
         writing = models_dir / f".{self.config.name}.partial-{os.getpid()}-resume{uuid.uuid4().hex[:8]}"
+        best_epoch = state.metrics.get("best_epoch")
         try:
-            if any(staging.iterdir()):
+            if best_epoch is not None and best_epoch == self._checkpointed_best and previous.is_dir():
+                shutil.copytree(previous, writing / RESUME_BEST, copy_function=os.link)
+            elif any(staging.iterdir()):
                 shutil.copytree(staging, writing / RESUME_BEST)
             writing.mkdir(exist_ok=True)
             state.fingerprint = fingerprint
             torch.save(state.to_dict(), writing / RESUME_STATE_FILE)
             self.config.save(writing / RUN_CONFIG_FILE)
             replace_folder(writing, resume_folder(models_dir, self.config.name))
+            self._checkpointed_best = best_epoch
         except BaseException:
             shutil.rmtree(writing, ignore_errors=True)
             raise
