@@ -159,6 +159,9 @@ def train(
     accelerator = _accelerator(placement)
     main, processes = accelerator.is_main_process, accelerator.num_processes
     placement = replace(placement, device=str(accelerator.device))
+    if processes > 1 and len(set(_gathered(accelerator, _digest(data.fingerprint)))) > 1:
+        raise FinetuneError("The job's processes read different training data (the feedback changed while each "
+                            "exported it); start the job again.")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     order = torch.Generator().manual_seed(config.seed)
@@ -311,13 +314,20 @@ def _share(permutation: list[int], rank: int, processes: int) -> list[int]:
     return padded[rank::processes]
 
 
-def _gathered(accelerator: Any, count: int) -> list[int]:
-    """``count`` of every process, in rank order."""
+def _gathered(accelerator: Any, value: int) -> list[int]:
+    """``value`` (a whole number) of every process, in rank order."""
     if accelerator.num_processes == 1:
-        return [count]
+        return [value]
     import torch
 
-    return [int(n) for n in accelerator.gather(torch.tensor([count], device=accelerator.device)).tolist()]
+    return [int(n) for n in accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()]
+
+
+def _digest(fingerprint: str | None) -> int:
+    """A data fingerprint as a number that fits a tensor, to compare the processes' data."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(str(fingerprint).encode()).digest()[:7], "big")
 
 
 def _mean_over_processes(accelerator: Any, value: float | None) -> float | None:
