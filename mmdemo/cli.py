@@ -400,6 +400,9 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--name", help="id of the new model: letters, digits, '.', '_', '-' (required)")
     finetune.add_argument("--job-id", help="run the feedback store's queued job ID (what the web app starts), "
                                            "writing its progress and end into the store; no other option needed")
+    finetune.add_argument("--resume", metavar="NAME",
+                          help="continue the interrupted run that was training NAME from its last checkpoint, "
+                               "with its saved settings and the same data; no other option needed")
     finetune.add_argument("--dataset", type=Path,
                           help="a `mmdemo export --format datasets` folder (default: export the store's feedback); "
                                "t2i also takes an image folder with metadata.jsonl/.csv (file_name, text)")
@@ -411,7 +414,17 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--epochs", type=int, help="passes over the training split (3)")
     finetune.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     finetune.add_argument("--lr", type=float, help="AdamW learning rate (5e-5)")
-    finetune.add_argument("--batch-size", type=int, help="examples per step (8)")
+    finetune.add_argument("--batch-size", type=int, help="examples per forward pass on each process (8)")
+    finetune.add_argument("--grad-accum", type=int,
+                          help="forward passes whose gradients add up into one optimizer step (1)")
+    finetune.add_argument("--checkpoint-every", type=int,
+                          help="optimizer steps between resumable checkpoints, also written at each epoch's end (50)")
+    finetune.add_argument("--augment",
+                          help="augment training batches (never validation): comma-separated crop, flip, colour "
+                               "(images), speed, noise, specaugment (audio), or 'default' for the task's safe set: "
+                               "caption crop, colour; VQA crop only (questions ask about left, right and colours: "
+                               "name flip or colour to use them); zero-shot crop, flip (labels may be colours); "
+                               "speech all three (default: none)")
     finetune.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (0.01)")
     finetune.add_argument("--grad-clip", type=float, help="maximum gradient norm, 0 for none (1.0)")
     finetune.add_argument("--max-length", type=int, help="target tokens per example (40)")
@@ -429,23 +442,18 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     """Run one fine-tuning job; an epoch's losses go to stderr as it ends, the summary to stdout."""
-    from .finetune import FinetuneConfig, FinetuneJob
+    from .finetune import FinetuneJob
 
     if args.job_id:
         from .finetune.jobs import run_stored_job
 
         return run_stored_job(args.job_id, settings)
-    missing = [f"--{name}" for name in ("task", "base", "name") if not getattr(args, name)]
-    if missing:
-        raise InvalidInputError(f"mmdemo finetune needs {', '.join(missing)} (or --job-id).")
+    if args.resume:
+        from .finetune.jobs import resume_config
 
-    names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
-             "grad_clip", "max_length", "description", "extend", "eval_campaign")
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.eval_dataset is not None:
-        options["eval_dataset"] = str(args.eval_dataset)
-    config = FinetuneConfig(task_id(args.task), base=args.base, name=args.name,
-                            dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
+        config, resume = resume_config(settings, args.resume), True
+    else:
+        config, resume = finetune_config(args), False
 
     def show(progress: Any) -> None:
         if progress.stage == "validated":
@@ -453,13 +461,33 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
             print(f"epoch {progress.epoch}/{progress.epochs}  step {progress.step}/{progress.total_steps}  "
                   f"train loss {progress.train_loss:.4f}  validation loss {val}", file=sys.stderr)
 
-    result = FinetuneJob(config, settings, on_progress=show).run()
+    result = FinetuneJob(config, settings, on_progress=show, resume=resume).run()
+    if result is None:  # another process of `accelerate launch`: the main one publishes and prints
+        return 0
     if args.json:
         print(json.dumps({"model": result.spec.to_dict(), "path": str(result.path), "metrics": result.metrics},
                          indent=2))
     else:
         print(result.describe())
     return 0
+
+
+def finetune_config(args: argparse.Namespace) -> Any:
+    """The run configuration the `mmdemo finetune` options give."""
+    from .finetune import FinetuneConfig
+
+    missing = [f"--{name}" for name in ("task", "base", "name") if not getattr(args, name)]
+    if missing:
+        raise InvalidInputError(f"mmdemo finetune needs {', '.join(missing)} (or --job-id).")
+
+    names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
+             "grad_clip", "max_length", "description", "extend", "eval_campaign", "grad_accum", "checkpoint_every",
+             "augment")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.eval_dataset is not None:
+        options["eval_dataset"] = str(args.eval_dataset)
+    return FinetuneConfig(task_id(args.task), base=args.base, name=args.name,
+                          dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
 
 
 COMMANDS["finetune"] = cmd_finetune

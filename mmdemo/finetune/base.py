@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..catalog import Catalog, ModelSpec
+from ..errors import InvalidInputError
 from ..placement import Placement
+from .augment import IMAGE_AUGMENTATIONS, augment_images
+from .config import DEFAULT_AUGMENTATION
 from .errors import UnsupportedBaseError
 
 if TYPE_CHECKING:
@@ -28,6 +31,10 @@ class FinetuneAdapter(ABC):
     evaluation: ClassVar[TaskEvaluation | None] = None
     # the column an image folder's caption (metadata ``text``) fills; None: the task takes no image folders
     text_column: ClassVar[str | None] = None
+    # training-batch augmentations (mmdemo.finetune.augment) the task can use, and those safe for any of
+    # its data (what "default" stands for); the others are used only when named
+    augmentations: ClassVar[tuple[str, ...]] = ()
+    default_augmentations: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
@@ -49,6 +56,29 @@ class FinetuneAdapter(ABC):
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         """The mean loss of ``batch`` (a scalar tensor)."""
         return model(**batch).loss
+
+    def check_augmentations(self, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The augmentations ``requested`` ("default": :attr:`default_augmentations`), or
+        ``InvalidInputError`` naming those the task cannot use."""
+        if requested == (DEFAULT_AUGMENTATION,):
+            return self.default_augmentations
+        refused = [name for name in requested if name not in self.augmentations]
+        if refused:
+            usable = ", ".join(self.augmentations) or "none"
+            raise InvalidInputError(f"{self.task} cannot use the augmentation(s) {', '.join(refused)} "
+                                    f"(usable: {usable}).")
+        return requested
+
+    def augment(self, rows: dict[str, list[Any]], ops: tuple[str, ...], generator: Any) -> dict[str, list[Any]]:
+        """Training ``rows`` augmented with ``ops`` before :meth:`collate` (the images by default); the
+        labels are never touched."""
+        if "image" in rows and any(op in IMAGE_AUGMENTATIONS for op in ops):
+            return {**rows, "image": augment_images(rows["image"], ops, generator)}
+        return rows
+
+    def augment_batch(self, batch: dict[str, Any], ops: tuple[str, ...], generator: Any) -> dict[str, Any]:
+        """A collated training batch augmented with ``ops`` (e.g. masked spectrogram features); as is by default."""
+        return batch
 
     def save(self, model: Any, processor: Any, folder: Path) -> None:
         """Write a checkpoint that the task's ``load`` (``mmdemo.tasks``) reads back."""

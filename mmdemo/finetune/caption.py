@@ -166,6 +166,8 @@ class CaptionAdapter(FinetuneAdapter):
     kinds = frozenset({"blip"})
     columns = ("image", "text", "corrected", "merged_record_ids", "output_id")
     evaluation = CaptionEvaluation()
+    augmentations = ("crop", "flip", "colour")
+    default_augmentations = ("crop", "colour")  # captions name left and right: flip only when asked for
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch

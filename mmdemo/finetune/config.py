@@ -12,11 +12,17 @@ from typing import Any
 from ..tasks.spec import task_ids
 from ..errors import InvalidInputError
 from ..feedback.store import ONLY_CHOICES
+from .augment import AUDIO_AUGMENTATIONS, IMAGE_AUGMENTATIONS
 from .errors import InvalidModelNameError
 
 # A model name becomes a folder under <data_dir>/models: a letter or digit, then letters, digits,
 # '.', '_' or '-', at most 64 characters in all; never '..', a slash or a space.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Augmentations of training batches (mmdemo.finetune.augment): images, then audio. Each task's adapter
+# says which it can use and which "default" stands for.
+AUGMENTATIONS = IMAGE_AUGMENTATIONS + AUDIO_AUGMENTATIONS
+DEFAULT_AUGMENTATION = "default"
 
 
 def check_model_name(name: Any) -> str:
@@ -54,7 +60,8 @@ class FinetuneConfig:
     max_steps: int | None = None
     lr: float = 5e-5
     weight_decay: float = 0.01           # AdamW, on weight matrices only (not biases or norms)
-    batch_size: int = 8
+    batch_size: int = 8                  # examples per forward pass on each process
+    grad_accum: int = 1                  # forward passes whose gradients add up into one optimizer step
     grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off
     max_length: int = 40                 # target tokens per example, longer ones are cut
     extend: bool = True                  # answers a fixed-head model (ViLT) does not know extend its head
@@ -63,6 +70,8 @@ class FinetuneConfig:
     lora_alpha: float | None = None      # scale numerator (alpha / r); None: 2 x rank
     lora_targets: tuple[str, ...] | None = None  # module names to adapt; None: the model kind's default
     merge: bool = False                  # merge the trained adapter into a full checkpoint (no adapter served)
+    checkpoint_every: int = 50           # optimizer steps between resumable checkpoints (and at each epoch end)
+    augment: tuple[str, ...] = ()        # training-batch augmentations (AUGMENTATIONS); ("default",): the task's
     eval_campaign: str | None = None     # before/after evaluation on this campaign's labels (held out)
     eval_dataset: str | None = None      # ... or on this exported folder; neither: the validation split
     description: str = ""
@@ -114,6 +123,9 @@ class FinetuneConfig:
             raise InvalidInputError("The learning rate must be above 0.")
         _number(self.weight_decay, "weight decay", 0.0, 1.0)
         _whole(self.batch_size, "batch size", 1, 4096)
+        _whole(self.grad_accum, "number of gradient accumulation steps", 1, 4096)
+        _whole(self.checkpoint_every, "number of steps between checkpoints", 1, 10_000_000)
+        object.__setattr__(self, "augment", check_augment_names(self.augment))
         _number(self.grad_clip, "gradient clipping norm", 0.0, 1e6)
         _whole(self.max_length, "maximum target length", 2, 4096)
 
@@ -130,6 +142,23 @@ class FinetuneConfig:
     def load(cls, path: Path) -> "FinetuneConfig":
         """The config a run saved (``<checkpoint>/run_config.json``), e.g. to run it again."""
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def check_augment_names(augment: Any) -> tuple[str, ...]:
+    """``augment`` as a tuple of known augmentation names (a comma-separated string is split), or
+    ``InvalidInputError``; whether the task can use them is the job's check (its adapter's)."""
+    if isinstance(augment, str):
+        augment = [name.strip() for name in augment.split(",") if name.strip()]
+    if not isinstance(augment, (list, tuple)) or not all(isinstance(name, str) for name in augment):
+        raise InvalidInputError(f"augment must be a list of augmentation names, not {augment!r}.")
+    unknown = [name for name in augment if name not in (*AUGMENTATIONS, DEFAULT_AUGMENTATION)]
+    if unknown:
+        raise InvalidInputError(f"Unknown augmentation {', '.join(map(repr, unknown))}; use "
+                                f"{', '.join(AUGMENTATIONS)} or '{DEFAULT_AUGMENTATION}' (the task's safe set).")
+    if DEFAULT_AUGMENTATION in augment and len(augment) > 1:
+        raise InvalidInputError(f"'{DEFAULT_AUGMENTATION}' stands for the task's safe set: give it alone or "
+                                "name each augmentation.")
+    return tuple(dict.fromkeys(augment))
 
 
 def _number(value: Any, what: str, low: float, high: float) -> None:

@@ -117,6 +117,10 @@ class JobControl:
         """Cancel a job (default: the newest waiting or running); its status."""
         return self.runner.status(self.runner.cancel(job_id or None).id)
 
+    def resume(self, job_id: str | None, started_by: str | None) -> dict[str, Any]:
+        """Continue a failed job (default: the newest job) from its last checkpoint, as a new job; its status."""
+        return self.runner.status(self.runner.resume(job_id or None, started_by).id)
+
     def follow(self) -> None:
         """Start waiting jobs and publish the models of jobs that finished (at start-up, after a restart)."""
         self.runner.tick()

@@ -31,23 +31,34 @@ from typing import Any, Callable, Iterator
 from .. import __version__
 from ..catalog import MODEL_ENTRY_FILE, ModelSpec
 from ..config import Settings
-from ..errors import MMDemoError, ModelLoadError
+from ..errors import InvalidInputError, MMDemoError, ModelLoadError
 from ..files import replace_folder
 from ..placement import Placement
 from ..registry import ModelRegistry
 from .adapters import FinetuneAdapter, adapter_for
 from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
-from .errors import FinetuneCancelled, InvalidDatasetError
+from .errors import FinetuneCancelled, FinetuneError, InvalidDatasetError
 from .evaluate import TaskEvaluation, compared_models, describe_source, format_table, undecoded
-from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
-from .train import Progress, train, training_dtype
+from .processes import (
+    RESUME_STATE_FILE,
+    RESUMES,
+    check_new_model_name,
+    model_folder,
+    name_lock,
+    remove_stale_staging,
+    resume_folder,
+    serve_published,
+)
+from .train import Progress, TrainingState, is_main_process, train, training_dtype, wait_for_everyone
 from ..tasks import open_registry
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"   # not config.json: save_pretrained writes the model's config there
 METRICS_FILE = "metrics.json"
+RESUME_BEST = "best"  # in resume_folder(): the best epoch's checkpoint so far, beside the TrainingState
+                      # (RESUME_STATE_FILE) and the run_config.json to resume with
 
 
 class JobStatus(str, enum.Enum):
@@ -105,17 +116,21 @@ class FinetuneJob:
     ``settings`` if None). ``registry``: a running app's registry; the new model is added to its
     catalog, and hot-swapped in with ``replace`` when a model of that name is loaded.
     ``on_progress``: called with a :class:`Progress` after every step (from the job's thread).
+    ``resume``: continue from the resumable checkpoint an earlier run of ``config`` left (see
+    :func:`resume_config`) rather than start afresh (which replaces any such checkpoint).
     """
 
     def __init__(self, config: FinetuneConfig, settings: Settings, *, store: Any = None,
                  registry: ModelRegistry | None = None,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None, resume: bool = False) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.config = config
         self.settings = settings
         self.store = store
         self.registry = registry
         self.on_progress = on_progress
+        self.resume = resume
+        self._checkpointed_best: int | None = None  # the best epoch whose checkpoint the resumable one holds
         self.status = JobStatus.PENDING
         self.progress = Progress("pending")
         self.result: FinetuneResult | None = None
@@ -170,7 +185,7 @@ class FinetuneJob:
         self._report(replace(self.progress, stage="done"))
         return self.result
 
-    def _run(self) -> FinetuneResult:
+    def _run(self) -> FinetuneResult | None:
         config, settings = self.config, self.settings
         started = time.perf_counter()
         self._report(Progress("preparing"))
@@ -178,28 +193,47 @@ class FinetuneJob:
         registry = self.registry or open_registry(settings)
         models_dir = settings.models_dir
         final = model_folder(models_dir, config.name)
-        models_dir.mkdir(parents=True, exist_ok=True)
-        with name_lock(models_dir, config.name):
+        main = is_main_process()  # under `accelerate launch`, the other processes train and publish nothing
+        if main:
+            models_dir.mkdir(parents=True, exist_ok=True)
+        with name_lock(models_dir, config.name) if main else contextlib.nullcontext():
             # 1. the name is new (or names our own earlier model, with overwrite); the base is a catalog model
-            check_new_model_name(registry.catalog, models_dir, config.name, overwrite=config.overwrite)
+            if main:
+                check_new_model_name(registry.catalog, models_dir, config.name, overwrite=config.overwrite)
             base = registry.catalog.get(config.base)
             adapter.check_base(base)
             trained = adapter.training_spec(base, registry.catalog)  # a faster-whisper model: its twin
             placement = registry.placement_for(trained)
             config = self.config = config.replace(device=placement.device, dtype=training_dtype(placement),
+                                                  augment=adapter.check_augmentations(config.augment),
                                                   **_store_export_options(config))
             location = registry.resolve_location(trained)
             base_location = location if trained is base else registry.resolve_location(base)
-            remove_stale_staging(models_dir)
+            resumed = self._resume_state() if self.resume else None
+            self._checkpointed_best = resumed.metrics.get("best_epoch") if resumed else None
             staging = models_dir / f".{config.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
+            if main:
+                remove_stale_staging(models_dir)
+                if not self.resume:
+                    shutil.rmtree(resume_folder(models_dir, config.name), ignore_errors=True)  # a new run
+                staging.mkdir()
+                if resumed is not None and (resume_folder(models_dir, config.name) / RESUME_BEST).is_dir():
+                    shutil.copytree(resume_folder(models_dir, config.name) / RESUME_BEST, staging, dirs_exist_ok=True)
             try:
                 with self._training_data(adapter.columns, adapter.text_column) as exported:
                     evaluation = self._evaluation_data(adapter.evaluation, exported)
                     exported = without_held_out(exported, evaluation)
                     data = adapter.prepare_data(exported)
+                    if resumed is not None and resumed.fingerprint != data.fingerprint:
+                        raise InvalidDatasetError(
+                            f"The training data of '{config.name}' changed since its checkpoint (fingerprint "
+                            f"{resumed.fingerprint}, now {data.fingerprint}): a resumed run needs the same rows. "
+                            "Start a new run (without --resume) to train on the new data.")
                     metrics, params_m = self._train(adapter, base, trained, (location, base_location), placement,
-                                                    data, staging, evaluation, registry)
+                                                    data, staging, evaluation, registry, resumed)
+                if not main:
+                    wait_for_everyone()  # until the main process has published the model
+                    return None
                 # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
@@ -214,8 +248,14 @@ class FinetuneJob:
                 if self._cancel.is_set():
                     raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled before it was published.")
                 replace_folder(staging, final)
-            except BaseException:
+                shutil.rmtree(resume_folder(models_dir, config.name), ignore_errors=True)  # done: nothing to resume
+                wait_for_everyone()
+            except FinetuneCancelled:
                 shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(resume_folder(models_dir, config.name), ignore_errors=True)  # stopped on purpose
+                raise
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # a crash or an error: its checkpoint stays, to resume
                 raise
         result = FinetuneResult(ModelSpec(id=config.name, source=f"local-dir:{final.resolve()}", **entry), final,
                                 metrics)
@@ -226,12 +266,14 @@ class FinetuneJob:
     def _train(self, adapter: FinetuneAdapter, base: ModelSpec, trained: ModelSpec, locations: tuple[str, str],
                placement: Placement, data: TrainingData, staging: Path,
                evaluation: tuple[list[Any], dict[str, Any]] | None,
-               registry: ModelRegistry | None = None) -> tuple[dict[str, Any], float]:
+               registry: ModelRegistry | None = None,
+               resumed: TrainingState | None = None) -> tuple[dict[str, Any], float]:
         """Steps 2 and 3: load the base (``trained``: the model that trains, the base itself or its twin),
         train it, the best epoch's checkpoint saved in ``staging``; the base and the checkpoint scored on
         ``evaluation`` (questions, where they come from) if given. ``locations``: the trained model's and
-        the base's; ``registry``: the models a metric scores with. Returns the metrics (with the base's identity)
-        and the size in millions of parameters."""
+        the base's; ``registry``: the models a metric scores with; ``resumed``: the checkpoint training
+        continues from. Only the main process scores and saves. Returns the metrics (with the base's
+        identity) and the size in millions of parameters."""
         from ..registry import free_device_memory
         from ..tasks import get_task, quiet_libraries
 
@@ -243,7 +285,8 @@ class FinetuneJob:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(base.id, f"{type(exc).__name__}: {exc}") from exc
-        questions, scores = (evaluation[0], {}) if evaluation else ([], {})
+        main = is_main_process()
+        questions, scores = (evaluation[0], {}) if evaluation and main else ([], {})
         scoring = adapter.evaluation
         predictions: dict[str, list[Any]] = {"base": [], "new": []}
         try:
@@ -262,7 +305,9 @@ class FinetuneJob:
             # 4. train, writing the best epoch's checkpoint into the staging folder
             metrics = train(model, processor, adapter, data, self.config, placement,
                             save_best=lambda epoch: adapter.save(model, processor, staging),
-                            report=self._report, should_stop=self._cancel.is_set)
+                            report=self._report, should_stop=self._cancel.is_set,
+                            checkpoint=lambda state: self._checkpoint(state, data.fingerprint, staging),
+                            resume_from=resumed)
             metrics["base"] = {"id": base.id, "kind": base.kind, "source": base.source, "revision": base.revision,
                                "commit": getattr(model.config, "_commit_hash", None)}
             if trained is not base:
@@ -273,8 +318,10 @@ class FinetuneJob:
         finally:
             del model, processor  # the device memory goes back before a registry loads the result
             free_device_memory(placement.device)
+        if not main:
+            return metrics, params_m
         adapter.convert_for_serving(base, staging)  # e.g. into CTranslate2 for a faster-whisper base
-        if evaluation:
+        if evaluation and main:
             # 5. the saved checkpoint, loaded as the app will load it, scored on the same questions
             if questions:
                 saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
@@ -286,6 +333,48 @@ class FinetuneJob:
                 scores.update(scoring.save_artifacts(staging, questions, predictions))
             metrics["evaluation"] = {"data": evaluation[1], **scores}
         return metrics, params_m
+
+    def _checkpoint(self, state: TrainingState, fingerprint: str, staging: Path) -> None:
+        """Write ``state`` and the best epoch's checkpoint so far (``staging``) as the job's resumable
+        checkpoint, replacing the previous one atomically (a kill while writing leaves the previous one).
+        The best checkpoint is copied once per best epoch: while it stays the best, its files (never written
+        again once there) are linked from the previous checkpoint."""
+        import torch
+
+        models_dir = self.settings.models_dir
+        previous = resume_folder(models_dir, self.config.name) / RESUME_BEST
+        writing = models_dir / f".{self.config.name}.partial-{os.getpid()}-resume{uuid.uuid4().hex[:8]}"
+        best_epoch = state.metrics.get("best_epoch")
+        try:
+            if best_epoch is not None and best_epoch == self._checkpointed_best and previous.is_dir():
+                shutil.copytree(previous, writing / RESUME_BEST, copy_function=os.link)
+            elif any(staging.iterdir()):
+                shutil.copytree(staging, writing / RESUME_BEST)
+            writing.mkdir(exist_ok=True)
+            state.fingerprint = fingerprint
+            torch.save(state.to_dict(), writing / RESUME_STATE_FILE)
+            self.config.save(writing / RUN_CONFIG_FILE)
+            replace_folder(writing, resume_folder(models_dir, self.config.name))
+            self._checkpointed_best = best_epoch
+        except BaseException:
+            shutil.rmtree(writing, ignore_errors=True)
+            raise
+
+    def _resume_state(self) -> TrainingState:
+        """The checkpoint of the run this job resumes, or a clear error when there is none."""
+        import torch
+
+        folder = resume_folder(self.settings.models_dir, self.config.name)
+        if not (folder / RESUME_STATE_FILE).is_file():
+            raise FinetuneError(f"There is no checkpoint to resume '{self.config.name}' from (no {folder}); "
+                                "start a new run instead.")
+        saved = resume_config(self.settings, self.config.name)
+        changed = sorted(key for key, value in self.config.to_dict().items() if saved.to_dict()[key] != value)
+        if changed:
+            raise InvalidInputError(f"The checkpoint of '{self.config.name}' is of a run with other settings "
+                                    f"({', '.join(changed)}); resume it as it was (mmdemo finetune --resume "
+                                    f"{self.config.name}) or start a new run.")
+        return TrainingState(**torch.load(folder / RESUME_STATE_FILE, weights_only=True))
 
     def _evaluation_data(self, evaluation: TaskEvaluation | None,
                          exported: TrainingData) -> tuple[list[Any], dict[str, Any]] | None:
@@ -365,6 +454,16 @@ def without_held_out(data: TrainingData,
                         {"train": train.num_rows, "validation": validation.num_rows})
 
 
+def resume_config(settings: Settings, name: str) -> FinetuneConfig:
+    """The configuration of the run that left a resumable checkpoint for ``name`` (``mmdemo finetune
+    --resume NAME``), or a clear error when there is none."""
+    saved = resume_folder(settings.models_dir, name) / RUN_CONFIG_FILE
+    if not saved.is_file():
+        raise FinetuneError(f"There is no checkpoint to resume '{name}' from: no run of that name was "
+                            "interrupted (a finished or cancelled run leaves none).")
+    return FinetuneConfig.load(saved)
+
+
 def _store_export_options(config: FinetuneConfig) -> dict[str, Any]:
     """Without a dataset the store's feedback is exported: its options with their defaults filled in."""
     if config.dataset is not None:
@@ -432,7 +531,11 @@ def run_stored_job(job_id: str, settings: Settings) -> int:
         print(f"fine-tuning job {job_id}: {record.name} from {record.base} ({record.task}) on {record.device}, "
               f"process {process}", flush=True)
         reporter = _StoreReporter(jobs, job_id, process)
-        job = FinetuneJob(FinetuneConfig(**record.config), settings, store=store, on_progress=reporter)
+        options = dict(record.config)
+        resumes = options.pop(RESUMES, None)  # a job that continues a failed one from its checkpoint
+        if resumes:
+            print(f"resuming the run of job {resumes} from its last checkpoint", flush=True)
+        job = FinetuneJob(FinetuneConfig(**options), settings, store=store, on_progress=reporter, resume=bool(resumes))
         if cancelled.is_set():
             job.cancel()
         signal.signal(signal.SIGTERM, lambda *_: job.cancel())

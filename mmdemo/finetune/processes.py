@@ -5,6 +5,7 @@
 >>> job = runner.submit(config, started_by="alice")       # pending; started when its device is free
 >>> runner.status(job.id)["place"]                        # its place in the queue while it waits
 >>> runner.cancel(job.id)                                 # pending: dropped; running: SIGTERM
+>>> runner.resume(job.id, started_by="alice")             # failed: a new job continues from its last checkpoint
 
 The job's process writes its own progress and end into the store (:func:`mmdemo.finetune.jobs.run_stored_job`);
 the runner starts waiting jobs, notices a process that died without saying so (its exit status and the
@@ -56,6 +57,8 @@ LOG_TAIL_LINES = 15
 JOB_LOGS = ".jobs"        # <models_dir>/.jobs/<job id>.log while a job runs; copied into its model folder
 MODEL_LOG_FILE = "finetune.log"
 STARTING_GRACE_SECONDS = 60.0  # a running row without a pid yet: its starter is between claim and spawn
+RESUME_STATE_FILE = "state.pt"  # in a run's resumable checkpoint folder (resume_folder), beside best/
+RESUMES = "resumes"             # in a job record's config: the failed job it continues (`--resume`)
 
 
 class JobRunner:
@@ -110,6 +113,28 @@ class JobRunner:
                         os.kill(job.pid, signal.SIGTERM)
             return job
 
+    def resume(self, job_id: str | None, started_by: str | None) -> JobRecord:
+        """Queue a job that continues the failed job ``job_id`` (default: the newest job) from the last
+        checkpoint it left, with its settings (``mmdemo finetune --resume``); refused for any other job."""
+        with self._lock:
+            job = self.jobs.get(job_id) if job_id else self.jobs.latest()
+            if job is None:
+                raise FinetuneError("No fine-tuning job has run yet.")
+            if not self.resumable(job):
+                raise FinetuneError(f"The job training '{job.name}' cannot be resumed: only a failed job that left "
+                                    f"a checkpoint can (this one {'left none' if job.state == FAILED else job.state}).")
+            if any(other.name == job.name for other in self.jobs.list(states=ACTIVE)):
+                raise InvalidModelNameError(f"A job is already fine-tuning '{job.name}'.")
+            config = {key: value for key, value in job.config.items() if key != RESUMES}
+            resumed = self.jobs.create(job.name, job.task, job.base, job.device, {**config, RESUMES: job.id},
+                                       created_by=started_by)
+            self.tick()
+            return self.jobs.get(resumed.id)
+
+    def resumable(self, job: JobRecord) -> bool:
+        """A failed job whose run left a checkpoint to continue from."""
+        return job.state == FAILED and (resume_folder(self.settings.models_dir, job.name) / RESUME_STATE_FILE).is_file()
+
     def cancel_requested(self, job: JobRecord) -> bool:
         return job.id in self._cancelling
 
@@ -155,6 +180,7 @@ class JobRunner:
             "place": 1 + [other.id for other in waiting].index(job.id) if job.state == PENDING else None,
             "pid": job.pid, "exit_code": job.exit_code, "log_path": job.log_path,
             "error": job.error if job.state in (FAILED, CANCELLED) else None, "result": None, "log_tail": None,
+            "resumable": self.resumable(job), "resumes": config.get(RESUMES),
         }
         if job.state == PENDING:  # the running job on its device finishes first
             ahead = [other for other in active if other.state == RUNNING and other.device == job.device]
@@ -365,6 +391,12 @@ def name_lock(models_dir: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def resume_folder(models_dir: Path, name: str) -> Path:
+    """``<models_dir>/.<name>.resume``: a run's resumable checkpoint, kept until the run publishes its model
+    or is cancelled; hidden, so that the catalog never reads it."""
+    return Path(models_dir) / f".{check_model_name(name)}.resume"
+
+
 def check_new_model_name(catalog: Catalog, models_dir: Path, name: str, *, overwrite: bool) -> None:
     """A fine-tuned model may take a new id, or (with ``overwrite``) replace its own earlier self;
     never a built-in model or one from a catalog file, never a folder that is not a model of ours."""
@@ -396,4 +428,4 @@ def remove_stale_staging(models_dir: Path) -> list[Path]:
 
 
 __all__ = ["JobRunner", "check_new_model_name", "died_message", "log_tail", "model_folder", "name_lock",
-           "process_alive", "remove_stale_staging", "serve_published", "settings_arguments"]
+           "process_alive", "remove_stale_staging", "resume_folder", "serve_published", "settings_arguments"]

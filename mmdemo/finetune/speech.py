@@ -26,6 +26,7 @@ from ..catalog import Catalog, ModelSpec
 from ..errors import MMDemoError
 from ..placement import Placement
 from ..tasks.base import load_kwargs
+from .augment import augment_waveform, mask_features, wav_bytes
 from .base import FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
@@ -134,6 +135,8 @@ class SpeechAdapter(FinetuneAdapter):
     kinds = frozenset({"whisper", "faster-whisper"})
     columns = ("audio", "text", "language", "translate", "corrected", "merged_record_ids", "output_id")
     evaluation = SpeechEvaluation()
+    augmentations = ("speed", "noise", "specaugment")
+    default_augmentations = augmentations
 
     def training_spec(self, spec: ModelSpec, catalog: Catalog) -> ModelSpec:
         """The model that trains: ``spec`` itself, or the transformers twin of a faster-whisper model."""
@@ -194,6 +197,19 @@ class SpeechAdapter(FinetuneAdapter):
         for row, ids in enumerate(labels):
             padded[row, :len(ids)] = torch.tensor(ids)
         return {"input_features": features["input_features"], "labels": padded}
+
+    def augment(self, rows: dict[str, list[Any]], ops: tuple[str, ...], generator: Any) -> dict[str, list[Any]]:
+        """Speed and noise change the decoded waveform, which goes back into the row as WAV bytes."""
+        if not any(op in ("speed", "noise") for op in ops):
+            return rows
+        audio = [{"bytes": wav_bytes(augment_waveform(decode(a, "a training row").samples, ops, generator),
+                                     SAMPLING_RATE), "path": None} for a in rows["audio"]]
+        return {**rows, "audio": audio}
+
+    def augment_batch(self, batch: dict[str, Any], ops: tuple[str, ...], generator: Any) -> dict[str, Any]:
+        if "specaugment" not in ops:
+            return batch
+        return {**batch, "input_features": mask_features(batch["input_features"], generator)}
 
     def save(self, model: Any, processor: Any, folder: Path) -> None:
         super().save(model, processor, folder)

@@ -107,6 +107,8 @@ class VqaAdapter(FinetuneAdapter):
     task = TASK
     kinds = frozenset({"vilt", "blip"})
     columns = ("image", "question", "answer", "corrected", "merged_record_ids", "output_id")
+    augmentations = ("crop", "flip", "colour")
+    default_augmentations = ("crop",)  # questions ask about left and right, and colours: flip, colour when asked
     evaluation = VqaEvaluation()
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:

@@ -124,6 +124,8 @@ class ZeroShotAdapter(FinetuneAdapter):
     task = TASK
     kinds = frozenset({"clip", "siglip"})
     columns = ("image", "labels", "candidate_labels", "template", "corrected", "merged_record_ids", "output_id")
+    augmentations = ("crop", "flip", "colour")
+    default_augmentations = ("crop", "flip")  # labels may be colours: colour jitter only when asked for
     evaluation = ZeroShotEvaluation()
 
     def __init__(self) -> None:
@@ -181,7 +183,7 @@ class ZeroShotAdapter(FinetuneAdapter):
 
         targets = batch["targets"]
         logits = model(**{k: v for k, v in batch.items() if k != "targets"}).logits_per_image  # images x texts
-        if model.config.model_type == "siglip":
+        if getattr(model, "module", model).config.model_type == "siglip":  # the model, or its DDP wrapper
             # one binary decision per (image, text) pair, summed over texts, averaged over images
             return -F.logsigmoid((2 * targets - 1) * logits).sum() / logits.shape[0]
         # symmetric InfoNCE: images over texts, and each text that some image has over the images

@@ -6,13 +6,15 @@ feedback there is to learn from, and starts the job. A job is an ``mmdemo finetu
 queued in the feedback store (one runs per device, the others wait in order); the panel only calls the
 app's job control (``ctx.finetune``, a :class:`~mmdemo.finetune.control.JobControl`, which never imports
 the training code) and polls it with a ``gr.Timer`` for the place in the queue, stage, epoch, step, losses and
-ETA, and can cancel it. A job that succeeds has put its model in the registry's catalog: the tabs' model
+ETA, and can cancel it; a job that failed (its process killed, say) and left a checkpoint can be resumed,
+as a new job that continues from it. A job that succeeds has put its model in the registry's catalog: the tabs' model
 dropdowns offer it after a page reload; the panel then shows its before/after table and loss curve
 (:func:`~mmdemo.finetune.evaluate.before_after`, :func:`~mmdemo.finetune.evaluate.loss_curve`). An app
 restarted, or another replica, shows the same jobs.
 
 API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
-batch_size, val_fraction, only), ``/finetune_status`` and ``/finetune_cancel`` (job_id, default the newest).
+batch_size, val_fraction, only), ``/finetune_status``, ``/finetune_cancel`` and ``/finetune_resume`` (job_id,
+default the newest).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ DESCRIPTION = (
     "training copy of the base model (float32 weights, beside any copy the registry serves), so the device "
     "needs that much free memory. When it is "
     "done, reload the page to pick the new model in the tabs. Scripts: `/finetune_start`, `/finetune_status`, "
-    "`/finetune_cancel` (admins)."
+    "`/finetune_cancel`, `/finetune_resume` (admins)."
 )
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -104,6 +106,8 @@ def status_text(info: dict[str, Any]) -> str:
         return (f"**Fine-tuning `{name}` was cancelled** at step {info['step']}/{info['total_steps']}; "
                 "nothing was published.")
     lines = [f"**Fine-tuning `{name}` failed:** {info['error']}"]
+    if info.get("resumable"):
+        lines.append("It left a checkpoint: **Resume** continues the run from there, with the same settings and data.")
     if info.get("log_tail"):
         lines.append("Last lines of its log:\n\n```\n" + "\n".join(info["log_tail"]) + "\n```")
     return "  \n".join(lines)
@@ -186,6 +190,10 @@ def build(ctx: AppContext) -> SimpleNamespace:
             raise gr.Error("No fine-tuning job is running.", title="Nothing to cancel", print_exception=False)
         return with_message(ctx.finetune.cancel(job_id))
 
+    def resume_job(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
+        ctx.require_admin(request, "resume fine-tuning jobs")
+        return with_message(ctx.finetune.resume(job_id, ctx.annotator_of(request)))
+
     # -- the API --
 
     def finetune_start(task: str = "", base: str = "", name: str = "", epochs: int = DEFAULTS["epochs"],
@@ -212,10 +220,18 @@ def build(ctx: AppContext) -> SimpleNamespace:
         job leaves the queue; a running one stops at its next step and publishes nothing."""
         return cancel_job(job_id, request)
 
+    def finetune_resume(job_id: str = "", request: gr.Request = None) -> dict[str, Any]:
+        """Resume a failed fine-tuning job (admins; job_id: default the newest job) from the last checkpoint
+        its run left: a new job, queued like any other, continues it with the same settings and data and
+        ends as the uninterrupted run would have. Refused for a job that did not fail or left no checkpoint."""
+        return resume_job(job_id, request)
+
     gr.api(readable_errors(finetune_start), api_name="finetune_start", concurrency_id=START_QUEUE,
            concurrency_limit=1)
     gr.api(readable_errors(finetune_status), api_name="finetune_status", queue=False)
     gr.api(readable_errors(finetune_cancel), api_name="finetune_cancel", queue=False)
+    gr.api(readable_errors(finetune_resume), api_name="finetune_resume", concurrency_id=START_QUEUE,
+           concurrency_limit=1)
 
     # -- the form --
 
@@ -237,6 +253,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     with gr.Row():
         start = gr.Button("Start fine-tuning", variant="primary")
         cancel = gr.Button("Cancel", variant="stop")
+        resume = gr.Button("Resume", variant="secondary", visible=False, elem_classes="mmdemo-finetune-resume")
     answer = gr.Markdown(elem_classes="mmdemo-finetune-answer")  # what became of the last click
     status = gr.Markdown(elem_classes="mmdemo-finetune-status")
     evaluation = gr.Dataframe(label="Before / after fine-tuning", interactive=False, visible=False,
@@ -248,11 +265,13 @@ def build(ctx: AppContext) -> SimpleNamespace:
         details = gr.JSON(label="Job status", show_label=False)
     timer = gr.Timer(POLL_SECONDS, active=False)
 
-    shown_in = [status, details, timer, evaluation, evaluation_note, losses]
+    shown_in = [status, details, timer, evaluation, evaluation_note, losses, resume]
 
     def shown(info: dict[str, Any]) -> tuple[Any, ...]:
-        """The status line, the JSON, the timer (polling while the job runs), and a succeeded job's report."""
-        return info["message"], info, gr.Timer(active=info["state"] not in DONE + ("idle",)), *job_report(info)
+        """The status line, the JSON, the timer (polling while the job runs), a succeeded job's report, and
+        the Resume button for a failed job that left a checkpoint."""
+        return (info["message"], info, gr.Timer(active=info["state"] not in DONE + ("idle",)), *job_report(info),
+                gr.Button(visible=bool(info.get("resumable"))))
 
     @readable_errors
     def page_load(request: gr.Request) -> tuple[Any, ...]:
@@ -288,6 +307,11 @@ def build(ctx: AppContext) -> SimpleNamespace:
         info = cancel_job(None, request)
         return "Cancelling: the job stops at its next step and publishes nothing.", *shown(info)
 
+    @answered_in(answer, "Not resumed")
+    def resume_clicked(request: gr.Request) -> tuple[Any, ...]:
+        info = resume_job(None, request)
+        return "✓ Resumed: a new job continues from the last checkpoint.", *shown(info)
+
     @readable_errors
     def poll(task_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         info = job_status(None, request)
@@ -307,11 +331,14 @@ def build(ctx: AppContext) -> SimpleNamespace:
                 show_progress="hidden", preprocess=False, api_visibility="private")
     cancel.click(cancel_clicked, None, [answer, *shown_in], queue=False, show_progress="hidden",
                  api_visibility="private")
+    resume.click(resume_clicked, None, [answer, *shown_in], concurrency_id=START_QUEUE, concurrency_limit=1,
+                 show_progress="hidden", api_visibility="private")
     timer.tick(poll, [task], [*shown_in, base], **quick)
     return SimpleNamespace(task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
                            val_fraction=val_fraction, only=only, available=available, start=start, cancel=cancel,
                            answer=answer, status=status, details=details, timer=timer, access=access,
-                           evaluation=evaluation, evaluation_note=evaluation_note, losses=losses)
+                           evaluation=evaluation, evaluation_note=evaluation_note, losses=losses,
+                           resume=resume)
 
 
 def demo(ctx: AppContext) -> gr.Blocks:
