@@ -40,14 +40,12 @@ from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
 from .errors import FinetuneCancelled, InvalidDatasetError
 from .evaluate import TaskEvaluation, compared_models, describe_source, format_table, undecoded
+from .lineage import METRICS_FILE, RUN_CONFIG_FILE
 from .processes import check_new_model_name, model_folder, name_lock, remove_stale_staging, serve_published
 from .train import Progress, train, training_dtype
 from ..tasks import open_registry
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG_FILE = "run_config.json"   # not config.json: save_pretrained writes the model's config there
-METRICS_FILE = "metrics.json"
 
 
 class JobStatus(str, enum.Enum):
