@@ -23,6 +23,7 @@ from mmdemo.errors import ModelLoadError, TaskMismatchError, UnknownModelError
 from mmdemo.feedback import FeedbackStore, PromotionError, export_dataset
 from mmdemo.feedback.promotions import PromotionStore
 from mmdemo.tasks import open_registry, run, task_catalog
+from mmdemo.ui import zero_shot
 
 from colour_squares import COLOURS, square
 from finetune_util import make_job
@@ -215,7 +216,8 @@ def test_promote_and_rollback_under_load_fail_no_call_and_each_answer_names_its_
     names (each model's own scores for this request, computed apart)."""
     registry = promote_app.registry
     expected = {model: {item["label"]: item["score"] for item in
-                        run(registry, TASK, model, image=str(CAT), labels="cat, dog")["labels"]}
+                        run(registry, TASK, model, image=str(CAT), labels="cat, dog",
+                            template=zero_shot.DEFAULT_TEMPLATE)["labels"]}
                 for model in (CLIP, SIGLIP)}
     assert expected[CLIP] != pytest.approx(expected[SIGLIP], abs=1e-3)  # the scores tell the models apart
     registry.unload(SIGLIP)  # promoted, it loads while the old default answers
