@@ -71,7 +71,8 @@ def test_promotions_and_rollbacks_round_trip_in_the_store(store_on_each_database
         promotions.promote(TASK, "clip-ours", actor="bob")
 
     back = promotions.rollback(TASK, actor="carol")
-    assert (back.action, back.model_id, back.previous_model_id, back.actor) == ("rollback", SIGLIP, "clip-ours", "carol")
+    assert (back.action, back.model_id, back.previous_model_id, back.actor) == (
+        "rollback", SIGLIP, "clip-ours", "carol")
     assert promotions.current()[TASK] == SIGLIP
     bottom = promotions.rollback(TASK, actor="carol")  # below the first promotion: the catalog's own default
     assert (bottom.model_id, bottom.previous_model_id) == (None, SIGLIP)
