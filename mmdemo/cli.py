@@ -140,7 +140,7 @@ def add_annotate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     imp = actions.add_parser("import", parents=[common], help="pre-label a folder of media with a model and add it")
     imp.add_argument("folder", type=Path)
     imp.add_argument("--campaign", required=True)
-    imp.add_argument("--model", help="catalog model id (default: the campaign's, else the task's first)")
+    imp.add_argument("--model", help="catalog model id (default: the campaign's, else the task's default)")
     imp.add_argument("--question", help="VQA: the question asked about every image")
     imp.add_argument("--labels", help="zero-shot: the labels offered, comma separated")
     imp.add_argument("--template", help='zero-shot prompt template, e.g. "a photo of a {}."')
@@ -415,12 +415,15 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
                                        without_feedback=not args.include_rated, limit=args.limit)
             print(f"added {added} recorded output(s) to {args.campaign}")
         elif args.action == "import":
+            from .feedback.promotions import PromotionStore
+            from .promotion import apply_promoted
             from .tasks import open_registry
 
             inputs = {"question": args.question, "labels": args.labels, "template": args.template,
                       "prefix": args.prefix, "language": args.language}
-            summary = queue.import_folder(args.campaign, args.folder, open_registry(settings),
-                                          model=args.model, inputs=inputs)
+            registry = open_registry(settings)
+            apply_promoted(registry.catalog, PromotionStore(store).current())  # no model named: the app's default
+            summary = queue.import_folder(args.campaign, args.folder, registry, model=args.model, inputs=inputs)
             print(summary.describe())
         elif args.action == "list":
             found = queue.campaigns()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from mmdemo.application import App
 from mmdemo.config import Settings
 from mmdemo.cli import main
 from mmdemo.errors import ModelLoadError, TaskMismatchError, UnknownModelError
-from mmdemo.feedback import FeedbackStore, PromotionError, export_dataset
+from mmdemo.feedback import AnnotationQueue, FeedbackStore, PromotionError, export_dataset
 from mmdemo.feedback.promotions import PromotionStore
 from mmdemo.tasks import open_registry, run, task_catalog
 from mmdemo.ui import zero_shot
@@ -187,6 +188,14 @@ def test_cli_promote_history_rollback_and_predict_uses_the_promoted_default(tiny
     assert main(["models", "promote", SIGLIP, *common, "--by", "alice"]) == 0
     assert f"-> {SIGLIP}  by alice" in capsys.readouterr().out
     assert predicted_model() == SIGLIP
+    folder = tmp_path / "photos"  # an annotation import that names no model pre-labels with the default too
+    folder.mkdir()
+    shutil.copy(CAT, folder / "cat.jpg")
+    assert main(["annotate", "create", "cats", *common, "--task", "zero-shot"]) == 0
+    assert main(["annotate", "import", str(folder), *common, "--campaign", "cats", "--labels", "cat, dog"]) == 0
+    capsys.readouterr()
+    with FeedbackStore(common[-1], tiny_settings.data_dir) as store:
+        assert AnnotationQueue(store).next_batch("cats", "alice")[0].output.model_id == SIGLIP
     assert main(["models", "history", "zero-shot", *common, "--json"]) == 0
     history = json.loads(capsys.readouterr().out)
     assert [(h["action"], h["model"], h["by"]) for h in history] == [("promote", SIGLIP, "alice")]
