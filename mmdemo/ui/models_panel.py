@@ -22,6 +22,7 @@ from .common import ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_by
 
 TITLE = "Models"
 HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
+HISTORY_HEADERS = ["when", "action", "from", "to", "by"]  # a task's promotions and rollbacks, newest first
 EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
 # The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
 EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
@@ -103,7 +104,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         ctx.require_admin(request, "roll back models")
         record = ctx.defaults.rollback(task, ctx.annotator_of(request))
         now = record.model_id or f"its catalog default, {ctx.registry.catalog.default_for(record.task).id}"
-        return (f"{record.task} is back to {now} ({record.previous_model_id} rolled back)."), *refresh(request), \
+        return f"{record.task} is back to {now} ({record.previous_model_id} rolled back).", *refresh(request), \
             history_rows(ctx, record.task)
 
     def export_feedback(task: str, format: str, only: str, request: gr.Request) -> tuple[str, str]:
@@ -179,9 +180,6 @@ def build(ctx: AppContext) -> SimpleNamespace:
                            archive=archive, export_message=export_message, finetune=finetune,
                            promote=promote_button, lineage=lineage, defaults_task=defaults_task,
                            rollback=rollback_button, rollback_message=rollback_message, history=history)
-
-
-HISTORY_HEADERS = ["when", "action", "from", "to", "by"]
 
 
 def lineage_text(ctx: AppContext, model_id: str | None) -> str:
