@@ -25,6 +25,7 @@ from .errors import MMDemoError, NotAllowedError
 from .finetune.control import JobControl
 from .ops import Operations, registry_gauges
 from .placement import model_concurrency
+from .promotion import ModelDefaults
 from .registry import ModelRegistry
 from .tasks import open_registry
 from .security import Gatekeeper, visitor_of
@@ -43,7 +44,7 @@ STORE_RETRY_SECONDS = 30.0  # after the feedback store failed to open, calls wai
 @dataclass
 class App:
     """Settings, the registry (the only owner of models), the feedback store and its recorder, login and
-    roles, limits, health and metrics, and the fine-tuning jobs."""
+    roles, limits, health and metrics, the fine-tuning jobs and the promoted default models."""
 
     settings: Settings
     registry: ModelRegistry
@@ -52,6 +53,7 @@ class App:
     gate: Gatekeeper = field(init=False, repr=False)  # cookies, client addresses, login back-off, body limits
     ops: Operations = field(init=False, repr=False)  # health, metrics, draining (see mmdemo.ops)
     finetune: JobControl = field(init=False, repr=False)  # start, follow and cancel fine-tuning jobs
+    defaults: ModelDefaults = field(init=False, repr=False)  # each task's promoted default model (the store's)
     _output_dir: Path | None = field(default=None, init=False, repr=False)
     _store: "FeedbackStore | None" = field(default=None, init=False, repr=False)
     _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -64,6 +66,7 @@ class App:
         self.ops = Operations(self.settings, store_check=lambda: self.open_store().ping())
         self.ops.metrics.set_gauges("models", registry_gauges(self.registry))
         self.finetune = JobControl(self.settings, self.registry, lambda: self.store)
+        self.defaults = ModelDefaults(self.settings, self.registry, lambda: self.store)
 
     @classmethod
     def build(cls, settings: Settings, registry: ModelRegistry | None = None, auth: AuthFile | None = None) -> "App":
@@ -85,6 +88,7 @@ class App:
         """At shutdown: stop following fine-tuning jobs (they go on), record what was answered (waiting up to
         ``timeout`` seconds), close the feedback store."""
         self.finetune.close()
+        self.defaults.close()
         self.recorder.flush(timeout=timeout)
         self.recorder.close()
         self.close_store()

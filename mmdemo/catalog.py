@@ -90,7 +90,8 @@ TaskKinds = Mapping[str, Mapping[str, str]]  # task id -> model kind -> backend 
 
 
 class Catalog:
-    """Model specs keyed by id, in registration order; the first of a task is its default.
+    """Model specs keyed by id, in registration order; the first of a task is its default, unless a model
+    was promoted to be the task's default (:meth:`set_default`: the app applies the store's promotions).
 
     ``kinds`` says which tasks exist and which model kinds (with their backend) each serves; an entry
     for another task or kind is refused with a :class:`CatalogError` naming the choices.
@@ -99,6 +100,7 @@ class Catalog:
     def __init__(self, specs: Iterable[ModelSpec] = (), *, kinds: TaskKinds) -> None:
         self.kinds = kinds
         self._specs: dict[str, ModelSpec] = {}
+        self._promoted: dict[str, str] = {}  # task -> its promoted default model
         for spec in specs:
             self.register(spec)
 
@@ -141,10 +143,30 @@ class Catalog:
         return [s for s in self._specs.values() if s.task == task]
 
     def default_for(self, task: str) -> ModelSpec:
+        """The task's promoted model (while it is in the catalog), else its first."""
+        promoted = self._specs.get(self._promoted.get(task, ""))
+        if promoted is not None and promoted.task == task:
+            return promoted
+        return self.catalog_default(task)
+
+    def catalog_default(self, task: str) -> ModelSpec:
+        """The task's own default, ignoring promotions: its first model."""
         specs = self.for_task(task)
         if not specs:
             raise UnknownModelError(f"No model in the catalog serves {task}.")
         return specs[0]
+
+    def promoted(self, task: str) -> str | None:
+        """The model promoted to be the task's default, None when it has its catalog default."""
+        return self._promoted.get(task)
+
+    def set_default(self, task: str, model_id: str | None) -> None:
+        """Make ``model_id`` (a model of ``task``) the task's default; None: back to its first model."""
+        if model_id is None:
+            self._promoted.pop(task, None)
+            return
+        self.get(model_id, task)
+        self._promoted[task] = model_id
 
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._specs

@@ -3,6 +3,8 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
 
     mmdemo serve --profile tiny
     mmdemo models --json
+    mmdemo models promote blip-ours && mmdemo models rollback caption && mmdemo models history caption
+    mmdemo models show blip-ours
     mmdemo predict image-to-text --input cat.jpg --json
     mmdemo predict text-to-image --prompt "a red bicycle" --seed 7 --out bike.png
     mmdemo build-tiny
@@ -22,6 +24,7 @@ Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -77,8 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, help="largest batch formed from the queue (MMDEMO_MAX_BATCH)")
     serve.add_argument("--auth-file", type=Path, help="users, roles and password hashes (MMDEMO_AUTH_FILE)")
 
-    models = commands.add_parser("models", parents=[common], help="list the catalog and what is loaded")
-    models.add_argument("--task", help="only this task")
+    models = commands.add_parser(
+        "models", parents=[common], help="list the catalog; promote a model to its task's default, roll back",
+        description="list (default): the catalog. promote NAME: make model NAME its task's default in every "
+                    "replica (each loads it, then switches, within 10 s). rollback TASK: back to the task's "
+                    "default before its latest promotion. history TASK: its promotions. show NAME: a "
+                    "model's lineage (base, data, records, metrics before/after, who promoted it).")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "promote", "rollback", "history", "show"])
+    models.add_argument("target", nargs="?", help="promote, show: a model id; rollback, history: a task id or alias")
+    models.add_argument("--task", help="list: only this task")
+    models.add_argument("--by", help="promote, rollback: who does it (default: your login name)")
     models.add_argument("--json", action="store_true", help="print JSON")
 
     add_predict_parser(commands, common)
@@ -132,7 +143,7 @@ def add_annotate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     imp = actions.add_parser("import", parents=[common], help="pre-label a folder of media with a model and add it")
     imp.add_argument("folder", type=Path)
     imp.add_argument("--campaign", required=True)
-    imp.add_argument("--model", help="catalog model id (default: the campaign's, else the task's first)")
+    imp.add_argument("--model", help="catalog model id (default: the campaign's, else the task's default)")
     imp.add_argument("--question", help="VQA: the question asked about every image")
     imp.add_argument("--labels", help="zero-shot: the labels offered, comma separated")
     imp.add_argument("--template", help='zero-shot prompt template, e.g. "a photo of a {}."')
@@ -184,6 +195,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from .tasks import open_catalog
 
+    if args.action != "list":
+        return cmd_model_defaults(args, settings)
     catalog = open_catalog(settings)
     task = task_id(args.task) if args.task else None
     specs = [spec for spec in catalog if task is None or spec.task == task]
@@ -200,6 +213,45 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_model_defaults(args: argparse.Namespace, settings: Settings) -> int:
+    """``mmdemo models promote|rollback|history|show``: recorded in the feedback store, which every replica
+    follows (this command loads no model)."""
+    import getpass
+
+    from .feedback import FeedbackStore
+    from .promotion import ModelDefaults, describe_lineage, model_lineage
+    from .tasks import open_registry
+
+    if not args.target:
+        wanted = "a model id" if args.action in ("promote", "show") else "a task id or alias"
+        raise InvalidInputError(f"mmdemo models {args.action} needs {wanted}.")
+    registry = open_registry(settings)
+    with FeedbackStore.from_settings(settings) as store:
+        defaults = ModelDefaults(settings, registry, lambda: store)
+        if args.action == "show":
+            lineage = model_lineage(registry.catalog.get(args.target), defaults.promotions)
+            print(json.dumps(lineage, indent=2) if args.json else describe_lineage(lineage))
+            return 0
+        if args.action == "history":
+            records = defaults.promotions.history(task_id(args.target))
+            if args.json:
+                print(json.dumps([record.to_dict() for record in records], indent=2))
+            for record in [] if args.json else records:
+                print(record.describe())
+            if not records and not args.json:
+                print(f"no promotions of {task_id(args.target)}: it uses the catalog's default")
+            return 0
+        actor = args.by or getpass.getuser()
+        if args.action == "promote":
+            record = defaults.promote(args.target, actor, apply_here=False)
+        else:
+            record = defaults.rollback(args.target, actor, apply_here=False)
+    print(json.dumps(record.to_dict(), indent=2) if args.json else
+          f"{record.describe()}\nEvery running replica loads {record.model_id or 'the catalog default'} and "
+          f"switches {record.task} to it within {settings.defaults_poll_s:g} s.")
+    return 0
+
+
 def add_predict_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo predict TASK``: one sub-command per task (id and aliases), its options made from the fields of
     the task's request (``--max-new-tokens``, ``--labels``...); the media input is ``--input FILE``."""
@@ -209,7 +261,7 @@ def add_predict_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     tasks = predict.add_subparsers(dest="task", required=True, metavar="TASK",
                                    help=f"task id or alias: {task_names()}")
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--model", help="catalog model id (default: the task's first model)")
+    shared.add_argument("--model", help="catalog model id (default: the task's default: promoted, else its first)")
     shared.add_argument("--json", action="store_true", help="print the result as JSON")
     shared.add_argument("--no-record", action="store_true",
                         help="do not record the result in the feedback store (by default it is, as in the app)")
@@ -253,16 +305,20 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from .tasks import open_registry, predict
     from .tasks.spec import task_spec
 
+    from .feedback import FeedbackStore
+    from .feedback.promotions import PromotionStore
+    from .promotion import apply_promoted
+
     spec = task_spec(args.task)
     inputs = predict_inputs(spec, args)
     registry = open_registry(settings)
-    if args.no_record:
-        result = predict(registry, spec.id, args.model, inputs).result
-    else:  # recorded as in the app: the output can be rated and exported (its id is printed)
-        from .feedback import FeedbackStore
-
-        with FeedbackStore.from_settings(settings) as store:
-            result = predict(registry, spec.id, args.model, inputs, record=store.record_prediction).result
+    needs_store = not (args.no_record and args.model)
+    with FeedbackStore.from_settings(settings) if needs_store else contextlib.nullcontext() as store:
+        if not args.model:  # the task's default as the app serves it: promoted, else the catalog's
+            apply_promoted(registry.catalog, PromotionStore(store).current())
+        # recorded as in the app unless --no-record: the output can be rated and exported (its id is printed)
+        record = None if args.no_record else store.record_prediction
+        result = predict(registry, spec.id, args.model, inputs, record=record).result
     if spec.schema.output_media:
         media = spec.schema.output_media
         result[media] = save_images(result[media], args.out or Path("mmdemo-image.png"), result["settings"],
@@ -362,12 +418,15 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
                                        without_feedback=not args.include_rated, limit=args.limit)
             print(f"added {added} recorded output(s) to {args.campaign}")
         elif args.action == "import":
+            from .feedback.promotions import PromotionStore
+            from .promotion import apply_promoted
             from .tasks import open_registry
 
             inputs = {"question": args.question, "labels": args.labels, "template": args.template,
                       "prefix": args.prefix, "language": args.language}
-            summary = queue.import_folder(args.campaign, args.folder, open_registry(settings),
-                                          model=args.model, inputs=inputs)
+            registry = open_registry(settings)
+            apply_promoted(registry.catalog, PromotionStore(store).current())  # no model named: the app's default
+            summary = queue.import_folder(args.campaign, args.folder, registry, model=args.model, inputs=inputs)
             print(summary.describe())
         elif args.action == "list":
             found = queue.campaigns()

@@ -59,6 +59,7 @@ class Settings:
     # feedback store
     database_url: str | None = field(default=None, repr=False)  # SQLAlchemy URL; None: SQLite in data_dir
     feedback_ttl_days: float = 30.0      # how long a shown result accepts feedback; 0: forever
+    defaults_poll_s: float = 3.0         # how often a replica reads the promoted default models (at most 10)
     # operations
     log_format: str = "text"             # text | json (one JSON object per line)
     metrics_token: str | None = field(default=None, repr=False)  # bearer token for /metrics; None: loopback only
@@ -89,6 +90,9 @@ class Settings:
         parse_memory_budget(self.memory_budget, total_bytes=1)  # validate early
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(f"Unknown log format '{self.log_format}'; choose one of {', '.join(LOG_FORMATS)}.")
+        if not 0 < self.defaults_poll_s <= 10:
+            raise InvalidInputError("MMDEMO_DEFAULTS_POLL_S must be more than 0 and at most 10 seconds (a "
+                                    "promotion reaches every replica within 10 s).")
         if self.shutdown_grace_s < 0:
             raise InvalidInputError("The shutdown grace period (MMDEMO_SHUTDOWN_GRACE_S) cannot be negative.")
 

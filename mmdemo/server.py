@@ -235,6 +235,7 @@ def serve(settings: Settings, app: App | None = None) -> bool:
     if settings.preload:
         preload_in_background(registry, settings.preload, ctx.ops)
     tidy_feedback_store_in_background(ctx)
+    ctx.defaults.start()  # each task's promoted default model, as the store says, followed every few seconds
     stop = stop_on_signals()
     launch(demo, settings, prevent_thread_lock=True)
     if ctx.gate.admin_link:

@@ -7,6 +7,7 @@
 * ``schemas.py``: ratings, comments, annotators; each task's own schema (inputs, correction, exported
   columns) is part of its descriptor (:mod:`mmdemo.tasks.spec`).
 * ``migrations.py``: the named, ordered schema migrations applied at start-up.
+* ``promotions.py``: each task's promoted default model and its history (promotions, rollbacks).
 """
 
 from .errors import (
@@ -15,6 +16,7 @@ from .errors import (
     InvalidMediaRefError,
     NothingToExportError,
     PermissionDeniedError,
+    PromotionError,
     RecordNotFoundError,
     StoreError,
     UnknownOutputError,
@@ -40,6 +42,7 @@ __all__ = [
     "ONLY_CHOICES",
     "OutputRecord",
     "PermissionDeniedError",
+    "PromotionError",
     "RecordNotFoundError",
     "SavedFeedback",
     "StoreError",

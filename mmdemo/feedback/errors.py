@@ -79,3 +79,14 @@ class NotLeasedError(InvalidInputError):
 
 
 __all__ += ["InvalidCampaignError", "NotInCampaignError", "NotLeasedError", "UnknownCampaignError"]
+
+
+# --- promoted default models (mmdemo.feedback.promotions) ----------------------------------------------
+
+
+class PromotionError(InvalidInputError):
+    """A promotion or rollback that cannot be done as asked: the model is already the task's default, or
+    the task has no promotion left to roll back."""
+
+
+__all__ += ["PromotionError"]

@@ -169,10 +169,27 @@ def _0003_finetune_jobs(conn: Connection) -> None:
     m.tables["finetune_jobs"].create(conn)
 
 
+def _0004_model_promotions(conn: Connection) -> None:
+    """Promotions and rollbacks of each task's default model, oldest first: the latest row of a task names
+    its default now."""
+    m = MetaData()
+    Table("model_promotions", m,
+          Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+          Column("task", String(64), nullable=False),
+          Column("action", String(16), nullable=False),
+          Column("model_id", String(300)),
+          Column("previous_model_id", String(300)),
+          Column("actor", String(200)),
+          Column("created_at", DateTime(timezone=True), nullable=False),
+          Index("ix_model_promotions_task", "task", "id"))
+    m.tables["model_promotions"].create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _0001_initial),
     Migration("0002_annotation", _0002_annotation),
     Migration("0003_finetune_jobs", _0003_finetune_jobs),
+    Migration("0004_model_promotions", _0004_model_promotions),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

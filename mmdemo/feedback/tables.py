@@ -13,6 +13,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
   ``skipped`` which item; one row per (item, annotator).
 * ``finetune_jobs``: fine-tuning jobs (an ``mmdemo finetune`` process each): config, state, pid, progress,
   result, exit code, error and log, written by the job's process as it goes; pending ones wait in order.
+* ``model_promotions``: each promotion or rollback of a task's default model (who, when, from which model to
+  which); the latest row of a task names its default (None: the catalog's own).
 """
 
 from __future__ import annotations
@@ -163,4 +165,17 @@ finetune_jobs = Table(
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
     Index("ix_finetune_jobs_state", "state", "created_at"),
+)
+
+model_promotions = Table(
+    "model_promotions",
+    metadata,
+    Column("id", RecordId, primary_key=True, autoincrement=True),
+    Column("task", String(64), nullable=False),
+    Column("action", String(16), nullable=False),      # promote, rollback
+    Column("model_id", String(300)),                   # the task's default after it (None: the catalog's own)
+    Column("previous_model_id", String(300)),          # the default before it (None: the catalog's own)
+    Column("actor", String(200)),                      # who promoted or rolled back
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_model_promotions_task", "task", "id"),
 )

@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedBaseError,
 )
 
-_TRAINING_NAMES = {"METRICS_FILE": "jobs", "RUN_CONFIG_FILE": "jobs", "FinetuneJob": "jobs", "FinetuneResult": "jobs",
+_TRAINING_NAMES = {"METRICS_FILE": "lineage", "RUN_CONFIG_FILE": "lineage", "FinetuneJob": "jobs", "FinetuneResult": "jobs",
                    "JobStatus": "jobs", "run_finetune": "jobs", "Progress": "train"}
 
 

@@ -40,6 +40,7 @@ from .config import FinetuneConfig
 from .data import TrainingData, export_from_store, load_export, quiet_progress
 from .errors import FinetuneCancelled, FinetuneError, InvalidDatasetError
 from .evaluate import TaskEvaluation, compared_models, describe_source, format_table, undecoded
+from .lineage import METRICS_FILE, RUN_CONFIG_FILE
 from .processes import (
     RESUME_STATE_FILE,
     RESUMES,
@@ -55,8 +56,6 @@ from ..tasks import open_registry
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run_config.json"   # not config.json: save_pretrained writes the model's config there
-METRICS_FILE = "metrics.json"
 RESUME_BEST = "best"  # in resume_folder(): the best epoch's checkpoint so far, beside the TrainingState
                       # (RESUME_STATE_FILE) and the run_config.json to resume with
 

@@ -146,6 +146,8 @@ def predict(registry: ModelRegistry, task: str, model_id: str | None, inputs: di
 def predict_batch(registry: ModelRegistry, task: str, model_id: str | None, batch: list[dict[str, Any]], *,
                   record: Record | None = None) -> list[Prediction]:
     """:func:`predict` for several requests to one model, in one model call where the task batches."""
+    if not model_id:  # the task's default, chosen once for the batch (a promotion may switch it meanwhile)
+        model_id = registry.catalog.default_for(task_spec(task).id).id
     prepared = [prepare(registry, task, model_id, inputs) for inputs in batch]
     spec = prepared[0][0]
     requests = [request for _, request in prepared]

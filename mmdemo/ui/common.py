@@ -34,6 +34,7 @@ from .widgets import (
     RESULTS_CLASS,
     STALE_CLASS,
     asset,
+    default_model,
     examples,
     footer_line,
     format_bytes,
@@ -52,7 +53,7 @@ AppContext = App  # the name the tabs know the app by
 __all__ = [
     "ADMIN_QUEUE", "ASSETS_DIR", "EXPORT_ONLY", "MODEL_QUEUE", "NOT_LOADED_NOTES", "NO_MEDIA", "RESULTS_CLASS",
     "STALE_CLASS", "UNEXPECTED", "AppContext", "OutputArea", "Present", "Request", "StopFlags", "answered_in",
-    "asset", "blamed_input", "configure_queue", "connect", "error_title", "examples", "footer_line",
+    "asset", "blamed_input", "configure_queue", "connect", "default_model", "error_title", "examples", "footer_line",
     "format_bytes", "format_seconds", "input_validator", "json_safe", "loading_note", "media_source",
     "model_note", "model_picker", "output_area", "readable_errors", "results_column", "results_shown",
     "run_grouped", "standalone", "validated_api", "with_request_id",

@@ -166,7 +166,7 @@ def connect(
                 results = run_grouped(ctx, task, requests, caller if len(requests) == 1 else None)
             rows = finish(results)
             return [list(column) for column in zip(*rows)]
-        parameters = [*inspect.signature(request).parameters.values(), request_parameter]
+        parameters = [*api_parameters(request), request_parameter]
     else:
         def handler(*values: Any) -> tuple[Any, ...]:
             *values, progress, caller = values
@@ -184,7 +184,7 @@ def connect(
                         prediction = tasks.predict(ctx.registry, task, model_id,
                                                    {**task_inputs, "should_stop": should_stop}, record=record)
             return finish([prediction.result])[0]
-        parameters = [*inspect.signature(request).parameters.values(),
+        parameters = [*api_parameters(request),
                       inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
                       request_parameter]
     # gradio reads parameter names (the API's) and special arguments (progress, the request) from the
@@ -235,6 +235,18 @@ def connect(
         interrupt.click(stop_flags.stop, None, None, **quick)
     area.feedback.follow(event)
     return event
+
+
+def api_parameters(request: Request) -> list[inspect.Parameter]:
+    """``request``'s parameters as the endpoint's, ``model`` optional (None; and those after it, as Python
+    wants): a client that names no model gets the task's default of that moment, promoted or not."""
+    parameters = list(inspect.signature(request).parameters.values())
+    names = [parameter.name for parameter in parameters]
+    if "model" not in names:
+        return parameters
+    start = names.index("model")
+    return [*parameters[:start], *(parameter.replace(default=None) if parameter.default is inspect.Parameter.empty
+                                   else parameter for parameter in parameters[start:])]
 
 
 def with_request_id(handler: Callable) -> Callable:

@@ -1,9 +1,10 @@
-"""Models panel: what the registry holds (device, memory, calls) and, for admins, preload / unload,
-the feedback export (the same dataset as ``mmdemo export``, as a zip to download) and fine-tuning on that
+"""Models panel: what the registry holds (device, memory, calls), the selected model's lineage and, for
+admins, preload / unload, promotion to its task's default and rollback (:mod:`mmdemo.promotion`), the
+feedback export (the same dataset as ``mmdemo export``, as a zip to download) and fine-tuning on that
 feedback (:mod:`.finetune_panel`).
 
-API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model`` and ``/export_feedback`` (admins),
-and the fine-tuning endpoints of :mod:`.finetune_panel`.
+API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model``, ``/promote``, ``/rollback`` and
+``/export_feedback`` (admins), and the fine-tuning endpoints of :mod:`.finetune_panel`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import Any
 import gradio as gr
 
 from .. import tasks
+from ..errors import MMDemoError
+from ..promotion import describe_lineage, model_lineage
 from . import finetune_panel
 from .common import ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_bytes, readable_errors, standalone
 
 TITLE = "Models"
 HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
+HISTORY_HEADERS = ["when", "action", "from", "to", "by"]  # a task's promotions and rollbacks, newest first
 EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
 # The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
 EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
@@ -57,6 +61,12 @@ def summary(ctx: AppContext, request: gr.Request | None = None) -> str:
         lines.append(f"**The Hub cannot be reached** ({hub.reason}): only models available locally can load.")
     for model_id, error in status["errors"].items():
         lines.append(f"- **{model_id}** failed to load: {error}")
+    promoted = [f"{task}: **{model_id}**" for task in tasks.task_ids()
+                if (model_id := ctx.registry.catalog.promoted(task))]
+    if promoted:
+        lines.append("**Promoted defaults:** " + " · ".join(promoted))
+    for task, problem in ctx.defaults.problems().items():
+        lines.append(f"- **{task}**: {problem}")
     if ctx.auth is None and ctx.role_of(request) == "admin":
         lines.append("*You are an admin here: this browser opened the admin link. Preload, unload, the feedback "
                      "export and fine-tuning are yours.*")
@@ -84,6 +94,19 @@ def build(ctx: AppContext) -> SimpleNamespace:
         done = ctx.registry.unload(model)
         return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh(request)
 
+    def promote(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
+        ctx.require_admin(request, "promote models")
+        record = ctx.defaults.promote(model, ctx.annotator_of(request))
+        return (f"{model} is now the default of {record.task} (before: "
+                f"{record.previous_model_id or 'the catalog default'})."), *refresh(request)
+
+    def rollback(task: str, request: gr.Request) -> tuple[str, str, list[list[Any]], list[list[Any]]]:
+        ctx.require_admin(request, "roll back models")
+        record = ctx.defaults.rollback(task, ctx.annotator_of(request))
+        now = record.model_id or f"its catalog default, {ctx.registry.catalog.default_for(record.task).id}"
+        return f"{record.task} is back to {now} ({record.previous_model_id} rolled back).", *refresh(request), \
+            history_rows(ctx, record.task)
+
     def export_feedback(task: str, format: str, only: str, request: gr.Request) -> tuple[str, str]:
         ctx.require_admin(request, "export feedback")
         from ..feedback import export_archive
@@ -98,8 +121,16 @@ def build(ctx: AppContext) -> SimpleNamespace:
         model = gr.Dropdown(ids, value=ids[0] if ids else None, label="Model", scale=3)
         preload = gr.Button("Preload", variant="primary", scale=1)
         unload = gr.Button("Unload", variant="stop", scale=1)
+        promote_button = gr.Button("Promote", scale=1)
         refresh_button = gr.Button("Refresh", scale=1)
     message = gr.Markdown(elem_classes="mmdemo-models-message")
+    lineage = gr.Markdown(elem_classes="mmdemo-lineage")
+    with gr.Accordion("Default models: history and rollback (admins)", open=False, elem_id="mmdemo-defaults"):
+        with gr.Row():
+            defaults_task = gr.Dropdown(list(tasks.task_ids()), value=tasks.task_ids()[0], label="Task", scale=3)
+            rollback_button = gr.Button("Roll back", variant="stop", scale=1)
+        rollback_message = gr.Markdown(elem_classes="mmdemo-rollback-message")
+        history = gr.Dataframe(headers=HISTORY_HEADERS, label="Promotions", interactive=False, wrap=True)
     with gr.Accordion("Export feedback (admins)", open=False, elem_id="mmdemo-export"):
         with gr.Row():
             export_task = gr.Dropdown(list(tasks.task_ids()), value=tasks.task_ids()[0], label="Task")
@@ -122,11 +153,23 @@ def build(ctx: AppContext) -> SimpleNamespace:
     # Each action twice: the API endpoint (no trigger: a refusal is an error for the client), and the button,
     # whose refusal is said beside it. Unprocessed: a model id is checked against today's catalog, not the
     # choices the page was built with.
-    for action, button, refused in ((preload_model, preload, "Not loaded"), (unload_model, unload, "Not unloaded")):
+    for action, button, refused in ((preload_model, preload, "Not loaded"), (unload_model, unload, "Not unloaded"),
+                                    (promote, promote_button, "Not promoted")):
         gr.on([], readable_errors(action), model, [message, info, table], api_name=action.__name__,
               preprocess=False, **admin)
-        button.click(answered_in(message, refused)(action), model, [message, info, table], preprocess=False,
-                     api_visibility="private", **admin)
+        clicked = button.click(answered_in(message, refused)(action), model, [message, info, table],
+                               preprocess=False, api_visibility="private", **admin)
+        clicked.then(lambda model_id: lineage_text(ctx, model_id), model, [lineage], preprocess=False, queue=False,
+                     show_progress="hidden", api_visibility="private")
+    rollback_outputs = [rollback_message, info, table, history]
+    gr.on([], readable_errors(rollback), defaults_task, rollback_outputs, api_name="rollback", **admin)
+    rollback_button.click(answered_in(rollback_message, "Not rolled back")(rollback), defaults_task, rollback_outputs,
+                          api_visibility="private", **admin)
+    # On page load and when the selection changes: the model's lineage, the task's promotions.
+    gr.on(None, lambda model_id: lineage_text(ctx, model_id), model, [lineage], preprocess=False, queue=False,
+          show_progress="hidden", api_visibility="private")
+    gr.on(None, lambda task: history_rows(ctx, task), defaults_task, [history], queue=False, show_progress="hidden",
+          api_visibility="private")
     export_inputs = [export_task, export_format, export_only]
     gr.on([], readable_errors(export_feedback), export_inputs, [archive, export_message], api_name="export_feedback",
           **exporting)
@@ -134,7 +177,31 @@ def build(ctx: AppContext) -> SimpleNamespace:
                  api_visibility="private", **exporting)
     return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
                            refresh=refresh, refresh_button=refresh_button, message=message, export=export,
-                           archive=archive, export_message=export_message, finetune=finetune)
+                           archive=archive, export_message=export_message, finetune=finetune,
+                           promote=promote_button, lineage=lineage, defaults_task=defaults_task,
+                           rollback=rollback_button, rollback_message=rollback_message, history=history)
+
+
+def lineage_text(ctx: AppContext, model_id: str | None) -> str:
+    """The lineage of catalog model ``model_id`` (:func:`mmdemo.promotion.describe_lineage`), or why it
+    cannot be shown."""
+    if not model_id or model_id not in ctx.registry.catalog:
+        return ""
+    try:
+        return describe_lineage(model_lineage(ctx.registry.catalog.get(model_id), ctx.defaults.promotions))
+    except MMDemoError as exc:
+        return f"*The lineage of {model_id} cannot be shown: {exc}*"
+
+
+def history_rows(ctx: AppContext, task: str) -> list[list[Any]]:
+    """The promotions and rollbacks of ``task``, newest first (none while the store cannot be read)."""
+    try:
+        records = ctx.defaults.promotions.history(task)
+    except MMDemoError:
+        return []
+    return [[record.created_at.strftime("%Y-%m-%d %H:%M:%S"), record.action,
+             record.previous_model_id or "(catalog default)", record.model_id or "(catalog default)",
+             record.actor or ""] for record in records]
 
 
 def demo(ctx: AppContext) -> gr.Blocks:

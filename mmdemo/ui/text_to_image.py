@@ -12,7 +12,8 @@ import gradio as gr
 
 from ..media import save_images
 from ..tasks.spec import task_spec
-from .common import AppContext, connect, examples, model_picker, output_area, results_column, standalone
+from .common import (AppContext, connect, default_model, examples, model_picker, output_area, results_column,
+                     standalone)
 from .feedback import Correction, ImageRatings
 
 TASK = "text-to-image"
@@ -49,7 +50,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
             prompt = gr.Textbox("", label="Prompt", lines=2, placeholder="an astronaut riding a horse, oil painting")
             negative_prompt = gr.Textbox("", label="Negative prompt (what to avoid)", placeholder="blurry, text")
             model, note = model_picker(ctx, TASK)
-            first = model_defaults(ctx, model.value)
+            first = model_defaults(ctx, default_model(ctx, TASK))
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
                 randomize_seed = gr.Checkbox(True, label="Random seed")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import gradio as gr
 
 from ..application import App as AppContext
-from ..errors import InvalidAudioError, InvalidImageError
+from ..errors import InvalidAudioError, InvalidImageError, UnknownModelError
 
 RESULTS_CLASS = "mmdemo-results"  # a tab's results column
 
@@ -82,21 +82,30 @@ def loading_note(ctx: AppContext, model_id: str | None) -> Any:
     return gr.skip()
 
 
+def default_model(ctx: AppContext, task: str) -> str | None:
+    """The task's default model now (the promoted one, else the catalog's first); None when it has none."""
+    try:
+        return ctx.registry.catalog.default_for(task).id
+    except UnknownModelError:
+        return None
+
+
 def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Markdown]:
     """The model dropdown of a tab, filled from the catalog, and its note line.
 
-    The choices are read from the catalog again on every page load, so a model that joined it while the
-    app runs (a fine-tuned one: Models -> Fine-tune) is offered after a reload, without a restart.
+    The choices and the selected model (the task's default: promoted, else the catalog's first) are read
+    again on every page load, so a model that joined the catalog while the app runs (a fine-tuned one:
+    Models -> Fine-tune) is offered after a reload without a restart, and a promoted one is selected. The
+    dropdown has no value of its own: an API call that names no model gets the default of that moment.
     """
     def choices() -> list[str]:
         return [spec.id for spec in ctx.registry.catalog.for_task(task)]
 
-    ids = choices()
-    model = gr.Dropdown(choices=ids, value=ids[0] if ids else None, label=label, interactive=True)
+    model = gr.Dropdown(choices=choices(), value=None, label=label, interactive=True)
     note = gr.Markdown(elem_classes="mmdemo-note")
-    # On page load only (no triggers, no inputs): today's choices; the value is not sent, so it stays.
-    gr.on(None, lambda: gr.Dropdown(choices=choices()), None, [model], queue=False, show_progress="hidden",
-          api_visibility="private")
+    # On page load only (no triggers, no inputs): today's choices and default.
+    gr.on(None, lambda: gr.Dropdown(choices=choices(), value=default_model(ctx, task)), None, [model], queue=False,
+          show_progress="hidden", api_visibility="private")
     # No triggers: on page load and whenever the dropdown changes. Unprocessed: model_note checks the id against
     # today's catalog, not against the choices the page was built with.
     gr.on(None, functools.partial(model_note, ctx), inputs=[model], outputs=[note], queue=False, preprocess=False,
