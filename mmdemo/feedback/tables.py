@@ -13,6 +13,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
   ``skipped`` which item; one row per (item, annotator).
 * ``finetune_jobs``: fine-tuning jobs (an ``mmdemo finetune`` process each): config, state, pid, progress,
   result, exit code, error and log, written by the job's process as it goes; pending ones wait in order.
+* ``comparisons``: two models' outputs on one input, shown blind as A and B (``swapped``: A is the model the
+  caller named second); ``comparison_votes``: who preferred which (a, b, tie, both_bad), one per (comparison, voter).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -163,4 +166,29 @@ finetune_jobs = Table(
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
     Index("ix_finetune_jobs_state", "state", "created_at"),
+)
+
+comparisons = Table(
+    "comparisons",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task", String(64), nullable=False),
+    Column("output_a", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),  # shown as A
+    Column("output_b", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),  # shown as B
+    Column("model_a", String(300), nullable=False),
+    Column("model_b", String(300), nullable=False),
+    Column("swapped", Boolean, nullable=False),         # A is the model the caller named second
+    Column("created_by", String(200)),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_comparisons_task", "task", "created_at"),
+)
+
+comparison_votes = Table(
+    "comparison_votes",
+    metadata,
+    Column("comparison_id", String(32), ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True),
+    Column("voter", String(200), primary_key=True),
+    Column("choice", String(8), nullable=False),        # a, b, tie, both_bad
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
 )
