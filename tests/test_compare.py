@@ -204,3 +204,26 @@ def test_a_bad_choice_is_refused_before_queueing(client):
     compare_id = caption_compare(client)[0]
     with pytest.raises(ValidationError, match="A vote is one of"):
         client.predict(compare_id, "c", api_name="/vote")
+
+
+def test_the_export_holds_the_preference_pair_and_keeps_ties_without_one(store_on_each_database, tmp_path):
+    import json
+
+    from mmdemo.feedback import export_dataset
+
+    store = store_on_each_database
+    comparisons = ComparisonStore(store)
+    first, second = two_outputs(store)
+    shown = comparisons.create("visual-question-answering", first, second, swapped=False)
+    comparisons.vote(shown.id, "alice", "b")
+    comparisons.vote(shown.id, "bob", "tie")
+    summary = export_dataset(store, "visual-question-answering", tmp_path / "out", format="jsonl")
+    assert (summary.records, summary.preferences) == (0, 2)  # votes alone make an export
+    rows = [json.loads(line) for line in (tmp_path / "out" / "preferences" / "train.jsonl").read_text().splitlines()]
+    pair, tie = rows
+    assert (pair["label"], pair["voter"], pair["inputs"]["question"]) == ("b", "alice", "what is it?")
+    assert (pair["chosen"]["output"]["answer"], pair["rejected"]["output"]["answer"]) == ("dog", "cat")
+    assert (pair["chosen"]["model_id"], pair["rejected"]["model_id"]) == ("tiny-blip-vqa", "tiny-vilt-vqa")
+    assert (tmp_path / "out" / "preferences" / pair["input_media"][0]).is_file()
+    assert (tie["label"], tie["chosen"], tie["rejected"]) == ("tie", None, None)
+    assert "Blind votes" in (tmp_path / "out" / "README.md").read_text()
