@@ -12,6 +12,7 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo finetune --task caption --base blip-caption-base --name blip-ours
     mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
     mmdemo evaluate --task vqa --models vilt-vqa,vilt-ours --campaign held-out
+    mmdemo leaderboard --task vqa --json
     mmdemo finetune --task zero-shot --base tiny-clip --name clip-ours --eval-dataset ./gold
 
 Exit codes: 0 success, 2 bad input or usage, 1 a model or system failure.
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_annotate_parser(commands, common)
     add_finetune_parser(commands, common)
     add_evaluate_parser(commands, common)
+    add_leaderboard_parser(commands, common)
     return parser
 
 
@@ -505,6 +507,37 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS["evaluate"] = cmd_evaluate
+
+
+def add_leaderboard_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo leaderboard``: the task's models ranked by people's blind votes (Compare mode)."""
+    board = commands.add_parser(
+        "leaderboard", parents=[common], help="rank a task's models by blind votes (Bradley-Terry ratings)",
+        description="Win rates and Bradley-Terry ratings (Elo scale, 95%% bootstrap intervals) of a task's models "
+                    "from the votes given in Compare mode, with each fine-tuned model's evaluation metric.")
+    board.add_argument("--task", required=True, help="task id or alias")
+    board.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    board.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_leaderboard(args: argparse.Namespace, settings: Settings) -> int:
+    from .feedback import FeedbackStore
+    from .feedback.comparisons import ComparisonStore
+    from .feedback.leaderboard import format_table, leaderboard
+    from .tasks import open_catalog
+
+    task = task_id(args.task)
+    with FeedbackStore.from_settings(settings) as store:
+        games = ComparisonStore(store).games(task)
+    standings = leaderboard(games, catalog=open_catalog(settings), seed=args.seed)
+    if args.json:
+        print(json.dumps({"task": task, "votes": len(games), "models": [s.to_dict() for s in standings]}, indent=2))
+    else:
+        print(format_table(standings) if standings else f"No votes on {task} yet: compare two models in its tab.")
+    return 0
+
+
+COMMANDS["leaderboard"] = cmd_leaderboard
 
 if __name__ == "__main__":
     raise SystemExit(main())
