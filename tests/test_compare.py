@@ -227,3 +227,30 @@ def test_the_export_holds_the_preference_pair_and_keeps_ties_without_one(store_o
     assert (tmp_path / "out" / "preferences" / pair["input_media"][0]).is_file()
     assert (tie["label"], tie["chosen"], tie["rejected"]) == ("tie", None, None)
     assert "Blind votes" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_leaderboard_endpoint_and_the_cli_rank_the_voted_models(app, client, capsys):
+    import json
+
+    from mmdemo.cli import main
+
+    compare_id = caption_compare(client)[0]
+    revealed = client.predict(compare_id, "a", api_name="/vote")
+    plot, table = client.predict("image-to-text", api_name="/leaderboard")
+    assert "<svg" in plot and revealed["winner"] in plot
+    assert {row[0] for row in table["data"]} == {"tiny-blip-caption", "caption-twin"}
+
+    settings = app.settings
+    assert main(["leaderboard", "--task", "caption", "--profile", "tiny", "--data-dir", str(settings.data_dir),
+                 "--catalog", str(settings.catalog), "--database-url", settings.database_url, "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert board["task"] == "image-to-text" and board["votes"] >= 1
+    assert {m["model"] for m in board["models"]} == {"tiny-blip-caption", "caption-twin"}
+    assert all(m["low"] <= m["rating"] <= m["high"] for m in board["models"])
+
+
+def test_the_compare_endpoint_takes_the_task_inputs_with_two_models(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = [p["parameter_name"] for p in api["/vqa_compare"]["parameters"]]
+    assert names[:4] == ["image", "question", "model_a", "model_b"]
+    assert [p["parameter_name"] for p in api["/vote"]["parameters"]] == ["compare_id", "choice"]
