@@ -254,3 +254,19 @@ def test_the_compare_endpoint_takes_the_task_inputs_with_two_models(client):
     names = [p["parameter_name"] for p in api["/vqa_compare"]["parameters"]]
     assert names[:4] == ["image", "question", "model_a", "model_b"]
     assert [p["parameter_name"] for p in api["/vote"]["parameters"]] == ["compare_id", "choice"]
+
+
+SPEECH = ROOT / "assets" / "speech.wav"
+
+
+@pytest.mark.parametrize("endpoint, arguments, models", [
+    ("/vqa_compare", dict(image=handle_file(CAT), question="what is it?"), ("tiny-vilt-vqa", "tiny-blip-vqa")),
+    ("/zero_shot_compare", dict(image=handle_file(CAT), labels="cat, dog"), ("tiny-clip", "tiny-siglip")),
+    ("/transcribe_compare", dict(audio=handle_file(SPEECH)), ("tiny-whisper", "tiny-faster-whisper")),
+    ("/detect_compare", dict(image=handle_file(CAT), queries="cat", threshold=0.1, max_boxes=5), ("tiny-owlv2", "tiny-owlvit")),
+])
+def test_every_task_compares_through_its_own_outputs(app, client, endpoint, arguments, models):
+    result = client.predict(**arguments, model_a=models[0], model_b=models[1], api_name=endpoint)
+    compare_id, sides = result[0], result[1:]
+    assert len(sides) % 2 == 0 and len(sides) >= 2  # the tab's outputs, once for A and once for B
+    assert set(client.predict(compare_id, "tie", api_name="/vote").values()) >= set(models)
