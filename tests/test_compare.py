@@ -263,7 +263,8 @@ SPEECH = ROOT / "assets" / "speech.wav"
     ("/vqa_compare", dict(image=handle_file(CAT), question="what is it?"), ("tiny-vilt-vqa", "tiny-blip-vqa")),
     ("/zero_shot_compare", dict(image=handle_file(CAT), labels="cat, dog"), ("tiny-clip", "tiny-siglip")),
     ("/transcribe_compare", dict(audio=handle_file(SPEECH)), ("tiny-whisper", "tiny-faster-whisper")),
-    ("/detect_compare", dict(image=handle_file(CAT), queries="cat", threshold=0.1, max_boxes=5), ("tiny-owlv2", "tiny-owlvit")),
+    ("/detect_compare", dict(image=handle_file(CAT), queries="cat", threshold=0.1, max_boxes=5),
+     ("tiny-owlv2", "tiny-owlvit")),
 ])
 def test_every_task_compares_through_its_own_outputs(app, client, endpoint, arguments, models):
     result = client.predict(**arguments, model_a=models[0], model_b=models[1], api_name=endpoint)

@@ -226,5 +226,5 @@ def _with_provenance(result: dict[str, Any], spec: ModelSpec, placement: Placeme
 
 
 __all__ = ["Prediction", "Record", "Task", "TaskSpec", "build_tiny_models", "compare", "get_task", "load_model",
-           "open_catalog", "open_registry", "predict", "predict_batch", "prepare", "prepare_comparison", "register_task", "resolve", "run", "run_batch",
-           "task_catalog", "task_ids", "task_spec", "task_specs", "tiny_builders"]
+           "open_catalog", "open_registry", "predict", "predict_batch", "prepare", "prepare_comparison", "register_task",
+           "resolve", "run", "run_batch", "task_catalog", "task_ids", "task_spec", "task_specs", "tiny_builders"]

@@ -104,6 +104,7 @@ def comparison_validator(ctx: AppContext, target: CompareTarget) -> Callable[...
 def run_comparison(ctx: AppContext, target: CompareTarget, values: Sequence[Any], caller: gr.Request | None) -> Any:
     """Run both models, record both results and the comparison; the stored comparison and the two task results
     in the order shown (A, B)."""
+    from ..feedback import StoreError
     from ..feedback.comparisons import ComparisonStore
 
     model_a, model_b, inputs = target.unpack(values)
