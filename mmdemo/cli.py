@@ -14,6 +14,7 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo finetune --task caption --base blip-caption-base --name blip-ours
     mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
     mmdemo evaluate --task vqa --models vilt-vqa,vilt-ours --campaign held-out
+    mmdemo leaderboard --task vqa --json
     mmdemo finetune --task zero-shot --base tiny-clip --name clip-ours --eval-dataset ./gold
     mmdemo finetune --task detection --base owlv2-base --name owlv2-ours --eval-campaign boxes-held-out
     mmdemo evaluate --task caption --models blip-caption-base,blip-ours --dataset ./gold-captions
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(commands, common)
     add_evaluate_parser(commands, common)
     add_backup_parsers(commands, common)
+    add_leaderboard_parser(commands, common)
     return parser
 
 
@@ -653,6 +655,35 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS["backup"] = cmd_backup
 COMMANDS["restore"] = cmd_restore
+def add_leaderboard_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``mmdemo leaderboard``: the task's models ranked by people's blind votes (Compare mode)."""
+    board = commands.add_parser(
+        "leaderboard", parents=[common], help="rank a task's models by blind votes (Bradley-Terry ratings)",
+        description="Win rates and Bradley-Terry ratings (Elo scale, 95%% bootstrap intervals) of a task's models "
+                    "from the votes given in Compare mode, with each fine-tuned model's evaluation metric.")
+    board.add_argument("--task", required=True, help="task id or alias")
+    board.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    board.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_leaderboard(args: argparse.Namespace, settings: Settings) -> int:
+    from .feedback import FeedbackStore
+    from .feedback.comparisons import ComparisonStore
+    from .feedback.leaderboard import format_table, leaderboard
+    from .tasks import open_catalog
+
+    task = task_id(args.task)
+    with FeedbackStore.from_settings(settings) as store:
+        games = ComparisonStore(store).games(task)
+    standings = leaderboard(games, catalog=open_catalog(settings), seed=args.seed)
+    if args.json:
+        print(json.dumps({"task": task, "votes": len(games), "models": [s.to_dict() for s in standings]}, indent=2))
+    else:
+        print(format_table(standings) if standings else f"No votes on {task} yet: compare two models in its tab.")
+    return 0
+
+
+COMMANDS["leaderboard"] = cmd_leaderboard
 
 if __name__ == "__main__":
     raise SystemExit(main())

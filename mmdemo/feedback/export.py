@@ -15,6 +15,11 @@ text-to-image                   config ``ratings``: prompt, negative_prompt, ima
                                 chosen, rejected, reason
 ==============================  ================================================================
 
+Every task also gets ``preferences/train.jsonl`` (whatever the format) from the blind comparisons people voted
+on (:mod:`.comparisons`): one row per vote with the shared input (``inputs``, ``input_media``), the ``chosen``
+and ``rejected`` output (model, output, media files under ``preferences/media/``) and the ``label`` (a, b, tie,
+both_bad); a tie or "both bad" keeps its label, with ``chosen`` and ``rejected`` null.
+
 Provenance: record_id, output_id, model_id, model_revision, backend, annotator, annotated_at,
 thumbs, corrected, comment, merged_record_ids.
 
@@ -47,7 +52,8 @@ from typing import Any, Literal
 from .. import __version__
 from ..errors import InvalidInputError
 from ..files import replace_folder
-from .errors import NothingToExportError
+from .comparisons import ComparisonStore, Preference
+from .errors import NothingToExportError, UnknownOutputError
 from .records import FeedbackRecord
 from .schemas import TaskSchema, schema_for
 from .store import ONLY_CHOICES, FeedbackStore, Only, parse_since
@@ -109,6 +115,7 @@ class ExportSummary:
     models: dict[str, int] = field(default_factory=dict)   # "model@revision" -> rows
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # config -> split -> bytes (Arrow)
     pushed_to: str | None = None
+    preferences: int = 0                       # votes written to preferences/train.jsonl (pairs and ties)
 
     @property
     def total_rows(self) -> int:
@@ -128,6 +135,8 @@ class ExportSummary:
             text += f"; {self.duplicates} duplicates merged"
         if self.missing_media:
             text += f"; {self.missing_media} rows skipped (media file missing)"
+        if self.preferences:
+            text += f"; {self.preferences} votes in preferences/train.jsonl"
         if self.pushed_to:
             text += f"; pushed to {self.pushed_to}"
         return text + "."
@@ -193,7 +202,9 @@ def export_dataset(
                 merged.setdefault(key, []).append(record.id)
             else:
                 first_of[key] = record.id
-    if not records:
+    votes = [vote for vote in ComparisonStore(store).votes(schema.task)
+             if since_time is None or vote.voted_at >= since_time]
+    if not records and not votes:
         since_text = f" since {since_time:%Y-%m-%d}" if since_time else ""
         raise NothingToExportError(
             f"No {only} feedback on {schema.task}{since_text} to export."
@@ -224,11 +235,12 @@ def export_dataset(
                 sinks.write(example.config, split_of(record.output.input_key, seed, val_fraction), row)
                 models[_model_name(record)] += 1
         rows, sizes = sinks.close()
-        if not rows:
+        preferences = write_preferences(store, votes, staging / "preferences")
+        if not rows and not preferences:
             raise NothingToExportError(f"None of the {records} records could be exported: their media files are missing.")
         duplicates = sum(len(ids) for ids in merged.values())
         summary = ExportSummary(schema.task, format, out_dir, rows, records, duplicates, missing,
-                                0.0, dict(models), sizes)
+                                0.0, dict(models), sizes, preferences=preferences)
         options = {"only": only, "since": since_time.isoformat() if since_time else None,
                    "val_fraction": val_fraction, "seed": seed}
         (staging / "README.md").write_text(
@@ -318,6 +330,44 @@ def features_of(schema: TaskSchema) -> dict[str, Any]:
 
 
 # --- writing ---------------------------------------------------------------------------------------
+
+
+def write_preferences(store: FeedbackStore, votes: list[Preference], folder: Path) -> int:
+    """``folder/train.jsonl``: one row per vote (see the module's docstring), media files under ``folder/media``;
+    returns the rows written (a vote whose outputs or media are gone is skipped)."""
+    if not votes:
+        return 0
+    (folder / "media").mkdir(parents=True)
+
+    def media_files(refs: tuple[str, ...]) -> list[str]:
+        for ref in refs:
+            path = folder / "media" / ref
+            if not path.exists():
+                path.write_bytes(store.media.read_bytes(ref))
+        return [f"media/{ref}" for ref in refs]
+
+    def side(output: Any) -> dict[str, Any]:
+        return {"output_id": output.id, "model_id": output.model_id, "model_revision": output.model_revision,
+                "output": output.output, "settings": output.settings, "media": media_files(output.output_media)}
+
+    written = 0
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as file:
+        for vote in votes:
+            try:
+                shown = {output_id: store.get_output(output_id) for output_id in (vote.output_a, vote.output_b)}
+                sides = {output_id: side(output) for output_id, output in shown.items()}
+                first = shown[vote.output_a]
+                row = {"comparison_id": vote.comparison_id, "task": vote.task, "label": vote.label,
+                       "voter": vote.voter, "voted_at": vote.voted_at.isoformat(), "inputs": first.inputs,
+                       "input_media": media_files(first.input_media),
+                       "chosen": sides.get(vote.chosen or ""), "rejected": sides.get(vote.rejected or ""),
+                       "a": sides[vote.output_a], "b": sides[vote.output_b]}
+            except (UnknownOutputError, FileNotFoundError) as exc:
+                log.warning("vote on comparison %s skipped: %s", vote.comparison_id, exc)
+                continue
+            file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            written += 1
+    return written
 
 
 def config_dir(root: Path, schema: TaskSchema, config: str, format: str) -> Path:
@@ -557,6 +607,9 @@ def dataset_card(schema: TaskSchema, summary: ExportSummary, options: dict[str, 
     lines += ["", f"Feedback records read: {summary.records}. Exact duplicates merged: {summary.duplicates}."]
     if summary.missing_media:
         lines.append(f"Rows skipped because a media file was missing: {summary.missing_media}.")
+    if summary.preferences:
+        lines.append(f"Blind votes between two models: {summary.preferences} rows in `preferences/train.jsonl` "
+                     "(inputs, chosen and rejected output, label a / b / tie / both_bad; ties pair nothing).")
     lines += ["", "## Columns", ""]
     for config, feats in features.items():
         if not single:

@@ -21,6 +21,7 @@ from typing import Callable
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -183,6 +184,30 @@ def _0004_model_promotions(conn: Connection) -> None:
           Column("created_at", DateTime(timezone=True), nullable=False),
           Index("ix_model_promotions_task", "task", "id"))
     m.tables["model_promotions"].create(conn)
+def _0005_comparisons(conn: Connection) -> None:
+    """Blind comparisons of two models' outputs on one input, and the votes people gave them."""
+    m = MetaData()
+    timestamp = DateTime(timezone=True)
+    Table("outputs", m, Column("id", String(32), primary_key=True))
+    Table("comparisons", m,
+          Column("id", String(32), primary_key=True),
+          Column("task", String(64), nullable=False),
+          Column("output_a", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+          Column("output_b", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
+          Column("model_a", String(300), nullable=False),
+          Column("model_b", String(300), nullable=False),
+          Column("swapped", Boolean, nullable=False),
+          Column("created_by", String(200)),
+          Column("created_at", timestamp, nullable=False),
+          Index("ix_comparisons_task", "task", "created_at"))
+    Table("comparison_votes", m,
+          Column("comparison_id", String(32), ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True),
+          Column("voter", String(200), primary_key=True),
+          Column("choice", String(8), nullable=False),
+          Column("created_at", timestamp, nullable=False),
+          Column("updated_at", timestamp, nullable=False))
+    for name in ("comparisons", "comparison_votes"):
+        m.tables[name].create(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -190,6 +215,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("0002_annotation", _0002_annotation),
     Migration("0003_finetune_jobs", _0003_finetune_jobs),
     Migration("0004_model_promotions", _0004_model_promotions),
+    Migration("0005_comparisons", _0005_comparisons),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

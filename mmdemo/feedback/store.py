@@ -59,7 +59,8 @@ from .schemas import (
     split_request,
     to_json,
 )
-from .tables import Timestamp, feedback, media, output_media, outputs, schema_migrations
+from .tables import (Timestamp, comparison_votes, comparisons, feedback, media, output_media, outputs,
+                     schema_migrations)
 
 if TYPE_CHECKING:
     from ..tasks import Prediction
@@ -447,7 +448,7 @@ class FeedbackStore:
         return self._delete(work)
 
     def purge_expired_outputs(self, batch_size: int = 200) -> int:
-        """Delete outputs past their expiry that nobody gave feedback on, with their unshared media.
+        """Delete outputs past their expiry that nobody gave feedback on (or voted on), with their unshared media.
 
         Every result the app shows is recorded (so that it can be rated); this forgets the ones that
         were not. Run it at start-up or daily. Returns how many outputs were deleted.
@@ -457,7 +458,8 @@ class FeedbackStore:
             with self.db.read() as conn:
                 ids = conn.execute(
                     select(outputs.c.id)
-                    .where(outputs.c.expires_at <= _now(), ~exists().where(feedback.c.output_id == outputs.c.id))
+                    .where(outputs.c.expires_at <= _now(), ~exists().where(feedback.c.output_id == outputs.c.id),
+                           ~_voted_on(outputs.c.id))
                     .limit(batch_size)
                 ).scalars().all()
             if not ids:
@@ -466,8 +468,9 @@ class FeedbackStore:
             def work(conn: Connection, trash: list[tuple[Path, str]], ids: Sequence[str] = ids) -> Deleted:
                 removed: list[str] = []
                 for output_id in ids:
-                    if conn.execute(select(exists().where(feedback.c.output_id == output_id))).scalar():
-                        continue  # rated since we looked
+                    if conn.execute(select(exists().where(feedback.c.output_id == output_id)
+                                           | _voted_on(output_id))).scalar():
+                        continue  # rated (or voted on) since we looked
                     removed.extend(self._delete_output_rows(conn, output_id, trash).output_ids)
                 return Deleted((), tuple(removed), ())
 
@@ -555,6 +558,10 @@ class FeedbackStore:
         feedback_ids = tuple(conn.execute(
             delete(feedback).where(feedback.c.output_id == output_id).returning(feedback.c.id)).scalars())
         conn.execute(delete(output_media).where(output_media.c.output_id == output_id))
+        compared = select(comparisons.c.id).where(or_(comparisons.c.output_a == output_id,
+                                                      comparisons.c.output_b == output_id))
+        conn.execute(delete(comparison_votes).where(comparison_votes.c.comparison_id.in_(compared)))
+        conn.execute(delete(comparisons).where(comparisons.c.id.in_(compared)))
         conn.execute(delete(outputs).where(outputs.c.id == output_id))
         removed: list[str] = []
         for ref in refs:
@@ -611,6 +618,12 @@ class _Statements:
             .returning(feedback.c.id)
         )
 
+
+
+def _voted_on(output_id: Any) -> Any:
+    """Whether a vote was given on a comparison that shows the output (the vote keeps it, like feedback)."""
+    return exists().where(comparison_votes.c.comparison_id == comparisons.c.id,
+                          or_(comparisons.c.output_a == output_id, comparisons.c.output_b == output_id))
 
 
 def _feedback_query() -> Select:

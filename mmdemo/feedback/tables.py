@@ -15,6 +15,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
   result, exit code, error and log, written by the job's process as it goes; pending ones wait in order.
 * ``model_promotions``: each promotion or rollback of a task's default model (who, when, from which model to
   which); the latest row of a task names its default (None: the catalog's own).
+* ``comparisons``: two models' outputs on one input, shown blind as A and B (``swapped``: A is the model the
+  caller named second); ``comparison_votes``: who preferred which (a, b, tie, both_bad), one per (comparison, voter).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -178,4 +181,29 @@ model_promotions = Table(
     Column("actor", String(200)),                      # who promoted or rolled back
     Column("created_at", Timestamp, nullable=False),
     Index("ix_model_promotions_task", "task", "id"),
+)
+
+comparisons = Table(
+    "comparisons",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("task", String(64), nullable=False),
+    Column("output_a", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),  # shown as A
+    Column("output_b", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),  # shown as B
+    Column("model_a", String(300), nullable=False),
+    Column("model_b", String(300), nullable=False),
+    Column("swapped", Boolean, nullable=False),         # A is the model the caller named second
+    Column("created_by", String(200)),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_comparisons_task", "task", "created_at"),
+)
+
+comparison_votes = Table(
+    "comparison_votes",
+    metadata,
+    Column("comparison_id", String(32), ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True),
+    Column("voter", String(200), primary_key=True),
+    Column("choice", String(8), nullable=False),        # a, b, tie, both_bad
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
 )

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 from ..catalog import Catalog, ModelSpec, load_catalog
 from ..config import Settings
+from ..errors import InvalidInputError
 from ..media import MediaLimits
 from ..placement import Placement
 from ..registry import ModelRegistry
@@ -164,6 +165,34 @@ def predict_batch(registry: ModelRegistry, task: str, model_id: str | None, batc
     return predictions
 
 
+def prepare_comparison(registry: ModelRegistry, task: str, model_a: str | None, model_b: str | None,
+                       inputs: dict[str, Any]) -> dict[str, Any]:
+    """Check a comparison of two models of ``task`` on one request before either runs, and return the inputs
+    both will run with: a setting drawn at random when left empty (text-to-image's seed) is drawn once, so both
+    models get the same seed and settings. ``InvalidInputError`` (``field`` ``model_b``) for the same model twice."""
+    for name, model_id in (("model_a", model_a), ("model_b", model_b)):
+        if not model_id:
+            raise InvalidInputError("Choose two models to compare.", field=name)
+    spec_a, request_a = prepare(registry, task, model_a, inputs)
+    spec_b = registry.catalog.get(model_b, spec_a.task)
+    if spec_b.id == spec_a.id:
+        raise InvalidInputError(f"Choose two different models to compare (both are {spec_a.id}).", field="model_b")
+    drawn = {name: getattr(request_a, name) for name, value in inputs.items()
+             if value is None and getattr(request_a, name, None) is not None}
+    shared = {**inputs, **drawn}
+    prepare(registry, task, model_b, shared)
+    return shared
+
+
+def compare(registry: ModelRegistry, task: str, model_a: str | None, model_b: str | None, inputs: dict[str, Any], *,
+            record: Record | None = None) -> tuple[Prediction, Prediction]:
+    """Run one request on two models with the same settings and seed (see :func:`prepare_comparison`), each
+    prediction recorded by ``record``; the predictions in the order the models were named."""
+    shared = prepare_comparison(registry, task, model_a, model_b, inputs)
+    return (predict(registry, task, model_a, shared, record=record),
+            predict(registry, task, model_b, shared, record=record))
+
+
 def run(registry: ModelRegistry, task: str, model_id: str | None = None, **inputs: Any) -> dict[str, Any]:
     """The result of :func:`predict`, not recorded: the task's result plus ``model`` (id, revision, device,
     dtype) and ``seconds``."""
@@ -198,6 +227,6 @@ def _with_provenance(result: dict[str, Any], spec: ModelSpec, placement: Placeme
     return result
 
 
-__all__ = ["Prediction", "Record", "Task", "TaskSpec", "build_tiny_models", "get_task", "load_model", "open_catalog",
-           "open_registry", "predict", "predict_batch", "prepare", "register_task", "resolve", "run", "run_batch",
-           "task_catalog", "task_ids", "task_spec", "task_specs", "tiny_builders"]
+__all__ = ["Prediction", "Record", "Task", "TaskSpec", "build_tiny_models", "compare", "get_task", "load_model",
+           "open_catalog", "open_registry", "predict", "predict_batch", "prepare", "prepare_comparison", "register_task",
+           "resolve", "run", "run_batch", "task_catalog", "task_ids", "task_spec", "task_specs", "tiny_builders"]

@@ -7,6 +7,7 @@ import gradio as gr
 
 from ..tasks.spec import resolve, task_specs
 from . import annotate, models_panel
+from .compare import vote_api
 from .common import AppContext, configure_queue
 from .feedback import feedback_api
 
@@ -69,6 +70,7 @@ def build_blocks(ctx: AppContext) -> gr.Blocks:
         models_tab.select(panel.refresh, None, [panel.info, panel.table], queue=False, show_progress="hidden",
                           api_visibility="private")
         feedback_api(ctx)
+        vote_api(ctx)
         annotate.annotation_api(ctx)
     demo.mmdemo_context = ctx  # for tests and embedding apps: ctx.recorder.flush(), ctx.registry...
     return configure_queue(demo, ctx)

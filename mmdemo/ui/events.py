@@ -9,6 +9,8 @@ A tab module describes its endpoint with two small functions:
   are the API's parameter names) -> ``(model_id, task_inputs)`` for ``mmdemo.tasks``;
 * ``present(result)``: a task result -> the values of the tab's own output components.
 
+:func:`connect` also gives the tab its Compare mode (:mod:`.compare`: two models, a blind vote).
+
 :func:`connect` records every result in the feedback store (the result's ``output_id`` goes into
 ``details``). A result is greyed out as soon as an input changes or a new request starts, and cleared
 when that request fails.
@@ -33,6 +35,7 @@ from ..errors import MMDemoError
 from ..logs import request_id_set
 from ..security import visitor_of
 from . import gradio_patches
+from .compare import CompareTarget, compare_mode, vote_api
 from .feedback import FeedbackRow, feedback_api, feedback_row
 from .messages import blamed_input, readable_errors
 from .widgets import footer_line, json_safe, loading_note, model_note, results_shown
@@ -234,6 +237,8 @@ def connect(
     if stop_flags is not None:
         interrupt.click(stop_flags.stop, None, None, **quick)
     area.feedback.follow(event)
+    compare_mode(ctx, CompareTarget(task, request, list(inputs), present, list(outputs), api_name, model, media, text),
+                 queue=dict(concurrency_id=MODEL_QUEUE, concurrency_limit=ctx.concurrency), wrap=with_request_id)
     return event
 
 
@@ -298,6 +303,7 @@ def standalone(build: Callable[[AppContext], SimpleNamespace], ctx: AppContext, 
     with gr.Blocks(title=title) as demo:
         build(ctx)
         feedback_api(ctx)
+        vote_api(ctx)
     return configure_queue(demo, ctx)
 
 

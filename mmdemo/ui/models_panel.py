@@ -3,12 +3,15 @@ admins, preload / unload, promotion to its task's default and rollback (:mod:`mm
 feedback export (the same dataset as ``mmdemo export``, as a zip to download) and fine-tuning on that
 feedback (:mod:`.finetune_panel`).
 
-API: ``/models_status`` (anyone), ``/preload_model``, ``/unload_model``, ``/promote``, ``/rollback`` and
-``/export_feedback`` (admins), and the fine-tuning endpoints of :mod:`.finetune_panel`.
+The leaderboard of each task from the blind votes of Compare mode (``/leaderboard``, anyone).
+
+API: ``/models_status`` and ``/leaderboard`` (anyone), ``/preload_model``, ``/unload_model``, ``/promote``,
+``/rollback`` and ``/export_feedback`` (admins), and the fine-tuning endpoints of :mod:`.finetune_panel`.
 """
 
 from __future__ import annotations
 
+import html
 from types import SimpleNamespace
 from typing import Any
 
@@ -80,6 +83,48 @@ def summary(ctx: AppContext, request: gr.Request | None = None) -> str:
     return "\n\n".join(lines)
 
 
+def leaderboard_of(ctx: AppContext, task: str) -> tuple[str, dict[str, Any]]:
+    """The task's leaderboard from the blind votes: a plot of the ratings with their 95% intervals, and
+    the table (model, rating, interval, win rate, games, W-T-L, evaluation)."""
+    from ..feedback.comparisons import ComparisonStore
+    from ..feedback.leaderboard import leaderboard, table
+
+    task = tasks.task_spec(task).id
+    standings = leaderboard(ComparisonStore(ctx.store).games(task), catalog=ctx.registry.catalog)
+    headers, rows = table(standings)
+    return rating_plot(standings, task), {"headers": headers, "data": rows}
+
+
+def rating_plot(standings: list[Any], task: str) -> str:
+    """Ratings as dots with their 95% interval as a bar, one line per model (an SVG: no plotting library)."""
+    if not standings:
+        return f"<p class='mmdemo-note'>No votes on {html.escape(task)} yet: use Compare in its tab.</p>"
+    low = min(s.low for s in standings) - 20
+    high = max(s.high for s in standings) + 20
+    width, left, line = 640, 200, 28
+
+    def x(rating: float) -> float:
+        return left + (rating - low) / (high - low) * (width - left - 20)
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='mmdemo-leaderboard-plot' role='img' "
+             f"aria-label='Ratings with 95% intervals' viewBox='0 0 {width} {line * len(standings) + 30}' "
+             f"width='100%' style='max-width:{width}px;font-size:12px'>"]
+    for i, s in enumerate(standings):
+        y = 20 + i * line
+        parts.append(f"<text x='{left - 8}' y='{y + 4}' text-anchor='end' fill='currentColor'>"
+                     f"{html.escape(s.model)}</text>"
+                     f"<line x1='{x(s.low):.1f}' x2='{x(s.high):.1f}' y1='{y}' y2='{y}' stroke='#6366f1' "
+                     f"stroke-width='3'><title>95% interval {s.low:.0f} to {s.high:.0f}</title></line>"
+                     f"<circle cx='{x(s.rating):.1f}' cy='{y}' r='5' fill='#312e81'>"
+                     f"<title>{html.escape(s.model)}: {s.rating:.0f}</title></circle>")
+    axis_y = 20 + len(standings) * line - 10
+    for tick in (low + 20, (low + high) / 2, high - 20):
+        parts.append(f"<text x='{x(tick):.1f}' y='{axis_y + 14}' text-anchor='middle' fill='currentColor' "
+                     f"opacity='0.6'>{tick:.0f}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def build(ctx: AppContext) -> SimpleNamespace:
     def refresh(request: gr.Request) -> tuple[str, list[list[Any]]]:
         return summary(ctx, request), status_rows(ctx)
@@ -141,6 +186,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
         archive = gr.File(label="Export (zip)", interactive=False)
     with gr.Accordion("Fine-tune on feedback (admins)", open=False, elem_id="mmdemo-finetune"):
         finetune = finetune_panel.build(ctx)
+    with gr.Accordion("Leaderboard (blind votes)", open=False, elem_id="mmdemo-leaderboard"):
+        gr.Markdown("Ratings from the votes given in each tab's **Compare** mode (Bradley-Terry on the Elo scale: "
+                    "+400 is ten times the odds of winning; a tie counts half), with 95% bootstrap intervals, next "
+                    "to each fine-tuned model's evaluation on labelled data.", elem_classes="mmdemo-note")
+        with gr.Row():
+            board_task = gr.Dropdown(list(tasks.task_ids()), value=tasks.task_ids()[0], label="Task", scale=3)
+            board_refresh = gr.Button("Refresh", scale=1)
+        board_plot = gr.HTML(elem_classes="mmdemo-leaderboard")
+        board_table = gr.Dataframe(label="Leaderboard", interactive=False, wrap=True)
 
     # On page load (no triggers, no inputs), on the Refresh button, and after each action:
     gr.on(None, refresh, None, [info, table], queue=False, show_progress="hidden", api_visibility="private")
@@ -175,11 +229,19 @@ def build(ctx: AppContext) -> SimpleNamespace:
           **exporting)
     export.click(answered_in(export_message, "Not exported")(export_feedback), export_inputs, [archive, export_message],
                  api_visibility="private", **exporting)
+
+    def show_leaderboard(task: str) -> tuple[str, dict[str, Any]]:
+        return leaderboard_of(ctx, task)
+
+    gr.on([board_task.change, board_refresh.click], readable_errors(show_leaderboard), board_task,
+          [board_plot, board_table], api_name="leaderboard", concurrency_id="leaderboard")
     return SimpleNamespace(info=info, table=table, model=model, preload=preload, unload=unload,
                            refresh=refresh, refresh_button=refresh_button, message=message, export=export,
                            archive=archive, export_message=export_message, finetune=finetune,
                            promote=promote_button, lineage=lineage, defaults_task=defaults_task,
-                           rollback=rollback_button, rollback_message=rollback_message, history=history)
+                           rollback=rollback_button, rollback_message=rollback_message, history=history,
+                           board_task=board_task, board_refresh=board_refresh, board_plot=board_plot,
+                           board_table=board_table)
 
 
 def lineage_text(ctx: AppContext, model_id: str | None) -> str:
