@@ -10,13 +10,14 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .base import FinetuneAdapter
+from .base import BLIP_TARGETS, FinetuneAdapter
 
 
 class CaptionAdapter(FinetuneAdapter):
     task = "image-to-text"
     kinds = frozenset({"blip"})
     columns = ("image", "text")
+    lora_targets = {"blip": BLIP_TARGETS}
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch
