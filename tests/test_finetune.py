@@ -462,6 +462,6 @@ def test_cli_lora_options(settings, feedback, capsys):
     peft_config = json.loads((settings.models_dir / "cli-lora" / "adapter_config.json").read_text())
     assert peft_config["r"] == 4 and sorted(peft_config["target_modules"]) == ["qkv", "query"]
     assert main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "cli-bad",
-                 "--dataset", str(feedback.overfit), "--lora-targets", "nonexistent"]) == 1
+                 "--dataset", str(feedback.overfit), "--lora-targets", "nonexistent"]) == 2  # bad input
     assert "nonexistent are not in" in capsys.readouterr().err
     assert listing(settings) == ["cli-lora"]
