@@ -82,11 +82,14 @@ def read_adapter(folder: Path) -> AdapterWeights:
         config = None
     else:
         raise AdapterFormatError(f"{folder} holds no LoRA adapter ({PEFT_WEIGHTS_FILE} or {DIFFUSERS_WEIGHTS_FILE}).")
-    with safe_open(str(path), framework="pt") as weights:
-        tensors = {key: weights.get_tensor(key) for key in weights.keys()}
-        if config is None:
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
             metadata = (weights.metadata() or {}).get(DIFFUSERS_METADATA_KEY)
+        if config is None:
             config = _diffusers_config(json.loads(metadata) if metadata else {})
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
+        raise AdapterFormatError(f"{path.name} is not a readable safetensors file ({exc}).") from None
     for unsupported in ("use_dora", "fan_in_fan_out"):
         if config.get(unsupported):
             raise AdapterFormatError(f"{unsupported} adapters are not supported; merge it (--merge) to serve it.")
