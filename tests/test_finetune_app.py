@@ -367,7 +367,8 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
     expect(status).to_contain_text(f"it is in the catalog as '{name}'")
     expect(status).to_contain_text("on 6 training and 0 validation rows: 4 steps")  # batch 3, 2 epochs
     assert client_for(app, "alice").predict(api_name="/finetune_status")["settings"] == \
-        {"epochs": 2, "lr": 0.001, "batch_size": 3, "val_fraction": 0.0, "only": "approved"}
+        {"epochs": 2, "lr": 0.001, "batch_size": 3, "val_fraction": 0.0, "only": "approved", "lora": None,
+         "merge": False}
 
     # a reload: the Caption tab's model list comes from today's catalog
     page.reload()
@@ -378,6 +379,28 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
     page.get_by_role("option", name=name, exact=True).click()
     expect(model).to_have_value(name)
     expect(caption.get_by_text("fine-tuned on 6 feedback examples")).to_be_visible()
+
+
+@pytest.mark.browser
+def test_the_form_trains_a_lora_adapter_when_asked(app, feedback, new_context):
+    from browser_util import field, fill_text, open_tab, set_number, sign_in
+    from playwright.sync_api import expect
+
+    page = sign_in(new_context, app.url, "alice")
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    expect(section.get_by_text("a LoRA adapter for bases of 500M parameters or more")).to_be_visible()
+    name = new_name("blip-web-lora")
+    fill_text(field(section, "New model name"), name)
+    set_number(section.get_by_label("Epochs", exact=True), "1")
+    set_number(section.get_by_label("Batch size", exact=True), "3")
+    section.get_by_label("LoRA adapter", exact=True).check()
+    section.get_by_role("button", name="Start fine-tuning").click()
+    expect(section.locator(".prose.mmdemo-finetune-status")).to_contain_text(f"{name} is ready", timeout=120_000)
+    settings = client_for(app, "alice").predict(api_name="/finetune_status")["settings"]
+    assert (settings["lora"], settings["merge"]) == (True, False)
+    assert (app.settings.models_dir / name / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.browser
