@@ -465,3 +465,15 @@ def test_cli_lora_options(settings, feedback, capsys):
                  "--dataset", str(feedback.overfit), "--lora-targets", "nonexistent"]) == 2  # bad input
     assert "nonexistent are not in" in capsys.readouterr().err
     assert listing(settings) == ["cli-lora"]
+
+
+def test_a_lora_model_replacing_a_loaded_full_checkpoint_of_that_name_is_served_as_an_adapter(settings, feedback):
+    registry = open_registry(settings)
+    job(settings, "blip-ft", dataset=str(feedback.overfit), max_steps=1).run()
+    registry.catalog.register(read_model_folders(settings.models_dir)[0])
+    run(registry, "image-to-text", "blip-ft", image=picture(0), max_new_tokens=4)
+    result = job(settings, "blip-ft", dataset=str(feedback.overfit), overwrite=True, registry=registry, **LORA).run()
+    assert not result.swapped and result.serve_error is None and not registry.is_loaded("blip-ft")
+    answer = run(registry, "image-to-text", "blip-ft", image=picture(0), max_new_tokens=4)
+    loaded = {m["id"]: m for m in registry.status()["loaded"]}
+    assert answer["model"]["id"] == "blip-ft" and loaded["blip-ft"]["adapter_of"] == BASE

@@ -272,6 +272,12 @@ def serve_published(registry: "ModelRegistry", spec: "ModelSpec") -> dict[str, A
     """Tell a running registry about a newly published model: hot-swap it in if a model of that name is
     loaded, and (re)register it. A failed swap leaves the old model serving; says which happened."""
     if spec.id in registry.catalog and registry.is_loaded(spec.id):
+        if registry.catalog.get(spec.id).adapter_of != spec.adapter_of:
+            # a LoRA adapter replacing a full checkpoint (or the reverse) loads differently: no hot swap, the
+            # next call loads the new one
+            registry.catalog.register(spec, override=True)
+            registry.unload(spec.id)
+            return {"swapped": False, "serve_error": None}
         try:
             registry.replace(spec.id, spec.source)
         except MMDemoError as exc:
