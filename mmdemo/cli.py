@@ -422,8 +422,9 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--lora-alpha", type=float,
                           help="LoRA alpha (implies --lora); the update is scaled by alpha / r (2 x rank)")
     finetune.add_argument("--lora-targets", type=_names,
-                          help="comma-separated module names to adapt, implies --lora (default: the model kind's attention and MLP "
-                               "layers, e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2 for CLIP and Whisper)")
+                          help="comma-separated module names to adapt, implies --lora (default: the model "
+                               "kind's attention and MLP layers, e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2 for "
+                               "CLIP and Whisper)")
     finetune.add_argument("--merge", action="store_true",
                           help="merge the trained LoRA adapter into a full checkpoint (implies --lora; always so "
                                "for faster-whisper, whose CTranslate2 conversion needs a full model)")

@@ -115,7 +115,8 @@ def read_adapter(folder: Path) -> AdapterWeights:
             saved[name] = tensor
     if not pairs and not saved:
         raise AdapterFormatError(f"{path.name} holds no LoRA weights.")
-    labels = _json(folder / LABELS_CONFIG_FILE).get("id2label") if saved and (folder / LABELS_CONFIG_FILE).is_file() else None
+    has_labels = saved and (folder / LABELS_CONFIG_FILE).is_file()
+    labels = _json(folder / LABELS_CONFIG_FILE).get("id2label") if has_labels else None
     return AdapterWeights(pairs, saved, {int(k): v for k, v in labels.items()} if labels else None)
 
 

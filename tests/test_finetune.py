@@ -411,7 +411,7 @@ def test_a_lora_job_publishes_only_an_adapter_that_the_registry_serves_on_the_ba
 def test_a_merged_lora_job_publishes_a_full_checkpoint_that_answers_as_the_adapter(settings, feedback):
     import torch
 
-    adapter_model = job(settings, "blip-lora", dataset=str(feedback.overfit), **LORA).run()
+    job(settings, "blip-lora", dataset=str(feedback.overfit), **LORA).run()
     merged = job(settings, "blip-merged", dataset=str(feedback.overfit), merge=True, **{**LORA, "lora": None}).run()
     files = set(os.listdir(merged.path))
     assert "model.safetensors" in files and not ADAPTER_FILES & files

@@ -217,7 +217,8 @@ from PIL import Image
 registry = open_registry(Settings(profile="tiny", data_dir={str(settings.data_dir)!r}, device="cpu"))
 answer = run(registry, "image-to-text", "blip-lora", image=Image.new("RGB", (32, 32), "red"), max_new_tokens=4)
 print(json.dumps({{"model": answer["model"]["id"], "loaded": [m["id"] for m in registry.status()["loaded"]],
-                  "imported": [m for m in ("peft", "mmdemo.finetune.lora", "mmdemo.finetune.train", "mmdemo.finetune.jobs")
+                  "imported": [m for m in ("peft", "mmdemo.finetune.lora", "mmdemo.finetune.train",
+                                         "mmdemo.finetune.jobs")
                                if m in sys.modules]}}))
 """
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

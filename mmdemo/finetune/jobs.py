@@ -281,7 +281,8 @@ class FinetuneJob:
                 metrics["base"]["trained_twin"] = trained.id
             if changes:
                 metrics["model_changes"] = changes
-            params_m = lora["params_m"] if lora and not lora["merged"] else sum(p.numel() for p in model.parameters()) / 1e6
+            full_m = sum(p.numel() for p in model.parameters()) / 1e6
+            params_m = lora["params_m"] if lora and not lora["merged"] else full_m  # an adapter: its own size
         finally:
             del model, processor  # the device memory goes back before a registry loads the result
             free_device_memory(placement.device)

@@ -12,7 +12,8 @@ dropdowns offer it after a page reload; the panel then shows its before/after ta
 restarted, or another replica, shows the same jobs.
 
 API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
-batch_size, val_fraction, only, training: auto, full, lora or merged), ``/finetune_status`` and ``/finetune_cancel`` (job_id, default the newest).
+batch_size, val_fraction, only, training: auto, full, lora or merged), ``/finetune_status`` and
+``/finetune_cancel`` (job_id, default the newest).
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
                  api_visibility="private")
     timer.tick(poll, [task], [*shown_in, base], **quick)
     return SimpleNamespace(task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
-                           val_fraction=val_fraction, only=only, training=training, available=available, start=start, cancel=cancel,
+                           val_fraction=val_fraction, only=only, training=training, available=available,
+                           start=start, cancel=cancel,
                            answer=answer, status=status, details=details, timer=timer, access=access,
                            evaluation=evaluation, evaluation_note=evaluation_note, losses=losses)
 
