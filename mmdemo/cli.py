@@ -449,6 +449,8 @@ COMMANDS["annotate"] = cmd_annotate
 
 def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``mmdemo finetune``: a catalog model fine-tuned on feedback becomes a new catalog model."""
+    from .finetune.config import LORA_DEFAULT_MIN_PARAMS_M
+
     finetune = commands.add_parser(
         "finetune", parents=[common], help="fine-tune a catalog model on feedback into a new catalog model",
         description="Fine-tune a catalog model on exported feedback (or the store's feedback) and save it as "
@@ -492,6 +494,20 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--extend", action=argparse.BooleanOptionalAction,
                           help="VQA (ViLT): answers the base does not know extend its answer head (default); "
                                "--no-extend refuses them")
+    finetune.add_argument("--lora", action=argparse.BooleanOptionalAction,
+                          help="train a LoRA adapter (peft) instead of every weight; default: on for bases of "
+                               f"{LORA_DEFAULT_MIN_PARAMS_M}M parameters or more. Without --merge the new model is "
+                               "the adapter alone, served on the base's loaded copy")
+    finetune.add_argument("--lora-rank", type=int, help="rank r of the LoRA matrices (8)")
+    finetune.add_argument("--lora-alpha", type=float,
+                          help="LoRA alpha (implies --lora); the update is scaled by alpha / r (2 x rank)")
+    finetune.add_argument("--lora-targets", type=_names,
+                          help="comma-separated module names to adapt, implies --lora (default: the model "
+                               "kind's attention and MLP layers, e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2 for "
+                               "CLIP and Whisper)")
+    finetune.add_argument("--merge", action="store_true",
+                          help="merge the trained LoRA adapter into a full checkpoint (implies --lora; always so "
+                               "for faster-whisper, whose CTranslate2 conversion needs a full model)")
     evaluation = finetune.add_mutually_exclusive_group()
     evaluation.add_argument("--eval-campaign", help="score base and new model on this held-out campaign's labels")
     evaluation.add_argument("--eval-dataset", type=Path,
@@ -499,6 +515,11 @@ def add_finetune_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     finetune.add_argument("--description", help="the catalog description of the new model")
     finetune.add_argument("--overwrite", action="store_true", help="replace an earlier fine-tuned model NAME")
     finetune.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b"), for --lora-targets."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
@@ -543,12 +564,13 @@ def finetune_config(args: argparse.Namespace) -> Any:
 
     names = ("only", "since", "val_fraction", "seed", "epochs", "max_steps", "lr", "batch_size", "weight_decay",
              "grad_clip", "max_length", "description", "extend", "eval_campaign", "grad_accum", "checkpoint_every",
-             "augment")
+             "augment", "lora", "lora_rank", "lora_alpha", "lora_targets")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.eval_dataset is not None:
         options["eval_dataset"] = str(args.eval_dataset)
     return FinetuneConfig(task_id(args.task), base=args.base, name=args.name,
-                          dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite, **options)
+                          dataset=str(args.dataset) if args.dataset else None, overwrite=args.overwrite,
+                          merge=args.merge, **options)
 
 
 COMMANDS["finetune"] = cmd_finetune

@@ -31,6 +31,7 @@ from .errors import (
     ModelRuntimeError,
 )
 from .hub import HubProbe, cached_snapshot
+from .lora import AdapterFormatError, AdapterWeights, active, read_adapter, remove_from, serve_on, torch_modules
 from .placement import Placement, default_dtype, detect_device
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
     in_use: int = 0
+    base: "LoadedModel | None" = None        # a LoRA adapter served on its base's loaded copy
+    adapter: AdapterWeights | None = None     # ... and its weights, hooked on that copy
 
 
 # --- hardware ---------------------------------------------------------------------------------------
@@ -70,36 +73,13 @@ def measure_bytes(bundle: Any) -> int:
     """Bytes of parameters and buffers held by the torch modules inside a loaded bundle."""
     if isinstance(getattr(bundle, "memory_bytes", None), int):  # backends without torch tensors
         return bundle.memory_bytes
-    import torch
-
     seen: set[int] = set()
     total = 0
-
-    def visit(obj: Any, depth: int) -> None:
-        nonlocal total
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module):
-            for tensor in [*obj.parameters(), *obj.buffers()]:
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
-            return
-        if isinstance(obj, dict):
-            children: Iterable[Any] = obj.values()
-        elif isinstance(obj, (list, tuple)):
-            children = obj
-        elif hasattr(obj, "components") and isinstance(getattr(obj, "components"), dict):  # diffusers
-            children = obj.components.values()
-        elif hasattr(obj, "__dict__"):
-            children = vars(obj).values()
-        else:
-            return
-        for child in children:
-            visit(child, depth + 1)
-
-    visit(bundle, 0)
+    for module in torch_modules(bundle):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
     return total
 
 
@@ -190,7 +170,8 @@ class ModelRegistry:
         for attempt in (1, 2):
             entry = self._acquire(model_id, task)
             try:
-                return fn(entry.model)
+                with active(entry.spec.id if entry.base is not None else None):  # this call's adapter, if any
+                    return fn(entry.model)
             except MMDemoError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a model fault must not escape as a crash
@@ -215,8 +196,7 @@ class ModelRegistry:
             with self._lock:
                 entry = self._loaded.get(model_id)
                 if entry is not None:
-                    entry.in_use += 1
-                    entry.last_used = time.monotonic()
+                    self._hold(entry)
                     return entry
                 future = self._loading.get(model_id)
                 is_loader = future is None
@@ -234,32 +214,47 @@ class ModelRegistry:
                 future.set_exception(exc)
                 raise
             with self._lock:
-                entry.in_use = 1
+                entry.in_use = 1  # an adapter's load already holds its base for this first call
                 self._loaded[model_id] = entry
                 self._loading.pop(model_id, None)
                 self._errors.pop(model_id, None)
             future.set_result(None)
             return entry
 
+    def _hold(self, entry: LoadedModel) -> None:
+        """One more call on ``entry`` (and on the base an adapter runs on, so that it is not evicted)."""
+        with self._lock:
+            for held in (entry, entry.base):
+                if held is not None:
+                    held.in_use += 1
+                    held.last_used = time.monotonic()
+
     def _release(self, entry: LoadedModel) -> None:
         with self._lock:
-            entry.in_use -= 1
             entry.calls += 1
-            entry.last_used = time.monotonic()
+            for held in (entry, entry.base):
+                if held is not None:
+                    held.in_use -= 1
+                    held.last_used = time.monotonic()
+            if entry.in_use == 0 and self._loaded.get(entry.spec.id) is not entry:
+                self._unhook(entry)  # dropped during its call: its hooks go now
             self._lock.notify_all()
 
     # -- loading --
 
-    def _load(self, spec: ModelSpec) -> LoadedModel:
+    def _load(self, spec: ModelSpec, adapter: AdapterWeights | None = None) -> LoadedModel:
         """Load ``spec`` within the budget (evicting LRU idle models), retrying once after an OOM."""
-        placement = self.placement_for(spec)
-        estimate = spec.estimate_bytes(placement.dtype)
+        if spec.adapter_of and adapter is None:
+            return self._load_adapter(spec)
+        loaded = self._base_of(spec) if adapter is not None else spec  # an adapter's own copy of its base
+        placement = self.placement_for(loaded)
+        estimate = loaded.estimate_bytes(placement.dtype)
         self._reserve(spec.id, estimate)
         try:
             for attempt in (1, 2):
                 started = time.perf_counter()
                 try:
-                    bundle = self._loader(spec, self.resolve_location(spec), placement)
+                    bundle = self._loader(loaded, self.resolve_location(loaded), placement)
                 except MMDemoError:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -276,11 +271,72 @@ class ModelRegistry:
                     raise ModelLoadError(spec.id, _describe_load_error(exc)) from exc
                 seconds = time.perf_counter() - started
                 log.info("loaded %s on %s/%s in %.2fs", spec.id, placement.device, placement.dtype, seconds)
+                if adapter is not None:  # an adapter that replaces modules: merged into this copy of its base
+                    self._adapt(spec, bundle, adapter)
                 return LoadedModel(spec, bundle, placement, measure_bytes(bundle), seconds)
             raise AssertionError("unreachable")
         finally:
             with self._lock:
                 self._reserved.pop(spec.id, None)
+
+    # -- LoRA adapters (mmdemo.lora) --
+
+    def _base_of(self, spec: ModelSpec) -> ModelSpec:
+        """The catalog model the adapter ``spec`` applies to."""
+        base = self.catalog.get(spec.adapter_of) if spec.adapter_of in self.catalog else None
+        if base is None or base.adapter_of or base.task != spec.task:
+            raise ModelLoadError(spec.id, f"it is a LoRA adapter of '{spec.adapter_of}', which is not a "
+                                          f"{spec.task} model of the catalog (an adapter needs its base).")
+        return base
+
+    def _load_adapter(self, spec: ModelSpec) -> LoadedModel:
+        """An adapter served on its base's loaded copy (the base loaded through the registry if needed, never
+        twice): only the adapter's bytes count. The base stays held for the caller's first call."""
+        base_spec = self._base_of(spec)
+        started = time.perf_counter()
+        try:
+            weights = read_adapter(Path(self.resolve_location(spec)))
+        except (OSError, AdapterFormatError) as exc:
+            raise ModelLoadError(spec.id, f"its LoRA adapter cannot be read: {exc}") from exc
+        if weights.needs_own_copy:
+            return self._load(spec, adapter=weights)
+        self._reserve(spec.id, weights.nbytes)
+        try:
+            base = self._acquire(base_spec.id, spec.task)
+        finally:
+            with self._lock:
+                self._reserved.pop(spec.id, None)
+        try:
+            self._adapt(spec, base.model, weights)
+        except BaseException:
+            self._release(base)
+            raise
+        seconds = time.perf_counter() - started
+        log.info("loaded LoRA adapter %s on %s in %.2fs", spec.id, base_spec.id, seconds)
+        return LoadedModel(spec, base.model, base.placement, weights.nbytes, seconds, base=base, adapter=weights)
+
+    @staticmethod
+    def _adapt(spec: ModelSpec, bundle: Any, weights: AdapterWeights) -> None:
+        try:
+            serve_on(bundle, spec.id, weights)
+        except AdapterFormatError as exc:
+            raise ModelLoadError(spec.id, str(exc)) from exc
+
+    def _unhook(self, entry: LoadedModel) -> None:
+        if entry.base is not None and entry.adapter is not None and entry.in_use == 0:
+            remove_from(entry.base.model, entry.spec.id, entry.adapter)
+
+    def _drop(self, model_id: str) -> list[LoadedModel]:
+        """Take ``model_id`` out of the loaded models, with the adapters served on it (lock held)."""
+        entry = self._loaded.pop(model_id, None)
+        if entry is None:
+            return []
+        dropped = [entry]
+        for other in list(self._loaded.values()):
+            if other.base is entry:
+                dropped += self._drop(other.spec.id)
+        self._unhook(entry)
+        return dropped
 
     def resolve_location(self, spec: ModelSpec) -> str:
         """A local folder or a Hub id; ``tiny:`` sources are built on first use."""
@@ -354,8 +410,8 @@ class ModelRegistry:
             for entry in idle:
                 if needed is not None and self.used_bytes() + needed <= budget:
                     break
-                del self._loaded[entry.spec.id]
-                evicted.append(entry.spec.id)
+                if self._loaded.get(entry.spec.id) is entry:
+                    evicted += [dropped.spec.id for dropped in self._drop(entry.spec.id)]
         if evicted:
             log.info("evicted %s", ", ".join(evicted))
             free_device_memory(self.device)
@@ -376,11 +432,11 @@ class ModelRegistry:
         """
         self.catalog.get(model_id)
         with self._lock:
-            entry = self._loaded.pop(model_id, None)
-        if entry is None:
+            dropped = self._drop(model_id)  # its adapters go with a base
+        if not dropped:
             return False
-        device = entry.placement.device
-        del entry
+        device = dropped[0].placement.device
+        del dropped
         free_device_memory(device)
         return True
 
@@ -400,10 +456,14 @@ class ModelRegistry:
             pending.exception()  # let a first load of the old source finish before swapping
         entry = self._load(new_spec)
         with self._lock:
+            if entry.base is not None:
+                entry.base.in_use -= 1  # the load held the base for a first call that is not coming
             self.catalog.register(new_spec, override=True)
             old = self._loaded.get(model_id)
             if old is not None:
                 entry.calls = old.calls
+                for adapter in [e for e in self._loaded.values() if e.base is old]:
+                    self._drop(adapter.spec.id)  # reloaded onto the new copy at their next call
             self._loaded[model_id] = entry
             self._errors.pop(model_id, None)
         if old is not None:
@@ -423,6 +483,7 @@ class ModelRegistry:
                 {
                     "id": e.spec.id,
                     "task": e.spec.task,
+                    "adapter_of": e.spec.adapter_of,
                     "source": e.spec.source,
                     "revision": e.spec.revision,
                     "device": e.placement.device,

@@ -40,7 +40,7 @@ from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 from mmdemo.tasks.spec import register_task, unregister_task
 
-from finetune_util import listing, make_job
+from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
 from test_task_spec import short_caption_spec
 
 BASE = "tiny-blip-caption"
@@ -422,3 +422,128 @@ def test_cli_finetune_then_models_lists_it(settings, feedback, capsys):
 def test_the_finetune_command_needs_task_base_and_name_or_a_job_id(tmp_path, capsys):
     assert main(["finetune", "--profile", "tiny", "--data-dir", str(tmp_path), "--base", "tiny-blip-caption"]) == 2
     assert "mmdemo finetune needs --task, --name (or --job-id)." in capsys.readouterr().err
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------
+
+LORA = dict(lora=True, lora_rank=2, lr=5e-2)  # tiny models are 32 wide: rank 2; LoRA needs a higher rate to move
+
+
+def caption_logits(processor):
+    """The BLIP caption logits of picture 0 with a fixed caption, for a model loaded as ``model``."""
+    inputs = processor(images=picture(0), text="a red car", return_tensors="pt")
+    return lambda model: model(**inputs).logits
+
+
+def test_a_lora_job_publishes_only_an_adapter_that_the_registry_serves_on_the_base_copy(settings, feedback):
+    import torch
+
+    result = job(settings, "blip-lora", dataset=str(feedback.overfit), **LORA).run()
+    files = set(os.listdir(result.path))
+    assert ADAPTER_FILES <= files and not {"model.safetensors", "config.json"} & files
+    adapter_bytes = (result.path / "adapter_model.safetensors").stat().st_size
+    registry, loads = counting_registry(settings)
+    base_folder = Path(registry.resolve_location(registry.catalog.get(BASE)))
+    assert adapter_bytes < (base_folder / "model.safetensors").stat().st_size / 10
+    metrics = result.metrics
+    assert metrics["lora"]["merged"] is False and metrics["lora"]["targets"][:2] == ["qkv", "projection"]
+    assert metrics["epochs"][-1]["train_loss"] < 0.99 * metrics["initial"]["train_loss"]  # it learnt
+    entry = json.loads((result.path / MODEL_ENTRY_FILE).read_text())
+    assert entry["adapter_of"] == BASE and entry["params_m"] == pytest.approx(metrics["lora"]["params_m"], abs=1e-3)
+
+    # through the app: the base is loaded once, the adapter costs only its own bytes
+    answer = run(registry, "image-to-text", "blip-lora", image=picture(0), max_new_tokens=12)
+    assert answer["model"]["id"] == "blip-lora" and answer["text"]
+    base_answer = run(registry, "image-to-text", BASE, image=picture(0), max_new_tokens=12)
+    assert loads == [BASE]
+    loaded = {m["id"]: m for m in registry.status()["loaded"]}
+    assert set(loaded) == {BASE, "blip-lora"} and loaded["blip-lora"]["adapter_of"] == BASE
+    assert loaded["blip-lora"]["memory_bytes"] < loaded[BASE]["memory_bytes"] / 10
+
+    # the served adapter computes what peft computes, and not what the base computes
+    _, processor = adapter_for("image-to-text").load(registry.catalog.get(BASE), str(base_folder),
+                                                     Placement("cpu", "float32"))
+    forward = caption_logits(processor)
+    served = served_output(registry, "blip-lora", forward)
+    with torch.inference_mode():
+        expected = forward(peft_twin("image-to-text", registry.catalog.get(BASE), str(base_folder), result.path))
+    assert torch.allclose(served, expected, atol=1e-5)
+    assert not torch.allclose(served, served_output(registry, BASE, forward), atol=1e-3)
+    assert base_answer == run(registry, "image-to-text", BASE, image=picture(0), max_new_tokens=12) | {
+        "seconds": base_answer["seconds"]}
+
+    # unloading the base takes its adapters with it; the adapter alone loads the base again
+    assert registry.unload(BASE) and registry.status()["loaded"] == []
+    assert run(registry, "image-to-text", "blip-lora", image=picture(0), max_new_tokens=12)["text"] == answer["text"]
+    assert loads == [BASE, BASE]
+
+
+def test_a_merged_lora_job_publishes_a_full_checkpoint_that_answers_as_the_adapter(settings, feedback):
+    import torch
+
+    job(settings, "blip-lora", dataset=str(feedback.overfit), **LORA).run()
+    merged = job(settings, "blip-merged", dataset=str(feedback.overfit), merge=True, **{**LORA, "lora": None}).run()
+    files = set(os.listdir(merged.path))
+    assert "model.safetensors" in files and not ADAPTER_FILES & files
+    assert "adapter_of" not in json.loads((merged.path / MODEL_ENTRY_FILE).read_text())
+    assert merged.metrics["lora"]["merged"] is True
+    registry = open_registry(settings)
+    _, processor = adapter_for("image-to-text").load(registry.catalog.get(BASE),
+                                                     registry.resolve_location(registry.catalog.get(BASE)),
+                                                     Placement("cpu", "float32"))
+    forward = caption_logits(processor)
+    assert torch.allclose(served_output(registry, "blip-merged", forward),
+                          served_output(registry, "blip-lora", forward), atol=1e-4)
+    texts = [run(registry, "image-to-text", name, image=picture(i), max_new_tokens=12)["text"]
+             for name in ("blip-merged", "blip-lora") for i in range(3)]
+    assert texts[:3] == texts[3:]
+
+
+def test_lora_settings_are_checked_before_training(settings, feedback):
+    from mmdemo.finetune.lora import InvalidLoraTargetsError
+
+    seen = []
+    with pytest.raises(InvalidLoraTargetsError, match="nonexistent are not in 'tiny-blip-caption'.*qkv"):
+        job(settings, "bad-lora", dataset=str(feedback.overfit), lora=True, lora_targets=("nonexistent",),
+            on_progress=seen.append).run()
+    assert listing(settings) == [] and not [p for p in seen if p.stage == "training"]
+    with pytest.raises(InvalidInputError, match="needs LoRA training"):
+        FinetuneConfig("image-to-text", base=BASE, name="x", lora=False, merge=True)
+    with pytest.raises(InvalidInputError, match="LoRA rank"):
+        FinetuneConfig("image-to-text", base=BASE, name="x", lora_rank=0)
+    # the default: LoRA for large bases only
+    assert not FinetuneConfig("image-to-text", base=BASE, name="x").uses_lora(0.3)
+    assert FinetuneConfig("image-to-text", base=BASE, name="x").uses_lora(900.0)
+    assert FinetuneConfig("image-to-text", base=BASE, name="x", lora=True).alpha == 16.0
+    assert FinetuneConfig("image-to-text", base=BASE, name="x", lora_targets=("qkv",)).uses_lora(0.3)
+    with pytest.raises(InvalidInputError, match="drop them or --no-lora"):
+        FinetuneConfig("image-to-text", base=BASE, name="x", lora=False, lora_targets=("qkv",))
+
+
+def test_cli_lora_options(settings, feedback, capsys):
+    common = ["--profile", "tiny", "--data-dir", str(settings.data_dir), "--device", "cpu"]
+    code = main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "cli-lora",
+                 "--dataset", str(feedback.overfit), "--max-steps", "1", "--batch-size", "3", "--lora",
+                 "--lora-rank", "4", "--lora-alpha", "4", "--lora-targets", "qkv,query", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    saved = FinetuneConfig.load(settings.models_dir / "cli-lora" / RUN_CONFIG_FILE)
+    assert (saved.lora, saved.lora_rank, saved.lora_alpha, saved.lora_targets) == (True, 4, 4.0, ("qkv", "query"))
+    peft_config = json.loads((settings.models_dir / "cli-lora" / "adapter_config.json").read_text())
+    assert peft_config["r"] == 4 and sorted(peft_config["target_modules"]) == ["qkv", "query"]
+    assert main(["finetune", *common, "--task", "caption", "--base", BASE, "--name", "cli-bad",
+                 "--dataset", str(feedback.overfit), "--lora-targets", "nonexistent"]) == 2  # bad input
+    assert "nonexistent are not in" in capsys.readouterr().err
+    assert listing(settings) == ["cli-lora"]
+
+
+def test_a_lora_model_replacing_a_loaded_full_checkpoint_of_that_name_is_served_as_an_adapter(settings, feedback):
+    registry = open_registry(settings)
+    job(settings, "blip-ft", dataset=str(feedback.overfit), max_steps=1).run()
+    registry.catalog.register(read_model_folders(settings.models_dir)[0])
+    run(registry, "image-to-text", "blip-ft", image=picture(0), max_new_tokens=4)
+    result = job(settings, "blip-ft", dataset=str(feedback.overfit), overwrite=True, registry=registry, **LORA).run()
+    assert not result.swapped and result.serve_error is None and not registry.is_loaded("blip-ft")
+    answer = run(registry, "image-to-text", "blip-ft", image=picture(0), max_new_tokens=4)
+    loaded = {m["id"]: m for m in registry.status()["loaded"]}
+    assert answer["model"]["id"] == "blip-ft" and loaded["blip-ft"]["adapter_of"] == BASE

@@ -7,6 +7,7 @@ job; the server never imports the training code; the form's buttons answer besid
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -122,6 +123,23 @@ def test_an_admin_fine_tunes_through_the_api_and_the_new_model_answers(app, admi
     loaded = [entry["id"] for entry in app.registry.status()["loaded"]]
     assert sorted(loaded) == sorted(set(loaded)) and BASE in loaded and name in loaded
     assert app.registry.catalog.get(name, "image-to-text").kind == "blip"
+
+
+def test_a_lora_job_through_the_api_is_served_on_the_base_copy(app, admin, feedback):
+    name = new_name("blip-lora-api")
+    admin.predict(name=name, epochs=1, training="lora", **{**FAST, "lr": 1e-2}, api_name="/finetune_start")
+    status = wait_until_done(admin)
+    assert status["state"] == "succeeded", status
+    saved_to = Path(status["result"]["saved_to"])
+    assert (saved_to / "adapter_model.safetensors").is_file() and not (saved_to / "model.safetensors").exists()
+    assert json.loads((saved_to / "mmdemo-model.json").read_text())["adapter_of"] == BASE
+    assert status["result"]["metrics"]["lora"]["merged"] is False
+    caption, _, details = admin.predict(handle_file(str(feedback.picture)), model=name, max_new_tokens=8,
+                                        api_name="/caption")
+    assert details["model"]["id"] == name and isinstance(caption, str)
+    loaded = {entry["id"]: entry for entry in app.registry.status()["loaded"]}
+    assert loaded[name]["adapter_of"] == BASE and loaded[name]["memory_bytes"] < loaded[BASE]["memory_bytes"]
+    assert [entry["id"] for entry in app.registry.status()["loaded"]].count(BASE) == 1
 
 
 def test_non_admins_are_refused_on_the_server(app, feedback):
@@ -277,6 +295,7 @@ print(json.dumps({{"state": info["state"], "pid": info["pid"], "server": os.getp
     ({"task": "visual-question-answering", "base": "tiny-vilt-vqa"}, "no corrected feedback on visual-question"),
     ({"epochs": 0}, "number of epochs"),
     ({"lr": -1.0}, "learning rate"),
+    ({"training": "half"}, "Unknown training mode 'half'"),
 ])
 def test_bad_requests_get_a_readable_message_and_start_nothing(app, admin, feedback, changes, message):
     before = admin.predict(api_name="/finetune_status")
@@ -307,12 +326,15 @@ def test_a_taken_name_and_no_feedback_are_refused(launch_app, tiny_data_dir, tmp
 def test_the_form_defaults_are_the_run_configuration_defaults():
     from mmdemo.finetune import FinetuneConfig
     from mmdemo.finetune.jobs import _store_export_options
-    from mmdemo.ui.finetune_panel import DEFAULTS
+    from mmdemo.finetune.control import TRAINING_MODES
+    from mmdemo.ui.finetune_panel import DEFAULTS, TRAINING_CHOICES
 
     config = FinetuneConfig("image-to-text", base=BASE, name="x")
     assert {k: getattr(config, k) for k in ("epochs", "lr", "batch_size")} == \
         {k: DEFAULTS[k] for k in ("epochs", "lr", "batch_size")}
     assert _store_export_options(config) == {"only": DEFAULTS["only"], "val_fraction": DEFAULTS["val_fraction"]}
+    assert TRAINING_MODES[DEFAULTS["training"]] == (config.lora, config.merge)
+    assert [mode for _, mode in TRAINING_CHOICES] == list(TRAINING_MODES)
 
 
 # --- in a browser --------------------------------------------------------------------------------------
@@ -344,7 +366,8 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
     expect(status).to_contain_text(f"it is in the catalog as '{name}'")
     expect(status).to_contain_text("on 6 training and 0 validation rows: 4 steps")  # batch 3, 2 epochs
     assert client_for(app, "alice").predict(api_name="/finetune_status")["settings"] == \
-        {"epochs": 2, "lr": 0.001, "batch_size": 3, "val_fraction": 0.0, "only": "approved"}
+        {"epochs": 2, "lr": 0.001, "batch_size": 3, "val_fraction": 0.0, "only": "approved", "lora": None,
+         "merge": False}
 
     # a reload: the Caption tab's model list comes from today's catalog
     page.reload()
@@ -355,6 +378,28 @@ def test_an_admin_fine_tunes_in_the_browser_and_the_caption_tab_offers_the_new_m
     page.get_by_role("option", name=name, exact=True).click()
     expect(model).to_have_value(name)
     expect(caption.get_by_text("fine-tuned on 6 feedback examples")).to_be_visible()
+
+
+@pytest.mark.browser
+def test_the_form_trains_a_lora_adapter_when_asked(app, feedback, new_context):
+    from browser_util import field, fill_text, open_tab, set_number, sign_in
+    from playwright.sync_api import expect
+
+    page = sign_in(new_context, app.url, "alice")
+    panel = open_tab(page, "Models")
+    panel.get_by_role("button", name="Fine-tune on feedback (admins)").click()
+    section = panel.locator("#mmdemo-finetune")
+    expect(section.get_by_text("a LoRA adapter for bases of 500M parameters or more")).to_be_visible()
+    name = new_name("blip-web-lora")
+    fill_text(field(section, "New model name"), name)
+    set_number(section.get_by_label("Epochs", exact=True), "1")
+    set_number(section.get_by_label("Batch size", exact=True), "3")
+    section.get_by_label("LoRA adapter", exact=True).check()
+    section.get_by_role("button", name="Start fine-tuning").click()
+    expect(section.locator(".prose.mmdemo-finetune-status")).to_contain_text(f"{name} is ready", timeout=120_000)
+    settings = client_for(app, "alice").predict(api_name="/finetune_status")["settings"]
+    assert (settings["lora"], settings["merge"]) == (True, False)
+    assert (app.settings.models_dir / name / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.browser

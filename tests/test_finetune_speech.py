@@ -27,7 +27,7 @@ from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 
-from finetune_util import make_job
+from finetune_util import ADAPTER_FILES, counting_registry, make_job, peft_twin
 
 TASK = "automatic-speech-recognition"
 WHISPER, FASTER = "tiny-whisper", "tiny-faster-whisper"
@@ -220,3 +220,49 @@ def test_a_tiny_whisper_learns_four_phrases_end_to_end_and_its_wer_halves(tmp_pa
         answer = run(registry, TASK, "whisper-phrases", audio=str(speak(tmp_path, phrase, "en-us", 160)),
                      language="en")
         assert answer["text"].strip().lower().rstrip(".") in PHRASES
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------
+
+
+def test_a_whisper_lora_is_served_on_the_base_copy_as_peft_computes_it(settings, speech):
+    import numpy as np
+    import torch
+
+    result = job(settings, name="whisper-lora", dataset=str(speech.train), eval_dataset=str(speech.heldout),
+                 epochs=3, lr=1e-2, lora=True, lora_rank=2).run()
+    assert {p.name for p in result.path.iterdir()} >= ADAPTER_FILES and result.spec.adapter_of == WHISPER
+    assert result.metrics["epochs"][-1]["train_loss"] < result.metrics["initial"]["train_loss"]
+    assert result.metrics["evaluation"]["new"]["questions"] == 4
+    registry, loads = counting_registry(settings)
+    processor = registry.call(WHISPER, lambda bundle: bundle.model.feature_extractor)
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16_000) / 16_000).astype(np.float32)
+    features = processor(tone, sampling_rate=16_000, return_tensors="pt")["input_features"]
+    start = torch.tensor([[registry.call(WHISPER, lambda b: b.model.model.generation_config.decoder_start_token_id)]])
+    forward = lambda model: model(input_features=features, decoder_input_ids=start).logits  # noqa: E731
+
+    def served(model_id):
+        def body(bundle):
+            with torch.inference_mode():
+                return forward(bundle.model.model)  # the ASR pipeline's model
+        return registry.call(model_id, body)
+
+    spec = registry.catalog.get(WHISPER)
+    with torch.inference_mode():
+        expected = forward(peft_twin(TASK, spec, registry.resolve_location(spec), result.path))
+    assert torch.allclose(served("whisper-lora"), expected, atol=1e-4)
+    assert not torch.allclose(served("whisper-lora"), served(WHISPER), atol=1e-3)
+    answer = run(registry, TASK, "whisper-lora", audio=str(speak(speech.root, PHRASES[1])), language="en")
+    assert answer["model"]["id"] == "whisper-lora" and isinstance(answer["text"], str)
+    assert loads == [WHISPER]
+
+
+def test_a_faster_whisper_lora_is_merged_because_ctranslate2_needs_a_full_model(settings, speech):
+    result = job(settings, base=FASTER, name="fast-lora", dataset=str(speech.train), max_steps=2, lora=True,
+                 lora_rank=2).run()
+    lora = result.metrics["lora"]
+    assert lora["merged"] is True and "faster-whisper serves a full checkpoint" in lora["merged_because"]
+    assert result.spec.adapter_of is None and (result.path / "model.bin").is_file()
+    assert not ADAPTER_FILES & {p.name for p in result.path.rglob("*")}
+    answer = run(open_registry(settings), TASK, "fast-lora", audio=str(speak(speech.root, PHRASES[1])), language="en")
+    assert answer["model"]["backend"] == "ctranslate2" and isinstance(answer["text"], str)

@@ -29,7 +29,7 @@ from mmdemo.tasks import build_tiny_models
 from mmdemo.tiny.common import VQA_ANSWERS
 
 from colour_squares import COLOURS, QUESTION, colour_of, square
-from finetune_util import listing, make_job
+from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
 
 TASK = "visual-question-answering"
 VILT, BLIP = "tiny-vilt-vqa", "tiny-blip-vqa"
@@ -318,3 +318,88 @@ def test_no_records_or_missing_media_fail_clearly_and_leave_the_served_model_alo
     assert listing(settings) == ["vilt-ft"] and (served.path / "model.safetensors").read_bytes() == weights
     with pytest.raises(InvalidInputError, match="not both"):
         FinetuneConfig(TASK, base=VILT, name="x", eval_campaign="a", eval_dataset="b")
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------
+
+
+def vqa_logits(registry: ModelRegistry, model_id: str):
+    """A forward pass on one question and picture, with the catalog model's processor."""
+    processor = registry.call(model_id, lambda bundle: bundle.processor)
+    inputs = processor(images=square("pink", random.Random(5)), text=QUESTION, return_tensors="pt")
+    if registry.catalog.get(model_id).kind == "vilt":
+        return lambda model: model(**inputs).logits
+    import torch
+
+    answer = processor.tokenizer(["pink"], return_tensors="pt")["input_ids"]
+
+    def blip(model):  # the answer's loss (through the decoder) and the question's encoding
+        out = model(**inputs, labels=answer)
+        return torch.cat([out.loss.reshape(1), out.last_hidden_state.flatten()])
+
+    return blip
+
+
+def test_a_vilt_lora_with_new_answers_is_served_with_its_own_labels(settings, colours):
+    """ViLT's answer head is trained whole beside the LoRA (peft's modules_to_save) and grew by 8 answers: the
+    adapter cannot share the base's copy, so the registry serves it merged into a copy of its own."""
+    import torch
+
+    from mmdemo.finetune.vqa import extend_answer_head
+
+    result = job(settings, name="vilt-lora", dataset=str(colours.train), eval_dataset=str(colours.heldout),
+                 epochs=6, lr=1e-2, lora=True, lora_rank=2).run()
+    files = set(result.path.iterdir())
+    assert {result.path / name for name in ADAPTER_FILES} <= files and not (result.path / "model.safetensors").exists()
+    assert result.metrics["lora"]["modules_to_save"] == ["classifier"]
+    assert result.metrics["epochs"][-1]["train_loss"] < 0.7 * result.metrics["initial"]["train_loss"]
+    added = result.metrics["model_changes"]["answers_added"]
+    assert len(added) == 8
+
+    registry, loads = counting_registry(settings)
+    labels = registry.call("vilt-lora", lambda bundle: bundle.model.config.id2label)
+    assert [labels[len(labels) - 8 + n] for n in range(8)] == added  # the adapter's labels, not the base's
+    assert len(registry.call(VILT, lambda bundle: bundle.model.config.id2label)) == len(labels) - 8
+    assert loads == [VILT, VILT]  # its own copy, the base's beside it
+
+    # what peft computes on the base with the same head
+    base = registry.catalog.get(VILT)
+    location = registry.resolve_location(base)
+    model, _ = adapter_for(TASK).load(base, location, Placement("cpu", "float32"))
+    extend_answer_head(model, added)
+    from peft import PeftModel
+
+    twin = PeftModel.from_pretrained(model, str(result.path)).eval()
+    forward = vqa_logits(registry, "vilt-lora")
+    with torch.inference_mode():
+        assert torch.allclose(served_output(registry, "vilt-lora", forward), forward(twin), atol=1e-5)
+
+    # the job scored the adapter as the registry serves it
+    scoring = adapter_for(TASK).evaluation
+    questions = scoring.examples_from_export(colours.heldout)
+    assert result.metrics["evaluation"]["new"] == scoring.score(scoring.served_model_answers(registry, "vilt-lora"),
+                                                                questions)
+    answers = [run(registry, TASK, "vilt-lora", image=square(c, random.Random(9)), question=QUESTION)["answer"]
+               for c in COLOURS]
+    assert set(answers) <= set(labels.values()) and set(answers) & set(added)
+
+
+def test_a_blip_vqa_lora_is_served_on_the_base_copy_as_peft_computes_it(settings, colours):
+    import torch
+
+    result = job(settings, BLIP, "blip-vqa-lora", dataset=str(colours.train), max_steps=8, lr=1e-2, lora=True,
+                 lora_rank=2).run()
+    assert {p.name for p in result.path.iterdir()} >= ADAPTER_FILES and result.spec.adapter_of == BLIP
+    assert result.metrics["epochs"][-1]["train_loss"] < result.metrics["initial"]["train_loss"]
+    registry, loads = counting_registry(settings)
+    forward = vqa_logits(registry, BLIP)
+    served = served_output(registry, "blip-vqa-lora", forward)
+    base = registry.catalog.get(BLIP)
+    with torch.inference_mode():
+        expected = forward(peft_twin(TASK, base, registry.resolve_location(base), result.path))
+    assert torch.allclose(served, expected, atol=1e-5)
+    assert not torch.allclose(served, served_output(registry, BLIP, forward), atol=1e-3)
+    answer = run(registry, TASK, "blip-vqa-lora", image=square("pink", random.Random(2)), question=QUESTION,
+                 max_new_tokens=3)
+    assert answer["model"]["id"] == "blip-vqa-lora" and isinstance(answer["answer"], str)
+    assert loads == [BLIP]

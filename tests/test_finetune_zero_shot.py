@@ -28,7 +28,7 @@ from mmdemo.tasks import run
 from mmdemo.tasks import build_tiny_models
 
 from colour_squares import COLOURS, colour_of, square
-from finetune_util import listing, make_job
+from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
 
 TASK = "zero-shot-image-classification"
 CLIP, SIGLIP = "tiny-clip", "tiny-siglip"
@@ -251,3 +251,35 @@ def test_bad_data_fails_clearly_and_leaves_the_served_model_alone(settings, colo
     assert listing(settings) == ["clip-ft"] and (served.path / "model.safetensors").read_bytes() == weights
     assert adapter_for(TASK).kinds == {"clip", "siglip"}
     load_export(colours.train, TASK, adapter_for(TASK).columns)  # the export has every column the adapter reads
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base,kind", [(CLIP, "clip"), (SIGLIP, "siglip")])
+def test_a_lora_job_is_served_on_the_base_copy_as_peft_computes_it(settings, colours, base, kind):
+    import torch
+
+    name = f"{kind}-lora"
+    result = job(settings, base, name, dataset=str(colours.train), eval_dataset=str(colours.heldout), epochs=3,
+                 lr=1e-2, lora=True, lora_rank=2).run()
+    assert {p.name for p in result.path.iterdir()} >= ADAPTER_FILES and result.spec.adapter_of == base
+    assert not (result.path / "model.safetensors").exists()
+    assert result.metrics["epochs"][-1]["train_loss"] < result.metrics["initial"]["train_loss"]
+    registry, loads = counting_registry(settings)
+    scoring = adapter_for(TASK).evaluation
+    questions = scoring.examples_from_export(colours.heldout)
+    assert result.metrics["evaluation"]["new"] == scoring.score(scoring.served_model_answers(registry, name), questions)
+    processor = registry.call(base, lambda bundle: bundle.processor)
+    inputs = processor(images=[square(c, random.Random(3)) for c in LABELS[:3]], text=LABELS,
+                       padding="max_length" if kind == "siglip" else True, return_tensors="pt")
+    forward = lambda model: model(**inputs).logits_per_image  # noqa: E731
+    served = served_output(registry, name, forward)
+    spec = registry.catalog.get(base)
+    with torch.inference_mode():
+        expected = forward(peft_twin(TASK, spec, registry.resolve_location(spec), result.path))
+    assert torch.allclose(served, expected, atol=1e-4)
+    assert not torch.allclose(served, served_output(registry, base, forward), atol=1e-3)
+    answer = run(registry, TASK, name, image=square("cyan", random.Random(5)), labels=LABELS)
+    assert answer["model"]["id"] == name and sorted(item["label"] for item in answer["labels"]) == sorted(LABELS)
+    assert loads == [base]

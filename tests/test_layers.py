@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composition root", ("mmdemo.application", "mmdemo.promotion")),
     ("fine-tuning jobs", ("mmdemo.finetune",)),
     ("feedback store, tasks", ("mmdemo.feedback", "mmdemo.tasks", "mmdemo.ops", "mmdemo.security")),
-    ("registry", ("mmdemo.registry", "mmdemo.tiny", "mmdemo.hub")),
+    ("registry", ("mmdemo.registry", "mmdemo.lora", "mmdemo.tiny", "mmdemo.hub")),
     ("catalog, media, config, errors", ("mmdemo.catalog", "mmdemo.media", "mmdemo.placement", "mmdemo.auth",
                                         "mmdemo.logs", "mmdemo.files", "mmdemo.config", "mmdemo.errors",
                                         "mmdemo")),

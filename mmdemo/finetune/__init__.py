@@ -10,6 +10,8 @@
 * ``evaluate.py``: the before/after evaluation every task shares; a task's metric is its adapter's
   ``evaluation`` (a :class:`~mmdemo.finetune.evaluate.TaskEvaluation` beside the adapter, e.g. in ``vqa.py``).
 * ``data.py``: an exported feedback dataset, or the store's feedback exported for the run.
+* ``lora.py``: LoRA training with peft (``--lora``, ``--merge``); the registry serves the adapters
+  without peft (:mod:`mmdemo.lora`).
 * ``train.py``: the plain torch loop (AdamW, gradient clipping, validation each epoch, best kept).
 * ``jobs.py``: :class:`FinetuneJob` (status, progress, cancel), the atomic checkpoint and serving, and
   :func:`~mmdemo.finetune.jobs.run_stored_job`, the body of a job's process.

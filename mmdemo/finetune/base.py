@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from ..catalog import Catalog, ModelSpec
 from ..errors import InvalidInputError
@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from .evaluate import TaskEvaluation
 
 
+# LoRA target modules (peft matches a module whose name is, or ends with ".", one of them)
+ATTENTION_MLP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # CLIP, Whisper
+BERT_TARGETS = ("query", "key", "value", "dense")  # BERT-like text encoders (BLIP's text model, ViLT)
+# BLIP's vision attention (qkv, projection) and MLP, and its BERT text model; never the LM head, which is tied
+# to the word embeddings (merging a LoRA on it silently changes the embeddings too)
+BLIP_TARGETS = ("qkv", "projection", "fc1", "fc2", *BERT_TARGETS)
+
+
 class FinetuneAdapter(ABC):
     task: ClassVar[str]
     kinds: ClassVar[frozenset[str]]        # catalog kinds this adapter can train
@@ -35,6 +43,12 @@ class FinetuneAdapter(ABC):
     # its data (what "default" stands for); the others are used only when named
     augmentations: ClassVar[tuple[str, ...]] = ()
     default_augmentations: ClassVar[tuple[str, ...]] = ()
+    # LoRA (--lora): kind -> the module names it adapts by default, and the modules trained whole beside it
+    lora_targets: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    lora_modules_to_save: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    # True: the adapter adds and saves its own LoRA (text-to-image: diffusers' UNet recipe); the job's
+    # generic peft wrapping (jobs._lora_plan) leaves it alone
+    manages_lora: ClassVar[bool] = False
 
     @abstractmethod
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
@@ -114,6 +128,10 @@ class FinetuneAdapter(ABC):
         return {}
 
     def check_base(self, spec: ModelSpec) -> None:
+        if spec.adapter_of:
+            raise UnsupportedBaseError(
+                f"Model '{spec.id}' is a LoRA adapter of '{spec.adapter_of}': fine-tune '{spec.adapter_of}' "
+                "(or a merged model, --merge) instead.")
         if spec.task != self.task or spec.kind not in self.kinds:
             raise UnsupportedBaseError(
                 f"Model '{spec.id}' ({spec.task}, kind {spec.kind}) cannot be fine-tuned for {self.task}: "

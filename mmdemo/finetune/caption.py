@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from ..catalog import ModelSpec
 from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .base import FinetuneAdapter
+from .base import BLIP_TARGETS, FinetuneAdapter
 from .evaluate import LabelledQuestion, TaskEvaluation, average, group_of, grouped_rows, image_of
 from .labels import CampaignInput
 
@@ -168,6 +168,7 @@ class CaptionAdapter(FinetuneAdapter):
     evaluation = CaptionEvaluation()
     augmentations = ("crop", "flip", "colour")
     default_augmentations = ("crop", "colour")  # captions name left and right: flip only when asked for
+    lora_targets = {"blip": BLIP_TARGETS}
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch

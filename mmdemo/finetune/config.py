@@ -23,6 +23,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # says which it can use and which "default" stands for.
 AUGMENTATIONS = IMAGE_AUGMENTATIONS + AUDIO_AUGMENTATIONS
 DEFAULT_AUGMENTATION = "default"
+# Without --lora/--no-lora, bases of this many million parameters or more train a LoRA adapter: below it a
+# full fine-tune fits in ordinary memory and learns more; above it (BLIP large, Whisper small and up) full
+# training's gradients and AdamW state (3x the weights) are what runs out.
+LORA_DEFAULT_MIN_PARAMS_M = 500
 
 
 def check_model_name(name: Any) -> str:
@@ -108,6 +112,8 @@ class FinetuneConfig:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if not isinstance(self.merge, bool):
             raise InvalidInputError(f"merge must be true or false, not {self.merge!r}.")
+        if self.lora is False and (self.lora_targets is not None or self.lora_alpha is not None):
+            raise InvalidInputError("LoRA targets and alpha apply to LoRA training: drop them or --no-lora.")
         if self.merge and self.lora is False:
             raise InvalidInputError("--merge merges a LoRA adapter: it needs LoRA training (drop --no-lora).")
         if self.only is not None and self.only not in ONLY_CHOICES:
@@ -128,6 +134,19 @@ class FinetuneConfig:
         object.__setattr__(self, "augment", check_augment_names(self.augment))
         _number(self.grad_clip, "gradient clipping norm", 0.0, 1e6)
         _whole(self.max_length, "maximum target length", 2, 4096)
+
+    def uses_lora(self, base_params_m: float) -> bool:
+        """Whether the run trains a LoRA adapter: as asked, else for bases of ``LORA_DEFAULT_MIN_PARAMS_M``
+        million parameters or more, or when LoRA settings (targets, alpha, merge) are given."""
+        if self.lora is not None:
+            return self.lora
+        asked = self.merge or self.lora_targets is not None or self.lora_alpha is not None
+        return asked or base_params_m >= LORA_DEFAULT_MIN_PARAMS_M
+
+    @property
+    def alpha(self) -> float:
+        """LoRA's alpha (the deltas are scaled by alpha / rank): as given, else twice the rank."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)

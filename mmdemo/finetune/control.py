@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import Settings
 from .adapters import adapter_for, finetune_adapters
-from .config import FinetuneConfig
+from .config import LORA_DEFAULT_MIN_PARAMS_M, FinetuneConfig
+from ..errors import InvalidInputError
 from .errors import InvalidDatasetError, InvalidModelNameError, UnsupportedBaseError
 
 if TYPE_CHECKING:
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     from ..registry import ModelRegistry
     from .processes import JobRunner
 
+# How a run trains (the form's choice and /finetune_start's ``training``): mode -> (lora, merge) of FinetuneConfig
+TRAINING_MODES = {"auto": (None, False), "full": (False, False), "lora": (True, False), "merged": (True, True)}
+TRAINING_HELP = (f"auto: a LoRA adapter for bases of {LORA_DEFAULT_MIN_PARAMS_M}M parameters or more, else full; "
+                 "full: every weight; lora: a LoRA adapter, served on the base's loaded copy; merged: LoRA merged "
+                 "into a full checkpoint")
 DEFAULT_ONLY = "approved"  # the feedback a run trains on by default (as `mmdemo finetune`'s export has it)
 
 
@@ -72,9 +78,13 @@ class JobControl:
         return store.count(task, only=only or DEFAULT_ONLY), store.count(task, only="all")
 
     def config_from(self, task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any,
-                    batch_size: Any, val_fraction: Any, only: str | None) -> FinetuneConfig:
+                    batch_size: Any, val_fraction: Any, only: str | None, training: Any = "auto") -> FinetuneConfig:
         """A run's configuration from a form's or an API call's values (typed errors for bad ones); the task
-        defaults to the first that can be trained, the base to its first model."""
+        defaults to the first that can be trained, the base to its first model; ``training`` is one of
+        :data:`TRAINING_MODES` (empty: auto)."""
+        if (training or "auto") not in TRAINING_MODES:
+            raise InvalidInputError(f"Unknown training mode {training!r}: {TRAINING_HELP}.", "training")
+        lora, merge = TRAINING_MODES[training or "auto"]
         task = task or next(iter(self.tasks()))
         if not base:
             bases = self.base_models(task)
@@ -84,7 +94,8 @@ class JobControl:
         if not name:
             raise InvalidModelNameError("Give the new model a name: letters, digits, '.', '_' or '-'.")
         return FinetuneConfig(task, base=base, name=name, epochs=whole(epochs), lr=lr,
-                              batch_size=whole(batch_size), val_fraction=val_fraction, only=only or DEFAULT_ONLY)
+                              batch_size=whole(batch_size), val_fraction=val_fraction, only=only or DEFAULT_ONLY,
+                              lora=lora, merge=merge)
 
     def check_ready(self, config: FinetuneConfig) -> int:
         """Refuse at once what the job would refuse after a while: a base that is unknown or of another task

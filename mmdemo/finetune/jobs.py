@@ -233,6 +233,7 @@ class FinetuneJob:
                 if not main:
                     wait_for_everyone()  # until the main process has published the model
                     return None
+                lora = metrics.get("lora")
                 # 6. the run's record and the catalog entry, then the atomic move into place
                 self._report(replace(self.progress, stage="saving", step=metrics["steps"]))
                 metrics = {"base": metrics.pop("base"), "data": data.describe(), **metrics,
@@ -243,6 +244,8 @@ class FinetuneJob:
                 entry = {"task": config.task, "kind": base.kind, "dtype": base.dtype, "params_m": round(params_m, 3),
                          "description": config.description or _description(base, data),
                          "defaults": dict(base.defaults), **adapter.catalog_entry(base, staging)}
+                if lora and not lora["merged"]:
+                    entry["adapter_of"] = base.id  # served on the base's loaded copy
                 (staging / MODEL_ENTRY_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
                 if self._cancel.is_set():
                     raise FinetuneCancelled(f"Fine-tuning '{config.name}' was cancelled before it was published.")
@@ -301,19 +304,34 @@ class FinetuneJob:
                                                predictions["base"])
                 del bundle
             changes = adapter.prepare_model(model, processor, data, self.config)
-            # 4. train, writing the best epoch's checkpoint into the staging folder
-            metrics = train(model, processor, adapter, data, self.config, placement,
-                            save_best=lambda epoch: adapter.save(model, processor, staging),
+            lora = self._lora_plan(adapter, base, trained)
+            if lora:
+                from .lora import add_lora, adapter_params_m, save_adapter
+
+                model = add_lora(model, adapter, trained.kind, self.config)
+                lora["params_m"] = round(adapter_params_m(model), 4)
+                save = lambda epoch: save_adapter(model, processor, adapter, staging)  # noqa: E731
+            else:
+                save = lambda epoch: adapter.save(model, processor, staging)  # noqa: E731
+            # 4. train, writing the best epoch's checkpoint (or LoRA adapter) into the staging folder
+            metrics = train(model, processor, adapter, data, self.config, placement, save_best=save,
                             report=self._report, should_stop=self._cancel.is_set,
                             checkpoint=lambda state: self._checkpoint(state, data.fingerprint, staging),
                             resume_from=resumed)
+            if lora:
+                metrics["lora"] = lora
+                if lora["merged"] and main:
+                    from .lora import merge_saved
+
+                    model = merge_saved(model, processor, adapter, staging)
             metrics["base"] = {"id": base.id, "kind": base.kind, "source": base.source, "revision": base.revision,
                                "commit": getattr(model.config, "_commit_hash", None)}
             if trained is not base:
                 metrics["base"]["trained_twin"] = trained.id
             if changes:
                 metrics["model_changes"] = changes
-            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            full_m = sum(p.numel() for p in model.parameters()) / 1e6
+            params_m = lora["params_m"] if lora and not lora["merged"] else full_m  # an adapter: its own size
         finally:
             del model, processor  # the device memory goes back before a registry loads the result
             free_device_memory(placement.device)
@@ -324,9 +342,18 @@ class FinetuneJob:
             # 5. the saved checkpoint, loaded as the app will load it, scored on the same questions
             if questions:
                 saved = replace(base, id=self.config.name, source=f"local-dir:{staging.resolve()}", revision=None)
-                bundle = adapter.load_saved(saved, staging, locations[1], placement)
-                scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle, registry), questions,
-                                              predictions["new"])
+                if lora and not lora["merged"]:  # the adapter on a copy of its base, as the registry serves it
+                    from ..lora import active, read_adapter, serve_on
+
+                    bundle = get_task(base.task).load(base, locations[1], placement)
+                    serve_on(bundle, saved.id, read_adapter(staging))
+                    with active(saved.id):
+                        scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle, registry),
+                                                      questions, predictions["new"])
+                else:
+                    bundle = adapter.load_saved(saved, staging, locations[1], placement)
+                    scores["new"] = scoring.score(scoring.loaded_model_answers(saved, bundle, registry), questions,
+                                                  predictions["new"])
                 del bundle
                 free_device_memory(placement.device)
                 scores.update(scoring.save_artifacts(staging, questions, predictions))
@@ -374,6 +401,21 @@ class FinetuneJob:
                                     f"({', '.join(changed)}); resume it as it was (mmdemo finetune --resume "
                                     f"{self.config.name}) or start a new run.")
         return TrainingState(**torch.load(folder / RESUME_STATE_FILE, weights_only=True))
+
+    def _lora_plan(self, adapter: FinetuneAdapter, base: ModelSpec, trained: ModelSpec) -> dict[str, Any] | None:
+        """How the run uses LoRA (None: a full fine-tune): rank, alpha, targets, and whether the adapter is
+        merged. A base that serves another format (faster-whisper on CTranslate2) needs a full checkpoint:
+        its adapter is always merged."""
+        from .lora import lora_targets
+
+        config = self.config
+        if adapter.manages_lora or not config.uses_lora(base.params_m):
+            return None
+        merged = config.merge or trained is not base
+        return {"rank": config.lora_rank, "alpha": config.alpha,
+                "targets": list(lora_targets(adapter, trained.kind, config)),
+                "modules_to_save": list(adapter.lora_modules_to_save.get(trained.kind, ())), "merged": merged,
+                **({"merged_because": f"{base.kind} serves a full checkpoint"} if merged and not config.merge else {})}
 
     def _evaluation_data(self, evaluation: TaskEvaluation | None,
                          exported: TrainingData) -> tuple[list[Any], dict[str, Any]] | None:

@@ -171,7 +171,8 @@ class JobRunner:
             "started_at": job.started_at.isoformat(timespec="seconds") if job.started_at else None,
             "seconds": round((end - started).total_seconds(), 1) if job.state != PENDING else 0.0,
             "cancel_requested": self.cancel_requested(job),
-            "settings": {key: config.get(key) for key in ("epochs", "lr", "batch_size", "val_fraction", "only")},
+            "settings": {key: config.get(key) for key in ("epochs", "lr", "batch_size", "val_fraction", "only",
+                                                              "lora", "merge")},
             "stage": progress.get("stage", "queued"), "epoch": progress.get("epoch", 0),
             "epochs": progress.get("epochs") or config.get("epochs"), "step": progress.get("step", 0),
             "total_steps": progress.get("total_steps", 0), "train_loss": progress.get("train_loss"),
@@ -297,6 +298,12 @@ def serve_published(registry: "ModelRegistry", spec: "ModelSpec") -> dict[str, A
     """Tell a running registry about a newly published model: hot-swap it in if a model of that name is
     loaded, and (re)register it. A failed swap leaves the old model serving; says which happened."""
     if spec.id in registry.catalog and registry.is_loaded(spec.id):
+        if registry.catalog.get(spec.id).adapter_of != spec.adapter_of:
+            # a LoRA adapter replacing a full checkpoint (or the reverse) loads differently: no hot swap, the
+            # next call loads the new one
+            registry.catalog.register(spec, override=True)
+            registry.unload(spec.id)
+            return {"swapped": False, "serve_error": None}
         try:
             registry.replace(spec.id, spec.source)
         except MMDemoError as exc:

@@ -27,7 +27,7 @@ from ..errors import MMDemoError
 from ..placement import Placement
 from ..tasks.base import load_kwargs
 from .augment import augment_waveform, mask_features, wav_bytes
-from .base import FinetuneAdapter
+from .base import ATTENTION_MLP_TARGETS, FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError, UnsupportedBaseError
@@ -133,6 +133,7 @@ class SpeechEvaluation(TaskEvaluation):
 class SpeechAdapter(FinetuneAdapter):
     task = ASR
     kinds = frozenset({"whisper", "faster-whisper"})
+    lora_targets = {"whisper": ATTENTION_MLP_TARGETS}  # a faster-whisper base trains its Whisper twin
     columns = ("audio", "text", "language", "translate", "corrected", "merged_record_ids", "output_id")
     evaluation = SpeechEvaluation()
     augmentations = ("speed", "noise", "specaugment")

@@ -313,6 +313,7 @@ def _image_bytes(value: Any) -> bytes:
 class TextToImageAdapter(FinetuneAdapter):
     """LoRA (default) or full fine-tuning of a Stable Diffusion pipeline's UNet; see the module's docstring."""
 
+    manages_lora = True  # prepare_model adds the UNet LoRA; save writes it in diffusers' format
     task = TASK
     kinds = frozenset({"diffusers"})
     columns = TextToImageEvaluation.export_columns

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from ..catalog import ModelSpec
 from ..placement import Placement
 from ..tasks.base import load_kwargs
-from .base import FinetuneAdapter
+from .base import BERT_TARGETS, BLIP_TARGETS, FinetuneAdapter
 from .config import FinetuneConfig
 from .data import TrainingData
 from .errors import InvalidDatasetError
@@ -110,6 +110,8 @@ class VqaAdapter(FinetuneAdapter):
     augmentations = ("crop", "flip", "colour")
     default_augmentations = ("crop",)  # questions ask about left and right, and colours: flip, colour when asked
     evaluation = VqaEvaluation()
+    lora_targets = {"vilt": BERT_TARGETS, "blip": BLIP_TARGETS}
+    lora_modules_to_save = {"vilt": ("classifier",)}  # its answer head, maybe extended with new answers
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch

@@ -26,7 +26,7 @@ from ..errors import InvalidInputError
 from ..placement import Placement
 from ..tasks.base import load_kwargs
 from ..tasks.zero_shot import ZeroShotBundle, ZeroShotRequest, fill_template, parse_template
-from .base import FinetuneAdapter
+from .base import ATTENTION_MLP_TARGETS, FinetuneAdapter
 from .data import TrainingData
 from .errors import InvalidDatasetError
 from .evaluate import LabelledQuestion, TaskEvaluation, average, group_of, grouped_rows, image_of
@@ -127,6 +127,9 @@ class ZeroShotAdapter(FinetuneAdapter):
     augmentations = ("crop", "flip", "colour")
     default_augmentations = ("crop", "flip")  # labels may be colours: colour jitter only when asked for
     evaluation = ZeroShotEvaluation()
+    # SigLIP: not its pooling head's nn.MultiheadAttention, which reads out_proj's weight without calling it
+    lora_targets = {"clip": ATTENTION_MLP_TARGETS,
+                    "siglip": ("q_proj", "k_proj", "v_proj", "self_attn.out_proj", "fc1", "fc2")}
 
     def __init__(self) -> None:
         self.default_template = ZeroShotRequest.template  # the base's own, once it is loaded

@@ -13,8 +13,8 @@ dropdowns offer it after a page reload; the panel then shows its before/after ta
 restarted, or another replica, shows the same jobs.
 
 API (admins; each returns a job's status as a dict): ``/finetune_start`` (task, base, name, epochs, lr,
-batch_size, val_fraction, only), ``/finetune_status``, ``/finetune_cancel`` and ``/finetune_resume`` (job_id,
-default the newest).
+batch_size, val_fraction, only, training: auto, full, lora or merged), ``/finetune_status``, ``/finetune_cancel``
+and ``/finetune_resume`` (job_id, default the newest).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import gradio as gr
 import pandas as pd
 
 from ..errors import MMDemoError
-from ..finetune.control import DEFAULT_ONLY
+from ..finetune.control import DEFAULT_ONLY, TRAINING_HELP
 from .common import EXPORT_ONLY, AppContext, answered_in, json_safe, readable_errors, standalone
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ TITLE = "Fine-tune"
 START_QUEUE = "finetune"  # starting a job (quick checks); the training runs in a process of its own
 POLL_SECONDS = 1.0
 # The form's defaults: FinetuneConfig's, and the store export's (only, val_fraction) as `mmdemo finetune` has them.
-DEFAULTS = dict(epochs=3, lr=5e-5, batch_size=8, val_fraction=0.1, only=DEFAULT_ONLY)
+DEFAULTS = dict(epochs=3, lr=5e-5, batch_size=8, val_fraction=0.1, only=DEFAULT_ONLY, training="auto")
+TRAINING_CHOICES = [("Auto", "auto"), ("Full", "full"), ("LoRA adapter", "lora"), ("LoRA, merged", "merged")]
 DESCRIPTION = (
     "Train a catalog model on the feedback people gave (their corrections, and results they approved) and "
     "add it to the catalog under a new name. The job runs as a process of its own (niced on CPU), one at a "
@@ -175,9 +176,10 @@ def build(ctx: AppContext) -> SimpleNamespace:
     """The Fine-tune section (inside the Models tab) and its API endpoints."""
 
     def start_job(task: str | None, base: str | None, name: str | None, epochs: Any, lr: Any, batch_size: Any,
-                  val_fraction: Any, only: str | None, request: gr.Request | None) -> dict[str, Any]:
+                  val_fraction: Any, only: str | None, training: str | None,
+                  request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "fine-tune models")
-        config = ctx.finetune.config_from(task, base, name, epochs, lr, batch_size, val_fraction, only)
+        config = ctx.finetune.config_from(task, base, name, epochs, lr, batch_size, val_fraction, only, training)
         return with_message(ctx.finetune.start(config, ctx.annotator_of(request)))
 
     def job_status(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
@@ -199,13 +201,15 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def finetune_start(task: str = "", base: str = "", name: str = "", epochs: int = DEFAULTS["epochs"],
                        lr: float = DEFAULTS["lr"], batch_size: int = DEFAULTS["batch_size"],
                        val_fraction: float = DEFAULTS["val_fraction"], only: str = DEFAULTS["only"],
-                       request: gr.Request = None) -> dict[str, Any]:
+                       training: str = DEFAULTS["training"], request: gr.Request = None) -> dict[str, Any]:
         """Start fine-tuning (admins): train `base` (a catalog model of `task`; default: the first the task
         can train) on the store's feedback (`only`: approved, corrected or all) into a new catalog model
         `name`. task: default the first that can be fine-tuned (image-to-text). Returns the job's status
         at once; the job is a process of its own, queued behind the jobs already waiting for the same
-        device (one runs per device): follow it with /finetune_status and its job_id."""
-        return start_job(task, base, name, epochs, lr, batch_size, val_fraction, only, request)
+        device (one runs per device): follow it with /finetune_status and its job_id. training: auto (a LoRA
+        adapter for large bases, else full), full, lora (an adapter served on the base's loaded copy) or
+        merged (LoRA merged into a full checkpoint)."""
+        return start_job(task, base, name, epochs, lr, batch_size, val_fraction, only, training, request)
 
     def finetune_status(job_id: str = "", request: gr.Request = None) -> dict[str, Any]:
         """A fine-tuning job's status (admins; job_id: default the newest job): state (idle, pending,
@@ -249,6 +253,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
         val_fraction = gr.Number(DEFAULTS["val_fraction"], label="Validation fraction", minimum=0, maximum=0.99,
                                  step=0.05)
         only = gr.Dropdown(EXPORT_ONLY, value=DEFAULTS["only"], label="Feedback to train on")
+    training = gr.Radio(TRAINING_CHOICES, value=DEFAULTS["training"], label="Training", info=TRAINING_HELP[0].upper()
+                        + TRAINING_HELP[1:] + ".", elem_classes="mmdemo-finetune-training")
     available = gr.Markdown(elem_classes="mmdemo-finetune-available")
     with gr.Row():
         start = gr.Button("Start fine-tuning", variant="primary")
@@ -298,8 +304,9 @@ def build(ctx: AppContext) -> SimpleNamespace:
 
     @answered_in(answer, "Not started")
     def start_clicked(task_id: str | None, base_id: str | None, new_name: str | None, n_epochs: Any, rate: Any,
-                      size: Any, fraction: Any, only_value: str | None, request: gr.Request) -> tuple[Any, ...]:
-        info = start_job(task_id, base_id, new_name, n_epochs, rate, size, fraction, only_value, request)
+                      size: Any, fraction: Any, only_value: str | None, mode: str | None,
+                      request: gr.Request) -> tuple[Any, ...]:
+        info = start_job(task_id, base_id, new_name, n_epochs, rate, size, fraction, only_value, mode, request)
         return "✓ Started: its progress follows below.", *shown(info)
 
     @answered_in(answer, "Not cancelled")
@@ -326,7 +333,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
     only.input(only_chosen, [task, only], [available], **quick)
     # A refusal is said under the buttons (answer); the job's status stays as it was. Unprocessed: the run's
     # configuration judges the numbers (as for /finetune_start), not gradio's number boxes in a toast.
-    start.click(start_clicked, [task, base, name, epochs, lr, batch_size, val_fraction, only],
+    start.click(start_clicked, [task, base, name, epochs, lr, batch_size, val_fraction, only, training],
                 [answer, *shown_in], concurrency_id=START_QUEUE, concurrency_limit=1,
                 show_progress="hidden", preprocess=False, api_visibility="private")
     cancel.click(cancel_clicked, None, [answer, *shown_in], queue=False, show_progress="hidden",
@@ -335,7 +342,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
                  show_progress="hidden", api_visibility="private")
     timer.tick(poll, [task], [*shown_in, base], **quick)
     return SimpleNamespace(task=task, base=base, name=name, epochs=epochs, lr=lr, batch_size=batch_size,
-                           val_fraction=val_fraction, only=only, available=available, start=start, cancel=cancel,
+                           val_fraction=val_fraction, only=only, training=training, available=available,
+                           start=start, cancel=cancel,
                            answer=answer, status=status, details=details, timer=timer, access=access,
                            evaluation=evaluation, evaluation_note=evaluation_note, losses=losses,
                            resume=resume)
