@@ -292,7 +292,7 @@ def test_a_held_out_campaign_scores_the_models_and_says_when_suggestions_were_ac
     assert main(["evaluate", *common, "--task", "vqa", "--models", "nope", "--dataset", str(colours.heldout)]) == 1
     assert "Unknown model 'nope'" in capsys.readouterr().err
     assert main(["evaluate", *common, "--task", "caption", "--models", VILT, "--campaign", "held-out"]) == 2
-    assert "not available" in capsys.readouterr().err
+    assert "serves visual-question-answering, not image-to-text" in capsys.readouterr().err
 
 
 # --- bad data --------------------------------------------------------------------------------------------------
