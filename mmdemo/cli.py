@@ -414,9 +414,11 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     """``mmdemo audit``: the audit log, newest first (whoever can read the data directory or database)."""
     from .feedback import FeedbackStore
     from .feedback.audit import AuditLog
+    from .feedback.store import parse_since
 
+    since = parse_since(args.since) if args.since else None
     with FeedbackStore.from_settings(settings) as store:
-        entries = AuditLog(store).entries(since=args.since, action=args.action, actor=args.actor, limit=args.limit)
+        entries = AuditLog(store).entries(since=since, action=args.action, actor=args.actor, limit=args.limit)
     if args.json:
         print(json.dumps([entry.to_dict() for entry in entries], indent=2))
         return 0

@@ -21,6 +21,7 @@ from mmdemo.feedback import AnnotationQueue, FeedbackStore, PromotionError, Reco
 from mmdemo.feedback import store as store_module
 from mmdemo.feedback.audit import AuditLog
 from mmdemo.feedback.promotions import PromotionStore
+from mmdemo.feedback.store import parse_since
 
 CAPTION = "image-to-text"
 BASE = "tiny-blip-caption"
@@ -58,9 +59,9 @@ def test_entries_round_trip_newest_first_with_filters(store_on_each_database):
     assert summary(audit.entries(action="export")) == [("bob", "export", CAPTION)]
     assert summary(audit.entries(actor="alice")) == [("alice", "preload", BASE)]
     assert len(audit.entries(limit=2)) == 2
-    assert audit.entries(since="2999-01-01") == []
-    assert len(audit.entries(since=entries[-1].created_at.date().isoformat())) == 3
-    for bad in (dict(action="drop_tables"), dict(since="yesterday"), dict(limit=0)):
+    assert audit.entries(since=parse_since("2999-01-01")) == []
+    assert len(audit.entries(since=parse_since(entries[-1].created_at.date().isoformat()))) == 3
+    for bad in (dict(action="drop_tables"), dict(limit=0)):
         with pytest.raises(InvalidInputError):
             audit.entries(**bad)
     with pytest.raises(ValueError):

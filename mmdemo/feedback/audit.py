@@ -2,7 +2,7 @@
 
 >>> audit = AuditLog(store)
 >>> audit.record("alice", "preload", "blip-caption-base")
->>> audit.entries(action="preload", since="2026-12-01")      # newest first
+>>> audit.entries(action="preload", since=parse_since("2026-12-01"))      # newest first
 
 Where the action is itself a write to the store (a deletion, a promotion, a campaign created), the row is
 written in the same transaction with :func:`write_entry`, so that the action and its entry commit or fail
@@ -99,15 +99,14 @@ class AuditLog:
         """Add an entry in a transaction of its own; its id. Raises the store's error when it cannot."""
         return self.db.run_write(lambda conn: write_entry(conn, actor, action, target, details))
 
-    def entries(self, *, since: Any = None, action: str | None = None, actor: str | None = None,
+    def entries(self, *, since: datetime | None = None, action: str | None = None, actor: str | None = None,
                 limit: int | None = DEFAULT_LIMIT) -> list[AuditEntry]:
-        """Entries newest first: on or after ``since`` (a date or ISO text), of one ``action``, by one
-        ``actor``, at most ``limit``. Bad filters raise :class:`~mmdemo.errors.InvalidInputError`."""
-        from .store import parse_since  # store.py writes entries (write_entry): it imports this module
-
+        """Entries newest first: on or after ``since`` (aware; text is read by the store's ``parse_since``,
+        which imports this module), of one ``action``, by one ``actor``, at most ``limit``. Bad filters raise
+        :class:`~mmdemo.errors.InvalidInputError`."""
         query = select(audit_log).order_by(audit_log.c.id.desc()).limit(check_limit(limit))
-        if since not in (None, ""):
-            query = query.where(audit_log.c.created_at >= parse_since(since))
+        if since is not None:
+            query = query.where(audit_log.c.created_at >= since)
         if action:
             query = query.where(audit_log.c.action == check_action(action))
         if actor:

@@ -290,8 +290,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
 def audit_entries(ctx: AppContext, request: Any, since: Any, action: Any, actor: Any, limit: Any) -> list[Any]:
     """The audit log's entries for an admin (:class:`~mmdemo.errors.NotAllowedError` for anyone else)."""
     ctx.require_admin(request, "read the audit log")
-    return AuditLog(ctx.store).entries(since=since or None, action=action or None, actor=actor or None,
-                                       limit=limit)
+    return AuditLog(ctx.store).entries(since=parse_since(since) if since else None, action=action or None,
+                                       actor=actor or None, limit=limit)
 
 
 def audit_validator(since: Any = "", action: Any = "", actor: Any = "", limit: Any = 100) -> list[dict[str, Any]]:
