@@ -240,21 +240,20 @@ def test_the_panel_shows_the_log_to_admins_and_refuses_others_beside_the_button(
     from browser_util import open_tab, sign_in
     from playwright.sync_api import expect
 
-    AuditLog(app.demo.mmdemo_context.store).record("alice", "preload", BASE)  # at least one entry to show
+    marker = f"model-{uuid.uuid4().hex[:8]}"  # the newest entry, shown to alice only
+    AuditLog(app.demo.mmdemo_context.store).record("alice", "preload", marker)
     for name in ("bob", "alice"):
         panel = open_tab(sign_in(new_context, app.url, name), "Models")
         accordion = panel.locator("#mmdemo-audit")
         accordion.get_by_text("Audit log (admins)").click()
         accordion.get_by_role("button", name="Show", exact=True).click()
         message = accordion.locator(".prose.mmdemo-audit-message")
-        table = accordion.locator("table")
         if name == "bob":
             expect(message).to_contain_text("Only admins can read the audit log", timeout=15_000)
-            expect(table).not_to_contain_text("preload")
+            expect(accordion).not_to_contain_text(marker)
         else:
             expect(message).to_contain_text("entries.", timeout=15_000)
-            expect(table).to_contain_text("preload", timeout=15_000)
-            expect(table).to_contain_text("alice")
+            expect(accordion).to_contain_text(marker, timeout=15_000)
 
 
 def test_an_audit_entry_that_cannot_be_written_is_logged_as_an_error(tmp_path, caplog):
