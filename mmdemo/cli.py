@@ -429,7 +429,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"audit": cmd_audit, "delete": cmd_delete, "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+COMMANDS = {"delete": cmd_delete, "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+COMMANDS["audit"] = cmd_audit
 
 
 def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:

@@ -36,7 +36,8 @@ def image(n: int) -> Image.Image:
 
 
 def caption_output(store: FeedbackStore, n: int) -> str:
-    return store.record_output(CAPTION, inputs={"image": image(n)}, output={"text": f"caption {n}", "model": {"id": BASE}})
+    return store.record_output(CAPTION, inputs={"image": image(n)},
+                               output={"text": f"caption {n}", "model": {"id": BASE}})
 
 
 def summary(entries) -> list[tuple]:

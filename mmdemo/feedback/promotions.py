@@ -8,7 +8,8 @@ backend) applies a promotion.
 >>> promotions.history("image-to-text")                                 # newest first
 
 The rows are a history: a promotion pushes a model onto its task's stack of defaults, a rollback pops the
-top one (each also an entry of the audit log, in the same transaction). The latest row of a task names its default now (``model_id`` None: the catalog's own default,
+top one; each is also an entry of the audit log, written in the same transaction. The latest row of a task
+names its default now (``model_id`` None: the catalog's own default,
 once every promotion was rolled back). Whether a model exists and serves the task is the caller's check
 (the catalog's), before it promotes.
 """
