@@ -147,6 +147,9 @@ def test_cli_delete_export_promote_and_campaigns_leave_one_entry_each_by_the_os_
     assert "a green square" not in json.dumps(logged)  # ids and counts, never what people wrote
     assert main(["models", "rollback", "zero-shot", *common, "--by", "bob"]) == 0
     assert [e["action"] for e in entries()][0] == "rollback"
+    assert main(["backup", str(tmp_path / "backups"), *common]) == 0
+    backup = entries()[0]
+    assert (backup["actor"], backup["action"]) == (me, "backup") and backup["details"]["media_copied"] == 1
 
     capsys.readouterr()
     assert main(["audit", *common, "--action", "promote", "--actor", me]) == 0
@@ -212,6 +215,16 @@ def test_admin_actions_through_the_api_each_leave_one_entry_by_the_admin(app, tm
     assert len(entries) - before == 7  # one per action, none for the unload that did nothing
     assert [e["action"] for e in alice.predict(action="preload", api_name="/audit_log")] == ["preload"]
     wait_until_done(alice, job["job_id"])
+
+
+def test_an_action_whose_entry_cannot_be_written_says_so_beside_the_button(app, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the audit log cannot be written")
+
+    monkeypatch.setattr(AuditLog, "record", broken)  # the app runs in this process
+    message, _, _ = client_for(app, "alice").predict(CLIP, api_name="/preload_model")
+    assert message.startswith(f"{CLIP} is loaded.") and "could not be written to the audit log" in message
+    assert any(r.levelname == "ERROR" and "preload" in r.getMessage() for r in caplog.records)
 
 
 def wait_until_done(client: Client, job_id: str, timeout: float = 120.0) -> None:
