@@ -125,6 +125,14 @@ class App:
         visitor = visitor_of(request)
         return getattr(request, "username", None) or (anonymous_annotator(visitor.anonymous_id) if visitor else None)
 
+    def audit(self, request: Any, action: str, target: str | None = None,
+              details: dict[str, Any] | None = None) -> bool:
+        """Record an action done outside the store (a preload, an unload) in the audit log, by the caller of
+        ``request`` (:meth:`annotator_of`); False, logged as an error, when the entry could not be written."""
+        from .feedback.audit import record_after
+
+        return record_after(lambda: self.store, self.annotator_of(request), action, target, details)
+
     # -- feedback --
 
     @property

@@ -10,6 +10,7 @@ export feedback, run annotation campaigns and fine-tune models on the feedback.
     mmdemo build-tiny
     mmdemo export --task caption --format datasets --out ./captions
     mmdemo delete --record 12
+    mmdemo audit --since 2026-12-01 --action export --json
     mmdemo annotate create shelf --task caption && mmdemo annotate import ./photos --campaign shelf
     mmdemo finetune --task caption --base blip-caption-base --name blip-ours
     mmdemo finetune --task vqa --base vilt-vqa --name vilt-ours --eval-campaign held-out
@@ -114,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--record", type=int, action="append", help="feedback record id (repeatable)")
     target.add_argument("--output", action="append", help="output id: the result and all feedback on it")
 
+    audit = commands.add_parser(
+        "audit", parents=[common], help="the audit log: who exported, deleted, promoted, fine-tuned... and when",
+        description="Entries of the audit log, newest first. Commands record the OS user who ran them; the app "
+                    "records the signed-in user, or the admin link's visitor id.")
+    audit.add_argument("--since", help="only entries on or after this date (YYYY-MM-DD or an ISO time)")
+    audit.add_argument("--action", help="only this action (export, delete_feedback, promote, preload, ...)")
+    audit.add_argument("--actor", help="only this actor (login name, visitor id or OS user)")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many entries (default 100)")
+    audit.add_argument("--json", action="store_true", help="print JSON")
+
     build = commands.add_parser("build-tiny", parents=[common], help="build the offline tiny checkpoints")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     add_annotate_parser(commands, common)
@@ -215,11 +226,16 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def os_user() -> str:
+    """Who runs this command (the audit log's actor for commands): the OS login name."""
+    import getpass
+
+    return getpass.getuser()
+
+
 def cmd_model_defaults(args: argparse.Namespace, settings: Settings) -> int:
     """``mmdemo models promote|rollback|history|show``: recorded in the feedback store, which every replica
     follows (this command loads no model)."""
-    import getpass
-
     from .feedback import FeedbackStore
     from .promotion import ModelDefaults, describe_lineage, model_lineage
     from .tasks import open_registry
@@ -243,7 +259,7 @@ def cmd_model_defaults(args: argparse.Namespace, settings: Settings) -> int:
             if not records and not args.json:
                 print(f"no promotions of {task_id(args.target)}: it uses the catalog's default")
             return 0
-        actor = args.by or getpass.getuser()
+        actor = args.by or os_user()
         if args.action == "promote":
             record = defaults.promote(args.target, actor, apply_here=False)
         else:
@@ -374,7 +390,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     with FeedbackStore.from_settings(settings) as store:
         summary = export_dataset(store, task, args.out, format=args.format, only=args.only, since=args.since,
                                  val_fraction=args.val_fraction, seed=args.seed, push_to_hub=args.push_to_hub,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, actor=os_user())
     print(summary.describe())
     return 0
 
@@ -385,16 +401,36 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
 
     with FeedbackStore.from_settings(settings) as store:
         for record_id in args.record or []:
-            deleted = store.delete_feedback(record_id, actor_role=ADMIN_ROLE)
+            deleted = store.delete_feedback(record_id, actor_role=ADMIN_ROLE, actor=os_user())
             print(f"deleted record #{record_id} ({len(deleted.media_refs)} media files no longer used)")
         for output_id in args.output or []:
-            deleted = store.delete_output(output_id, actor_role=ADMIN_ROLE)
+            deleted = store.delete_output(output_id, actor_role=ADMIN_ROLE, actor=os_user())
             print(f"deleted output {output_id}: {len(deleted.feedback_ids)} records, "
                   f"{len(deleted.media_refs)} media files")
     return 0
 
 
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """``mmdemo audit``: the audit log, newest first (whoever can read the data directory or database)."""
+    from .feedback import FeedbackStore
+    from .feedback.audit import AuditLog
+    from .feedback.store import parse_since
+
+    since = parse_since(args.since) if args.since else None
+    with FeedbackStore.from_settings(settings) as store:
+        entries = AuditLog(store).entries(since=since, action=args.action, actor=args.actor, limit=args.limit)
+    if args.json:
+        print(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        return 0
+    for entry in entries:
+        print(entry.describe())
+    if not entries:
+        print("no audit log entries match")
+    return 0
+
+
 COMMANDS = {"delete": cmd_delete, "export": cmd_export, "serve": cmd_serve, "models": cmd_models, "predict": cmd_predict, "build-tiny": cmd_build_tiny}
+COMMANDS["audit"] = cmd_audit
 
 
 def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
@@ -412,12 +448,12 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
                 catalog.get(args.model, task)  # known, and of this task
             campaign = queue.create_campaign(args.name, task, instructions=args.instructions,
                                              labels_per_item=args.labels_per_item, model=args.model,
-                                             lease_minutes=args.lease_minutes)
+                                             lease_minutes=args.lease_minutes, created_by=os_user())
             print(f"created campaign {campaign.name} (#{campaign.id}, {campaign.task}, "
                   f"{campaign.labels_per_item} label(s) per item)")
         elif args.action == "add":
             added = queue.add_recorded(args.campaign, model=args.model, since=args.since,
-                                       without_feedback=not args.include_rated, limit=args.limit)
+                                       without_feedback=not args.include_rated, limit=args.limit, actor=os_user())
             print(f"added {added} recorded output(s) to {args.campaign}")
         elif args.action == "import":
             from .feedback.promotions import PromotionStore
@@ -428,7 +464,8 @@ def cmd_annotate(args: argparse.Namespace, settings: Settings) -> int:
                       "prefix": args.prefix, "language": args.language}
             registry = open_registry(settings)
             apply_promoted(registry.catalog, PromotionStore(store).current())  # no model named: the app's default
-            summary = queue.import_folder(args.campaign, args.folder, registry, model=args.model, inputs=inputs)
+            summary = queue.import_folder(args.campaign, args.folder, registry, model=args.model, inputs=inputs,
+                                          actor=os_user())
             print(summary.describe())
         elif args.action == "list":
             found = queue.campaigns()
@@ -649,10 +686,13 @@ def add_backup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     from .feedback import FeedbackStore
+    from .feedback.audit import record_after
     from .feedback.backup import backup_store
 
     with FeedbackStore.from_settings(settings) as store:
         result = backup_store(store, args.folder, keep=args.keep)
+        record_after(store, os_user(), "backup", result.snapshot,
+                     {"folder": str(result.folder), "media_copied": result.media_copied, "pruned": len(result.pruned)})
     if args.json:
         print(json.dumps({"snapshot": result.snapshot, "folder": str(result.folder), "rows": result.rows,
                           "media_copied": result.media_copied, "media_present": result.media_present,

@@ -57,6 +57,7 @@ from ..errors import (
     InvalidInputError,
 )
 from ..inputs import check_characters
+from .audit import record_after, write_entry
 from .errors import (
     InvalidCampaignError,
     NotInCampaignError,
@@ -265,6 +266,8 @@ class AnnotationQueue:
             if conn.execute(select(campaigns.c.id).where(campaigns.c.name == name)).first() is not None:
                 raise InvalidCampaignError(f"There is already a campaign named {name!r}; choose another name.")
             new_id = conn.execute(campaigns.insert().values(**row).returning(campaigns.c.id)).scalar_one()
+            write_entry(conn, row["created_by"], "annotate_create", name,
+                        {"campaign_id": int(new_id), "task": task, "model": row["model_id"]})
             return Campaign(id=int(new_id), **row)
 
         try:
@@ -331,12 +334,14 @@ class AnnotationQueue:
         since: Any = None,
         without_feedback: bool = True,
         limit: int | None = None,
+        actor: str | None = None,
     ) -> int:
         """Add the outputs already recorded for the campaign's task, oldest first; returns how many.
 
         ``model``: only this model's outputs. ``since``: only outputs recorded at or after this date.
         ``without_feedback``: only outputs nobody has rated yet (default). Outputs whose feedback window
-        has closed are left out (they are about to be purged); ``limit``: at most this many."""
+        has closed are left out (they are about to be purged); ``limit``: at most this many. The audit log
+        records it (by ``actor``) in the same transaction."""
         since_time = parse_since(since) if since is not None else None
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInputError(f"The limit must be a positive whole number, not {limit!r}.")
@@ -352,8 +357,10 @@ class AnnotationQueue:
                 where.append(outputs.c.created_at >= since_time)
             if without_feedback:
                 where.append(~exists().where(feedback.c.output_id == outputs.c.id))
-            return self._insert_items(conn, camp, and_(*where), order=(outputs.c.created_at, outputs.c.id),
-                                      limit=limit)
+            added = self._insert_items(conn, camp, and_(*where), order=(outputs.c.created_at, outputs.c.id),
+                                       limit=limit)
+            write_entry(conn, actor, "annotate_add", camp.name, {"campaign_id": camp.id, "added": added})
+            return added
 
         return self.db.run_write(work)
 
@@ -367,6 +374,7 @@ class AnnotationQueue:
         inputs: dict[str, Any] | None = None,
         session: str = IMPORT_SESSION,
         progress: Callable[[int, int, str], None] | None = None,
+        actor: str | None = None,
     ) -> ImportSummary:
         """Pre-label every image (or audio file) of ``folder`` with a catalog model and add the results.
 
@@ -375,7 +383,7 @@ class AnnotationQueue:
         the task's first). ``inputs``: the task's other inputs, the same for every file (``question``
         for VQA, ``labels`` for zero-shot, ``prefix``, ``language``...). A file the task refuses (not
         an image, too large...) is skipped and listed in the summary; a model failure stops the import
-        after adding what was done.
+        after adding what was done. The audit log records what was added (by ``actor``).
         """
         from .. import tasks  # the task layer (torch) only when an import runs
 
@@ -410,6 +418,9 @@ class AnnotationQueue:
         finally:
             if summary.output_ids:
                 summary.added = self.add_outputs(camp.id, summary.output_ids)
+                record_after(self.store, actor, "annotate_import", camp.name,
+                             {"campaign_id": camp.id, "model": summary.model_id, "added": summary.added,
+                              "skipped": len(summary.skipped)})
         return summary
 
     # -- annotating --

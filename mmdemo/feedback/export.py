@@ -52,6 +52,7 @@ from typing import Any, Literal
 from .. import __version__
 from ..errors import InvalidInputError
 from ..files import replace_folder
+from .audit import record_after
 from .comparisons import ComparisonStore, Preference
 from .errors import NothingToExportError, UnknownOutputError
 from .records import FeedbackRecord
@@ -160,6 +161,8 @@ def export_dataset(
     seed: int = 0,
     push_to_hub: str | None = None,
     overwrite: bool = False,
+    actor: str | None = None,
+    audit: bool = True,
 ) -> ExportSummary:
     """Write the feedback of ``task`` to ``out_dir`` as a dataset with a train/validation split.
 
@@ -170,6 +173,8 @@ def export_dataset(
     ``push_to_hub``: a Hub dataset repo to upload to, with the token in ``HF_TOKEN``.
     A dataset card (README.md) with the counts per split and the schema is written in every case.
     ``out_dir`` must not exist or be empty, unless ``overwrite`` and it holds an earlier export.
+    The audit log records the export (by ``actor``) once it is written, unless ``audit`` is False (a
+    fine-tuning job's own export: its ``finetune_start`` entry covers it).
 
     Raises :class:`NothingToExportError` when no record matches, ``InvalidInputError`` for bad options.
     """
@@ -254,6 +259,10 @@ def export_dataset(
         _push(summary, schema, push_to_hub, token, options)
         summary.pushed_to = push_to_hub
     summary.seconds = time.perf_counter() - started
+    if audit:
+        record_after(store, actor, "export", schema.task,
+                     {"format": format, "records": records, "rows": summary.total_rows, "out": str(out_dir),
+                      "pushed_to": summary.pushed_to, **options})
     return summary
 
 

@@ -210,12 +210,28 @@ def _0005_comparisons(conn: Connection) -> None:
         m.tables[name].create(conn)
 
 
+def _0006_audit_log(conn: Connection) -> None:
+    """Who did which administrative action when (exports, deletions, promotions, fine-tuning...)."""
+    m = MetaData()
+    Table("audit_log", m,
+          Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+          Column("created_at", DateTime(timezone=True), nullable=False),
+          Column("actor", String(200)),
+          Column("action", String(32), nullable=False),
+          Column("target", String(300)),
+          Column("details", JSON(none_as_null=True)),
+          Index("ix_audit_log_created_at", "created_at"),
+          Index("ix_audit_log_action", "action", "created_at"))
+    m.tables["audit_log"].create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _0001_initial),
     Migration("0002_annotation", _0002_annotation),
     Migration("0003_finetune_jobs", _0003_finetune_jobs),
     Migration("0004_model_promotions", _0004_model_promotions),
     Migration("0005_comparisons", _0005_comparisons),
+    Migration("0006_audit_log", _0006_audit_log),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

@@ -8,7 +8,8 @@ backend) applies a promotion.
 >>> promotions.history("image-to-text")                                 # newest first
 
 The rows are a history: a promotion pushes a model onto its task's stack of defaults, a rollback pops the
-top one. The latest row of a task names its default now (``model_id`` None: the catalog's own default,
+top one; each is also an entry of the audit log, written in the same transaction. The latest row of a task
+names its default now (``model_id`` None: the catalog's own default,
 once every promotion was rolled back). Whether a model exists and serves the task is the caller's check
 (the catalog's), before it promotes.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, text
 
+from .audit import write_entry
 from .errors import PromotionError
 from .store import FeedbackStore
 from .tables import model_promotions
@@ -67,6 +69,7 @@ class PromotionStore:
             previous = stack[-1] if stack else None
             if previous == model_id:
                 raise PromotionError(f"'{model_id}' is already the default model of {task}.")
+            write_entry(conn, actor, PROMOTE, model_id, {"task": task, "previous_model": previous})
             return self._insert(conn, task, PROMOTE, model_id, previous, actor)
 
         return self.get(self.db.run_write(work))
@@ -78,7 +81,9 @@ class PromotionStore:
             stack = self._stack(conn, task)
             if not stack:
                 raise PromotionError(f"{task} has no promoted model to roll back: it uses the catalog's default.")
-            return self._insert(conn, task, ROLLBACK, stack[-2] if len(stack) > 1 else None, stack[-1], actor)
+            now = stack[-2] if len(stack) > 1 else None
+            write_entry(conn, actor, ROLLBACK, task, {"model": now, "previous_model": stack[-1]})
+            return self._insert(conn, task, ROLLBACK, now, stack[-1], actor)
 
         return self.get(self.db.run_write(work))
 

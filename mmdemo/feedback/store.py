@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from .. import __version__
 from ..errors import InvalidInputError
 from ..media import DEFAULT_LIMITS, MediaLimits
+from .audit import write_entry
 from .database import Database, sqlite_url
 from .errors import (
     ExpiredOutputError,
@@ -415,9 +416,10 @@ class FeedbackStore:
 
     # --- deleting --------------------------------------------------------------------------------
 
-    def delete_feedback(self, record_id: int, *, actor_role: str) -> Deleted:
+    def delete_feedback(self, record_id: int, *, actor_role: str, actor: str | None = None) -> Deleted:
         """Delete a feedback record (admins only). Its output goes too when no other record is about
-        it, and with it the media files no remaining output uses (for data-subject requests)."""
+        it, and with it the media files no remaining output uses (for data-subject requests). The audit
+        log records it (by ``actor``) in the same transaction."""
         _require_admin(actor_role)
         record_id = _check_record_id(record_id)
 
@@ -429,21 +431,27 @@ class FeedbackStore:
                 raise RecordNotFoundError(f"There is no feedback record #{record_id}.")
             conn.execute(delete(feedback).where(feedback.c.id == record_id))
             if conn.execute(select(exists().where(feedback.c.output_id == output_id))).scalar():
-                return Deleted((record_id,), (), ())
-            rest = self._delete_output_rows(conn, output_id, trash)
-            return Deleted((record_id, *rest.feedback_ids), rest.output_ids, rest.media_refs)
+                deleted = Deleted((record_id,), (), ())
+            else:
+                rest = self._delete_output_rows(conn, output_id, trash)
+                deleted = Deleted((record_id, *rest.feedback_ids), rest.output_ids, rest.media_refs)
+            _audit_deletion(conn, actor, "delete_feedback", str(record_id), deleted)
+            return deleted
 
         return self._delete(work)
 
-    def delete_output(self, output_id: str, *, actor_role: str) -> Deleted:
-        """Delete an output with all feedback on it and its unshared media (admins only)."""
+    def delete_output(self, output_id: str, *, actor_role: str, actor: str | None = None) -> Deleted:
+        """Delete an output with all feedback on it and its unshared media (admins only); the audit log
+        records it (by ``actor``) in the same transaction."""
         _require_admin(actor_role)
         output_id = _check_output_id(output_id)
 
         def work(conn: Connection, trash: list[tuple[Path, str]]) -> Deleted:
             if conn.execute(select(outputs.c.id).where(outputs.c.id == output_id).with_for_update()).first() is None:
                 raise UnknownOutputError(_unknown_output(output_id))
-            return self._delete_output_rows(conn, output_id, trash)
+            deleted = self._delete_output_rows(conn, output_id, trash)
+            _audit_deletion(conn, actor, "delete_output", output_id, deleted)
+            return deleted
 
         return self._delete(work)
 
@@ -706,6 +714,12 @@ def parse_since(value: Any) -> datetime:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _audit_deletion(conn: Connection, actor: str | None, action: str, target: str, deleted: Deleted) -> None:
+    write_entry(conn, actor, action, target, {"feedback_ids": list(deleted.feedback_ids),
+                                              "output_ids": list(deleted.output_ids),
+                                              "media_files": len(deleted.media_refs)})
 
 
 def _utc(value: datetime) -> datetime:

@@ -17,6 +17,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
   which); the latest row of a task names its default (None: the catalog's own).
 * ``comparisons``: two models' outputs on one input, shown blind as A and B (``swapped``: A is the model the
   caller named second); ``comparison_votes``: who preferred which (a, b, tie, both_bad), one per (comparison, voter).
+* ``audit_log``: who (``actor``) did which administrative action (export, delete, promote, preload,
+  finetune_start...) on what (``target``) and when; ``details``: ids, counts, model names, never user content.
 """
 
 from __future__ import annotations
@@ -206,4 +208,17 @@ comparison_votes = Table(
     Column("choice", String(8), nullable=False),        # a, b, tie, both_bad
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", RecordId, primary_key=True, autoincrement=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("actor", String(200)),                      # login name, visitor id, or the OS user of a command
+    Column("action", String(32), nullable=False),      # see mmdemo.feedback.audit.ACTIONS
+    Column("target", String(300)),                     # a model, task, campaign, job or record id
+    Column("details", JSONValue),                      # ids, counts, model names (never prompts or corrections)
+    Index("ix_audit_log_created_at", "created_at"),
+    Index("ix_audit_log_action", "action", "created_at"),
 )

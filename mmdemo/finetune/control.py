@@ -116,21 +116,34 @@ class JobControl:
     # -- the jobs --
 
     def start(self, config: FinetuneConfig, started_by: str | None) -> dict[str, Any]:
-        """Check the run (:meth:`check_ready`), then queue it; its status."""
+        """Check the run (:meth:`check_ready`), then queue it (audited: ``finetune_start``); its status."""
         self.check_ready(config)
-        return self.runner.status(self.runner.submit(config, started_by).id)
+        job = self.runner.submit(config, started_by)
+        self._audit(started_by, "finetune_start", job)
+        return self.runner.status(job.id)
 
     def status(self, job_id: str | None = None) -> dict[str, Any]:
         """A job's status (default: the newest) and the queue."""
         return self.runner.status(job_id or None)
 
-    def cancel(self, job_id: str | None = None) -> dict[str, Any]:
-        """Cancel a job (default: the newest waiting or running); its status."""
-        return self.runner.status(self.runner.cancel(job_id or None).id)
+    def cancel(self, job_id: str | None = None, cancelled_by: str | None = None) -> dict[str, Any]:
+        """Cancel a job (default: the newest waiting or running; audited: ``finetune_cancel``); its status."""
+        job = self.runner.cancel(job_id or None)
+        self._audit(cancelled_by, "finetune_cancel", job)
+        return self.runner.status(job.id)
 
     def resume(self, job_id: str | None, started_by: str | None) -> dict[str, Any]:
-        """Continue a failed job (default: the newest job) from its last checkpoint, as a new job; its status."""
-        return self.runner.status(self.runner.resume(job_id or None, started_by).id)
+        """Continue a failed job (default: the newest job) from its last checkpoint, as a new job (audited:
+        ``finetune_resume``); its status."""
+        job = self.runner.resume(job_id or None, started_by)
+        self._audit(started_by, "finetune_resume", job)
+        return self.runner.status(job.id)
+
+    def _audit(self, actor: str | None, action: str, job: Any) -> None:
+        from ..feedback.audit import record_after
+
+        record_after(self._store, actor, action, job.name,
+                     {"job_id": job.id, "task": job.task, "base": job.base, "device": job.device})
 
     def follow(self) -> None:
         """Start waiting jobs and publish the models of jobs that finished (at start-up, after a restart)."""

@@ -180,7 +180,7 @@ def export_from_store(store: Any, task: str, columns: tuple[str, ...], work_dir:
     try:
         out = scratch / "dataset"
         summary = export_dataset(store, task, out, format="datasets", only=only, since=since,
-                                 val_fraction=val_fraction, seed=seed)
+                                 val_fraction=val_fraction, seed=seed, audit=False)  # the job is audited
         if summary.missing_media:
             raise InvalidDatasetError(
                 f"{summary.missing_media} of the {summary.records} {task} feedback records have lost their media file; "

@@ -302,7 +302,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
                                         model=model or None, lease_minutes=30.0 if lease is None else float(lease),
                                         created_by=ctx.annotator_of(request))
         added = queue.add_recorded(created.id, model=model or None, since=since or None,
-                                   without_feedback=bool(unrated))
+                                   without_feedback=bool(unrated), actor=ctx.annotator_of(request))
         names = [c.name for c in queue.campaigns()]
         message = f"Created **{created.name}** ({created.task}) with {added} item(s)."
         if not added:

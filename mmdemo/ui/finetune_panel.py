@@ -190,7 +190,7 @@ def build(ctx: AppContext) -> SimpleNamespace:
         ctx.require_admin(request, "cancel fine-tuning jobs")
         if not job_id and not ctx.finetune.status()["queue"]:
             raise gr.Error("No fine-tuning job is running.", title="Nothing to cancel", print_exception=False)
-        return with_message(ctx.finetune.cancel(job_id))
+        return with_message(ctx.finetune.cancel(job_id, ctx.annotator_of(request)))
 
     def resume_job(job_id: str | None, request: gr.Request | None) -> dict[str, Any]:
         ctx.require_admin(request, "resume fine-tuning jobs")

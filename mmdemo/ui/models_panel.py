@@ -5,8 +5,12 @@ feedback (:mod:`.finetune_panel`).
 
 The leaderboard of each task from the blind votes of Compare mode (``/leaderboard``, anyone).
 
+The audit log (admins): who exported, deleted, promoted, rolled back, preloaded, unloaded, fine-tuned or
+created campaigns, and when (:mod:`mmdemo.feedback.audit`).
+
 API: ``/models_status`` and ``/leaderboard`` (anyone), ``/preload_model``, ``/unload_model``, ``/promote``,
-``/rollback`` and ``/export_feedback`` (admins), and the fine-tuning endpoints of :mod:`.finetune_panel`.
+``/rollback``, ``/export_feedback`` and ``/audit_log`` (admins), and the fine-tuning endpoints of
+:mod:`.finetune_panel`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 import gradio as gr
 
 from .. import tasks
-from ..errors import MMDemoError
+from ..errors import InvalidInputError, MMDemoError
+from ..feedback.audit import ACTIONS, HEADERS as AUDIT_HEADERS, AuditLog, check_action, check_limit
+from ..feedback.store import parse_since
 from ..promotion import describe_lineage, model_lineage
 from . import finetune_panel
-from .common import ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_bytes, readable_errors, standalone
+from .common import (ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_bytes, readable_errors, standalone,
+                     validated_api)
 
 TITLE = "Models"
 HEADERS = ["model", "state", "task", "device", "dtype", "memory", "calls", "idle (s)"]  # state 2nd: seen on phones
@@ -29,6 +36,7 @@ HISTORY_HEADERS = ["when", "action", "from", "to", "by"]  # a task's promotions 
 EXPORT_QUEUE = "export"  # one export at a time, beside preload / unload
 # The store's formats and filters, with labels (mmdemo.feedback is imported on first use: start-up time).
 EXPORT_FORMATS = [("datasets (load_from_disk)", "datasets"), ("Parquet", "parquet"), ("JSON Lines", "jsonl")]
+NOT_AUDITED = " *(It could not be written to the audit log: see the server log.)*"
 
 
 # A model that is not loaded: where it would load from (see ModelRegistry.availability).
@@ -132,12 +140,16 @@ def build(ctx: AppContext) -> SimpleNamespace:
     def preload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         ctx.registry.preload([model])
-        return f"{model} is loaded.", *refresh(request)
+        audited = ctx.audit(request, "preload", model)
+        return f"{model} is loaded." + ("" if audited else NOT_AUDITED), *refresh(request)
 
     def unload_model(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request)
         done = ctx.registry.unload(model)
-        return (f"{model} is unloaded." if done else f"{model} was not loaded."), *refresh(request)
+        if not done:
+            return f"{model} was not loaded.", *refresh(request)
+        audited = ctx.audit(request, "unload", model)
+        return f"{model} is unloaded." + ("" if audited else NOT_AUDITED), *refresh(request)
 
     def promote(model: str, request: gr.Request) -> tuple[str, str, list[list[Any]]]:
         ctx.require_admin(request, "promote models")
@@ -156,7 +168,8 @@ def build(ctx: AppContext) -> SimpleNamespace:
         ctx.require_admin(request, "export feedback")
         from ..feedback import export_archive
 
-        archive = export_archive(ctx.store, task, ctx.output_dir(), format=format, only=only)
+        archive = export_archive(ctx.store, task, ctx.output_dir(), format=format, only=only,
+                                 actor=ctx.annotator_of(request))
         return str(archive), f"Exported {only} feedback on {task} as {format}: {format_bytes(archive.stat().st_size)}."
 
     ids = [spec.id for spec in ctx.registry.catalog]
@@ -184,6 +197,17 @@ def build(ctx: AppContext) -> SimpleNamespace:
         export = gr.Button("Export")
         export_message = gr.Markdown(elem_classes="mmdemo-export-message")
         archive = gr.File(label="Export (zip)", interactive=False)
+    with gr.Accordion("Audit log (admins)", open=False, elem_id="mmdemo-audit"):
+        with gr.Row():
+            audit_action = gr.Dropdown([("every action", "")] + [(a, a) for a in ACTIONS], value="",
+                                       label="Action", scale=2)
+            audit_actor = gr.Textbox(label="Actor", placeholder="anyone", scale=2)
+            audit_since = gr.Textbox(label="Since", placeholder="YYYY-MM-DD", scale=2)
+            audit_limit = gr.Number(100, label="At most", precision=0, minimum=1, scale=1)
+            audit_show = gr.Button("Show", scale=1)
+        audit_message = gr.Markdown(elem_classes="mmdemo-audit-message")
+        audit_table = gr.Dataframe(headers=AUDIT_HEADERS, label="Audit log, newest first", interactive=False,
+                                   wrap=True)
     with gr.Accordion("Fine-tune on feedback (admins)", open=False, elem_id="mmdemo-finetune"):
         finetune = finetune_panel.build(ctx)
     with gr.Accordion("Leaderboard (blind votes)", open=False, elem_id="mmdemo-leaderboard"):
@@ -230,6 +254,24 @@ def build(ctx: AppContext) -> SimpleNamespace:
     export.click(answered_in(export_message, "Not exported")(export_feedback), export_inputs, [archive, export_message],
                  api_visibility="private", **exporting)
 
+    def audit_log(since: str = "", action: str = "", actor: str = "", limit: float = 100,
+                  request: gr.Request = None) -> list[dict[str, Any]]:
+        """The audit log, newest first (admins): who did which action, on what, when. since: YYYY-MM-DD or an
+        ISO time ("": any); action: one action ("": all); actor: one login name or visitor id ("": anyone);
+        limit: at most this many entries (1 to 10000)."""
+        return [entry.to_dict() for entry in audit_entries(ctx, request, since, action, actor, limit)]
+
+    def show_audit_log(action: str, actor: str, since: str, limit: float | None,
+                       request: gr.Request) -> tuple[str, list[list[Any]]]:
+        entries = audit_entries(ctx, request, since, action, actor, limit)
+        return f"{len(entries)} entries.", [entry.row() for entry in entries]
+
+    validated_api(readable_errors(audit_log), audit_validator, api_name="audit_log", concurrency_id="audit",
+                  concurrency_limit=4)
+    audit_show.click(answered_in(audit_message, "Not shown")(show_audit_log),
+                     [audit_action, audit_actor, audit_since, audit_limit], [audit_message, audit_table],
+                     api_visibility="private", concurrency_id="audit", concurrency_limit=4)
+
     def show_leaderboard(task: str) -> tuple[str, dict[str, Any]]:
         return leaderboard_of(ctx, task)
 
@@ -241,7 +283,34 @@ def build(ctx: AppContext) -> SimpleNamespace:
                            promote=promote_button, lineage=lineage, defaults_task=defaults_task,
                            rollback=rollback_button, rollback_message=rollback_message, history=history,
                            board_task=board_task, board_refresh=board_refresh, board_plot=board_plot,
-                           board_table=board_table)
+                           board_table=board_table, audit_show=audit_show, audit_message=audit_message,
+                           audit_table=audit_table)
+
+
+def audit_entries(ctx: AppContext, request: Any, since: Any, action: Any, actor: Any, limit: Any) -> list[Any]:
+    """The audit log's entries for an admin (:class:`~mmdemo.errors.NotAllowedError` for anyone else)."""
+    ctx.require_admin(request, "read the audit log")
+    return AuditLog(ctx.store).entries(since=parse_since(since) if since else None, action=action or None,
+                                       actor=actor or None, limit=limit)
+
+
+def audit_validator(since: Any = "", action: Any = "", actor: Any = "", limit: Any = 100) -> list[dict[str, Any]]:
+    """``/audit_log``'s checks before queueing: a date, a known action, text, a limit in range."""
+
+    def text(value: Any) -> None:
+        if value is not None and not isinstance(value, str):
+            raise InvalidInputError("The actor must be text: a login name or a visitor id.", field="actor")
+
+    checks = []
+    for check in (lambda: since and parse_since(since), lambda: action and check_action(action),
+                  lambda: text(actor), lambda: check_limit(limit)):
+        try:
+            check()
+        except MMDemoError as exc:
+            checks.append(gr.validate(False, str(exc)))
+        else:
+            checks.append(gr.validate(True, ""))
+    return checks
 
 
 def lineage_text(ctx: AppContext, model_id: str | None) -> str:
