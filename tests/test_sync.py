@@ -26,6 +26,7 @@ from mmdemo.config import Settings  # noqa: E402
 from mmdemo.errors import InvalidInputError  # noqa: E402
 from mmdemo.feedback import FeedbackStore  # noqa: E402
 from mmdemo.sync import HubSync  # noqa: E402
+from mmdemo.ui import models_panel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = ROOT / "assets" / "cat.jpg"
@@ -261,6 +262,7 @@ def test_an_unreachable_repo_at_start_leaves_the_app_running_and_never_overwrite
     caption_output(app.store, 1)
     reasons = app.ops.readiness()
     assert any(reason.startswith(f"hub sync: the repo {REPO} could not be read at start") for reason in reasons)
+    assert f"**Labels sync:** Sync to {REPO} held back: the repo" in models_panel.summary(app)
     assert not app.sync.sync_now()  # held back: the repo may hold a snapshot this empty store would replace
     # the repo can be read again and holds a snapshot: still held back; it holds none: syncing resumes
     hub = LocalHub(tmp_path / "hub")
@@ -275,6 +277,7 @@ def test_an_unreachable_repo_at_start_leaves_the_app_running_and_never_overwrite
     app.sync._api = empty_hub
     assert app.sync.sync_now() and app.sync.held_back is None and not app.ops.readiness()
     assert any(path.startswith("snapshots/") for path in empty_hub.files(REPO))
+    assert f"**Labels sync:** Synced to {REPO} every 5 min; last sync: 20" in models_panel.summary(app)
     app.close()
 
 
