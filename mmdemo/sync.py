@@ -27,6 +27,7 @@ Recovery point: what was recorded after the last sync is lost on a crash (up to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,8 @@ from sqlalchemy import func, select
 
 from .config import Settings
 from .feedback.backup import (
-    LATEST, MANIFEST, MEDIA, SNAPSHOTS, RestoreResult, backup_store, list_snapshots, restore_store,
+    LATEST, MANIFEST, MEDIA, PG_DUMP_FILE, SNAPSHOTS, SQLITE_FILE, RestoreResult, backup_store, list_snapshots,
+    restore_store,
 )
 from .feedback.database import Database, sqlite_url
 from .feedback.tables import feedback, outputs
@@ -75,7 +77,7 @@ class HubSync:
         self._remote: set[str] | None = None  # the repo's files after our last commit (None: ask the repo)
         self._repo_created = False
         self._squash_pending = False
-        self._pushed_fingerprint: tuple | None = None
+        self._pushed_digest: str | None = None  # of the database file of the snapshot last pushed
         self.held_back: str | None = None  # why syncing is held back (the repo's data was not restored)
         self.last_sync_at: float | None = None  # time.time() of the last successful sync
         self.last_error: str | None = None
@@ -202,20 +204,20 @@ class HubSync:
     def _sync(self) -> bool:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        store = self._store()
-        fingerprint = store_fingerprint(store)
-        if fingerprint is not None and fingerprint == self._pushed_fingerprint and not self._squash_pending:
-            self._synced()
-            return True  # nothing written since the last sync
         if not self._repo_created:
             self.api.create_repo(self.repo_id, repo_type=REPO_TYPE, private=True, exist_ok=True)
             self._repo_created = True
         if self._remote is None:
             self._remote = set(self.api.list_repo_files(self.repo_id, repo_type=REPO_TYPE))
-        result = backup_store(store, self.folder, keep=1)
+        result = backup_store(self._store(), self.folder, keep=1)
+        digest = database_digest(self.folder / SNAPSHOTS / result.snapshot)
         local = synced_files(self.folder)
         added = sorted((local - self._remote) | {LATEST})
         deleted = sorted(path for path in self._remote - local if path.startswith(_SYNCED_PREFIXES))
+        media_changed = any(path.startswith(f"{MEDIA}/") for path in [*added, *deleted])
+        if digest == self._pushed_digest and not media_changed and not self._squash_pending:
+            self._synced()  # the repo's snapshot holds the same database: nothing to commit
+            return True
         operations = ([CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(self.folder / path)) for path in added]
                       + [CommitOperationDelete(path_in_repo=path) for path in deleted])
         media_added = sum(path.startswith(f"{MEDIA}/") for path in added)
@@ -225,7 +227,7 @@ class HubSync:
                    f"{media_deleted} deleted)")
         self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type=REPO_TYPE)
         self._remote = (self._remote - set(deleted)) | set(added)
-        self._pushed_fingerprint = fingerprint
+        self._pushed_digest = digest
         if deleted or self._squash_pending:
             self._squash_pending = True
             self.api.super_squash_history(self.repo_id, repo_type=REPO_TYPE,
@@ -277,20 +279,16 @@ def local_store_is_empty(settings: Settings) -> bool:
         db.dispose()
 
 
-def store_fingerprint(store: "FeedbackStore") -> tuple | None:
-    """Changes whenever a SQLite store is written (its file and WAL's sizes and times); None for PostgreSQL
-    (always synced)."""
-    if not store.db.is_sqlite:
-        return None
-    path = Path(store.db.url.database)
-    stats = []
-    for file in (path, Path(f"{path}-wal")):
-        try:
-            stat = file.stat()
-            stats.append((stat.st_size, stat.st_mtime_ns))
-        except FileNotFoundError:
-            stats.append(None)
-    return tuple(stats)
+def database_digest(snapshot: Path) -> str:
+    """SHA-256 of a snapshot's database file: SQLite's backup of an unchanged store is the same bytes
+    (``pg_dump`` output holds its time, so a PostgreSQL store is always pushed)."""
+    digest = hashlib.sha256()
+    for name in (SQLITE_FILE, PG_DUMP_FILE):
+        if (snapshot / name).is_file():
+            with open(snapshot / name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def synced_files(folder: Path) -> set[str]:

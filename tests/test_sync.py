@@ -44,7 +44,6 @@ def media_of(data_dir: Path) -> dict[str, bytes]:
 
 def contents(store: FeedbackStore) -> tuple[set[str], dict[int, tuple[str, str | None]]]:
     """The output ids and the feedback records (id -> output id, correction) of ``store``."""
-    outputs = set()
     with store.db.read() as conn:
         outputs = {row[0] for row in conn.exec_driver_sql("SELECT id FROM outputs")}
     return outputs, {record.id: (record.output_id, record.correction) for record in store.iter_records()}
