@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hub_standin import LocalHub  # noqa: E402
+from test_backup import empty_target  # noqa: E402
 from test_feedback_store import caption_output, t2i_output  # noqa: E402
 
 from mmdemo.application import App  # noqa: E402
@@ -49,12 +50,13 @@ def contents(store: FeedbackStore) -> tuple[set[str], dict[int, tuple[str, str |
     return outputs, {record.id: (record.output_id, record.correction) for record in store.iter_records()}
 
 
-def restored(hub: LocalHub, data_dir: Path) -> FeedbackStore:
-    """A fresh data dir restored from the repo, as an app starting on an empty disk does; the store open."""
-    sync = HubSync(settings_for(data_dir), lambda: None, hub)
+def restored(hub: LocalHub, data_dir: Path, database_url: str | None = None) -> FeedbackStore:
+    """A fresh data dir (and database) restored from the repo, as an app starting on an empty disk does; the
+    store open."""
+    sync = HubSync(settings_for(data_dir, database_url=database_url), lambda: None, hub)
     result = sync.restore_at_start()
-    assert result is not None and sync.held_back is None
-    store = FeedbackStore(None, data_dir)
+    assert result is not None and sync.held_back is None, sync.held_back
+    store = FeedbackStore(database_url, data_dir)
     assert store.integrity_check() == "ok"
     return store
 
@@ -77,33 +79,33 @@ def test_settings_check_the_repo_id_and_the_interval(tmp_path):
     assert (settings.sync_repo, settings.sync_every_minutes) == (REPO, 2.5)
 
 
-def test_everything_synced_comes_back_after_the_data_dir_is_wiped(tmp_path):
-    hub, data_dir = LocalHub(tmp_path / "hub"), tmp_path / "data"
-    settings = settings_for(data_dir)
-    assert HubSync(settings, lambda: None, hub).restore_at_start() is None  # first start: no repo yet
-    store = FeedbackStore.from_settings(settings)
+def test_everything_synced_comes_back_after_the_data_dir_is_wiped(store_on_each_database, tmp_path, request):
+    store, hub = store_on_each_database, LocalHub(tmp_path / "hub")
+    data_dir = store.data_dir
+    assert HubSync(settings_for(tmp_path / "new"), lambda: None, hub).restore_at_start() is None  # no repo yet
     record_some(store, 0, 4)
     t2i_output(store, count=3)
     before, media_before = contents(store), media_of(data_dir)
     assert len(media_before) == 7
-    sync = HubSync(settings, lambda: store, hub)
+    sync = HubSync(settings_for(data_dir), lambda: store, hub)
     assert sync.sync_now(), sync.last_error
-    store.close()
     state = hub.state(REPO)
     assert state["private"] and state["repo_type"] == "dataset"
-    # the repo holds one self-contained snapshot (no -wal/-shm beside the database) and the media
+    # the repo holds one self-contained snapshot (no -wal/-shm beside a SQLite database) and the media
     snapshot_files = sorted(path.rsplit("/", 1)[1] for path in hub.files(REPO) if path.startswith("snapshots/"))
-    assert snapshot_files == ["feedback.db", "manifest.json"]
+    assert snapshot_files == (["feedback.db", "manifest.json"] if store.db.is_sqlite
+                              else ["manifest.json", "store.pgdump"])
 
-    shutil.rmtree(data_dir)  # the Space restarts on an empty disk
-    store = restored(hub, data_dir)
+    # the Space restarts on an empty disk (and, on PostgreSQL, an empty database)
+    target_url, target_dir = empty_target(request), tmp_path / "wiped"
+    store = restored(hub, target_dir, target_url)
     try:
         assert contents(store) == before
-        assert media_of(data_dir) == media_before  # byte for byte
+        assert media_of(target_dir) == media_before  # byte for byte
     finally:
         store.close()
     # a store that holds records is never replaced by the repo's snapshot
-    assert HubSync(settings, lambda: None, hub).restore_at_start() is None
+    assert HubSync(settings_for(target_dir, database_url=target_url), lambda: None, hub).restore_at_start() is None
 
 
 def test_a_second_sync_uploads_only_the_new_media_and_an_unchanged_store_makes_no_commit(tmp_path):
