@@ -9,7 +9,8 @@ and pushes it to the repo in **one** commit: the new snapshot, ``LATEST``, the m
 not hold yet, and the deletion of what is gone locally (the previous snapshot, media of deleted outputs).
 A commit that deletes anything is followed by ``super_squash_history``: a superseded snapshot's database
 still holds the records deleted since (data-subject requests, expired outputs), and deleted media stay in
-old commits otherwise; squashing also keeps the repo at one snapshot's size.
+old commits otherwise; squashing also keeps the repo at one snapshot's size. A store unchanged since the
+last push (its snapshot's database the same bytes, no media added or deleted) makes no commit.
 
 Why not huggingface_hub's ``CommitScheduler``: its ``push_to_hub`` uploads files whose mtime changed and
 never deletes (so deleted media and old snapshots would stay in the repo), it creates the repo in its
@@ -23,6 +24,8 @@ sync would replace the repo's snapshot with the empty store) until the repo can 
 snapshot; ``/readyz`` says why. One app (one replica) per repo.
 
 Recovery point: what was recorded after the last sync is lost on a crash (up to ``sync_every_minutes``).
+The Models panel shows the last sync. Tested through a local stand-in for ``HfApi`` (tests/hub_standin.py),
+not against the Hub itself.
 """
 
 from __future__ import annotations
