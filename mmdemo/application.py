@@ -29,6 +29,7 @@ from .promotion import ModelDefaults
 from .registry import ModelRegistry
 from .tasks import open_registry
 from .security import Gatekeeper, visitor_of
+from .sync import HubSync
 
 if TYPE_CHECKING:
     from .feedback import FeedbackStore
@@ -49,11 +50,13 @@ class App:
     settings: Settings
     registry: ModelRegistry
     auth: AuthFile | None = None
+    hub_api: Any = field(default=None, repr=False)  # for the store's Hub sync: an HfApi or a stand-in (tests)
     concurrency: int = field(init=False)  # model calls at once
     gate: Gatekeeper = field(init=False, repr=False)  # cookies, client addresses, login back-off, body limits
     ops: Operations = field(init=False, repr=False)  # health, metrics, draining (see mmdemo.ops)
     finetune: JobControl = field(init=False, repr=False)  # start, follow and cancel fine-tuning jobs
     defaults: ModelDefaults = field(init=False, repr=False)  # each task's promoted default model (the store's)
+    sync: HubSync | None = field(init=False, repr=False)  # the store's sync to MMDEMO_SYNC_REPO, when set
     _output_dir: Path | None = field(default=None, init=False, repr=False)
     _store: "FeedbackStore | None" = field(default=None, init=False, repr=False)
     _store_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -67,16 +70,21 @@ class App:
         self.ops.metrics.set_gauges("models", registry_gauges(self.registry))
         self.finetune = JobControl(self.settings, self.registry, lambda: self.store)
         self.defaults = ModelDefaults(self.settings, self.registry, lambda: self.store)
+        self.sync = HubSync(self.settings, lambda: self.store, self.hub_api) if self.settings.sync_repo else None
+        if self.sync is not None:
+            self.ops.add_check(self.sync.readiness)
 
     @classmethod
-    def build(cls, settings: Settings, registry: ModelRegistry | None = None, auth: AuthFile | None = None) -> "App":
+    def build(cls, settings: Settings, registry: ModelRegistry | None = None, auth: AuthFile | None = None, *,
+              hub_api: Any = None) -> "App":
         """The app for ``settings``: the environment set (before gradio or the model libraries are imported),
         a new registry unless one is given, the login file's users unless ``auth`` is given. Loads no model
-        and opens no store."""
+        and opens no store. ``hub_api``: what the store's Hub sync (``settings.sync_repo``) talks to
+        (default: an ``HfApi``)."""
         apply_environment(settings)
         if auth is None and settings.auth_file is not None:
             auth = AuthFile.load(settings.auth_file)
-        return cls(settings, registry or open_registry(settings), auth)
+        return cls(settings, registry or open_registry(settings), auth, hub_api)
 
     @classmethod
     def create(cls, settings: Settings, registry: ModelRegistry | None = None,
@@ -86,11 +94,14 @@ class App:
 
     def close(self, timeout: float = 5.0) -> None:
         """At shutdown: stop following fine-tuning jobs (they go on), record what was answered (waiting up to
-        ``timeout`` seconds), close the feedback store."""
+        ``timeout`` seconds), sync the store to the Hub (when ``settings.sync_repo`` is set), close the store."""
         self.finetune.close()
         self.defaults.close()
         self.recorder.flush(timeout=timeout)
         self.recorder.close()
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync.sync_now()
         self.close_store()
 
     # -- who may do what --

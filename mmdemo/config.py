@@ -60,6 +60,8 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)  # SQLAlchemy URL; None: SQLite in data_dir
     feedback_ttl_days: float = 30.0      # how long a shown result accepts feedback; 0: forever
     defaults_poll_s: float = 3.0         # how often a replica reads the promoted default models (at most 10)
+    sync_repo: str | None = None         # a Hub dataset repo ("owner/name") the store syncs to and restores from
+    sync_every_minutes: float = 5.0      # how often the store syncs to sync_repo (and at shutdown)
     # operations
     log_format: str = "text"             # text | json (one JSON object per line)
     metrics_token: str | None = field(default=None, repr=False)  # bearer token for /metrics; None: loopback only
@@ -93,6 +95,11 @@ class Settings:
         if not 0 < self.defaults_poll_s <= 10:
             raise InvalidInputError("MMDEMO_DEFAULTS_POLL_S must be more than 0 and at most 10 seconds (a "
                                     "promotion reaches every replica within 10 s).")
+        if self.sync_repo is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.sync_repo):
+            raise InvalidInputError(f"MMDEMO_SYNC_REPO={self.sync_repo!r} is not a repo id; use owner/name (a "
+                                    "dataset repo, created private if it does not exist).")
+        if not self.sync_every_minutes > 0:
+            raise InvalidInputError("MMDEMO_SYNC_EVERY_MINUTES must be more than 0 (minutes between two syncs).")
         if self.shutdown_grace_s < 0:
             raise InvalidInputError("The shutdown grace period (MMDEMO_SHUTDOWN_GRACE_S) cannot be negative.")
 

@@ -151,6 +151,7 @@ class Operations:
         self._preloading: list[str] = []
         self._preload_errors: dict[str, str] = {}
         self._draining = threading.Event()
+        self._checks: list[Callable[[], str | None]] = []
 
     # -- state --
 
@@ -161,6 +162,10 @@ class Operations:
     def start_draining(self) -> None:
         """From now on ``/readyz`` fails and new model calls are refused."""
         self._draining.set()
+
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """``check()`` returns a reason why the app is not ready (None: no objection); ``/readyz`` asks it."""
+        self._checks.append(check)
 
     def preloading(self, model_ids: Iterable[str]) -> None:
         """These models are being preloaded: not ready until each is loaded (or failed)."""
@@ -182,6 +187,7 @@ class Operations:
         with self._lock:
             reasons += [f"preloading {model_id}" for model_id in self._preloading]
             reasons += [f"preloading {model_id} failed: {error}" for model_id, error in self._preload_errors.items()]
+        reasons += [reason for reason in (check() for check in self._checks) if reason]
         try:
             self._store_check()
         except MMDemoError as exc:

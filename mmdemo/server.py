@@ -9,7 +9,8 @@ database, shutdown grace period.
 
 ``/livez``, ``/readyz`` and ``/metrics`` are answered in front of gradio (:mod:`mmdemo.ops`). On SIGTERM
 (or Ctrl-C) :func:`serve` drains: ``/readyz`` fails and new calls are refused at once, running and
-queued calls finish within ``MMDEMO_SHUTDOWN_GRACE_S``, recorded results are flushed, the store closes.
+queued calls finish within ``MMDEMO_SHUTDOWN_GRACE_S``, recorded results are flushed, the store is synced to
+``MMDEMO_SYNC_REPO`` (when set, :mod:`mmdemo.sync`) and closes.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def serve(settings: Settings, app: App | None = None) -> bool:
     registry = ctx.registry
     for model_id in settings.preload:
         registry.catalog.get(model_id)  # an unknown id fails now, not in the background
+    if ctx.sync is not None:
+        ctx.sync.restore_at_start()  # an empty local store gets the Hub repo's snapshot before it opens
     open_feedback_store(ctx)  # before serving: an unusable store stops here (the CLI prints why)
     demo = build_ui(ctx)
     if any(spec.source_scheme == "hf-hub" for spec in registry.catalog):
@@ -235,6 +238,8 @@ def serve(settings: Settings, app: App | None = None) -> bool:
     if settings.preload:
         preload_in_background(registry, settings.preload, ctx.ops)
     tidy_feedback_store_in_background(ctx)
+    if ctx.sync is not None:
+        ctx.sync.start()  # every MMDEMO_SYNC_EVERY_MINUTES, and once more when the app closes
     ctx.defaults.start()  # each task's promoted default model, as the store says, followed every few seconds
     stop = stop_on_signals()
     launch(demo, settings, prevent_thread_lock=True)

@@ -32,7 +32,7 @@ KNOWN_CYCLE_IMPORTS: dict[tuple[str, str], str] = {}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("mmdemo.__main__", "mmdemo.cli", "mmdemo.server")),
     ("ui", ("mmdemo.ui",)),
-    ("composition root", ("mmdemo.application", "mmdemo.promotion")),
+    ("composition root", ("mmdemo.application", "mmdemo.promotion", "mmdemo.sync")),
     ("fine-tuning jobs", ("mmdemo.finetune",)),
     ("feedback store, tasks", ("mmdemo.feedback", "mmdemo.tasks", "mmdemo.ops", "mmdemo.security")),
     ("registry", ("mmdemo.registry", "mmdemo.lora", "mmdemo.tiny", "mmdemo.hub")),

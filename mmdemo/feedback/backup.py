@@ -154,6 +154,7 @@ def _snapshot_sqlite(db: Database, target: Path) -> tuple[list[str], dict[str, i
     try:
         source.backup(copy, pages=4096, sleep=0.001)
         copy.commit()
+        copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file: no -wal/-shm beside it
     finally:
         source.close()
         copy.close()

@@ -78,6 +78,8 @@ def summary(ctx: AppContext, request: gr.Request | None = None) -> str:
         lines.append("**Promoted defaults:** " + " · ".join(promoted))
     for task, problem in ctx.defaults.problems().items():
         lines.append(f"- **{task}**: {problem}")
+    if ctx.sync is not None:
+        lines.append(f"**Labels sync:** {ctx.sync.describe()}")
     if ctx.auth is None and ctx.role_of(request) == "admin":
         lines.append("*You are an admin here: this browser opened the admin link. Preload, unload, the feedback "
                      "export and fine-tuning are yours.*")
