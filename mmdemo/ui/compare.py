@@ -25,7 +25,7 @@ from .. import tasks
 from ..application import App as AppContext
 from ..errors import MMDemoError
 from .messages import answered_in, blamed_input, readable_errors, validated_api
-from .widgets import model_picker
+from .widgets import default_model, model_picker
 
 VOTE_QUEUE = "vote"  # /vote: quick database writes beside the model queue, never behind it
 SIDES = ("A", "B")
@@ -142,9 +142,13 @@ def compare_mode(ctx: AppContext, target: CompareTarget, *, queue: dict[str, Any
     with gr.Accordion("Compare two models (blind vote)", open=False, elem_classes="mmdemo-compare") as accordion:
         gr.Markdown(INTRO, elem_classes="mmdemo-note")
         with gr.Row():
-            model_b, note_b = model_picker(ctx, target.task, label="Second model")
-            choices = [spec.id for spec in ctx.registry.catalog.for_task(tasks.task_spec(target.task).id)]
-            model_b.value = next((c for c in choices if c != target.model.value), model_b.value)
+            def other_model() -> str | None:
+                """On page load: the first model of the task other than its default (the tab's model A)."""
+                task = tasks.task_spec(target.task).id
+                first = default_model(ctx, task)
+                return next((spec.id for spec in ctx.registry.catalog.for_task(task) if spec.id != first), first)
+
+            model_b, note_b = model_picker(ctx, target.task, label="Second model", selected=other_model)
             button = gr.Button("Compare", variant="primary", elem_classes="mmdemo-compare-button")
         compare_id = gr.Textbox(label="Comparison id", interactive=False, visible=False)
         sides, names = [], []

@@ -162,7 +162,11 @@ def connect(
     if batch:
         def handler(*values: Any) -> list[list[Any]]:
             *columns, caller = values
-            requests = [request(*row) for row in zip(*columns)]
+            # a request naming no model gets the task's default now (a promotion may switch it): resolved once
+            # here, so the metrics, the batch groups and the answer name the model that ran
+            default = ctx.registry.catalog.default_for(task).id
+            requests = [(model_id or default, task_inputs)
+                        for model_id, task_inputs in (request(*row) for row in zip(*columns))]
             ctx.ops.metrics.batch_size.labels(task).observe(len(requests))
             with ctx.ops.metrics.timed(task, [model_id for model_id, _ in requests]):
                 # gradio hands a batch the first request's gr.Request only: who asked is known for a batch of one
@@ -174,7 +178,8 @@ def connect(
         def handler(*values: Any) -> tuple[Any, ...]:
             *values, progress, caller = values
             model_id, task_inputs = request(*values)
-            if model_id and not ctx.registry.is_loaded(model_id):
+            model_id = model_id or ctx.registry.catalog.default_for(task).id  # the task's default now
+            if not ctx.registry.is_loaded(model_id):
                 progress(0, desc=f"Loading {model_id}")
             if step_progress:
                 task_inputs["progress"] = lambda step, total: progress((step, total), desc="Denoising", unit="steps")

@@ -8,7 +8,7 @@ import binascii
 import functools
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 
@@ -90,8 +90,10 @@ def default_model(ctx: AppContext, task: str) -> str | None:
         return None
 
 
-def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.Dropdown, gr.Markdown]:
-    """The model dropdown of a tab, filled from the catalog, and its note line.
+def model_picker(ctx: AppContext, task: str, label: str = "Model",
+                 selected: Callable[[], str | None] | None = None) -> tuple[gr.Dropdown, gr.Markdown]:
+    """The model dropdown of a tab, filled from the catalog, and its note line. ``selected``: the model to
+    select on page load (default: the task's default).
 
     The choices and the selected model (the task's default: promoted, else the catalog's first) are read
     again on every page load, so a model that joined the catalog while the app runs (a fine-tuned one:
@@ -104,7 +106,8 @@ def model_picker(ctx: AppContext, task: str, label: str = "Model") -> tuple[gr.D
     model = gr.Dropdown(choices=choices(), value=None, label=label, interactive=True)
     note = gr.Markdown(elem_classes="mmdemo-note")
     # On page load only (no triggers, no inputs): today's choices and default.
-    gr.on(None, lambda: gr.Dropdown(choices=choices(), value=default_model(ctx, task)), None, [model], queue=False,
+    pick = selected or (lambda: default_model(ctx, task))
+    gr.on(None, lambda: gr.Dropdown(choices=choices(), value=pick()), None, [model], queue=False,
           show_progress="hidden", api_visibility="private")
     # No triggers: on page load and whenever the dropdown changes. Unprocessed: model_note checks the id against
     # today's catalog, not against the choices the page was built with.
