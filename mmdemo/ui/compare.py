@@ -24,7 +24,7 @@ import gradio as gr
 from .. import tasks
 from ..application import App as AppContext
 from ..errors import MMDemoError
-from .messages import answered_in, blamed_input, readable_errors, validated_api
+from .messages import answered_in, blamed_input, readable_errors, validated_api, validation_results
 from .widgets import default_model, model_picker
 
 VOTE_QUEUE = "vote"  # /vote: quick database writes beside the model queue, never behind it
@@ -210,15 +210,7 @@ def vote_validator(ctx: AppContext) -> Callable[[Any, Any], list[dict[str, Any]]
     def validate(compare_id: Any, choice: Any) -> list[dict[str, Any]]:
         from ..feedback.comparisons import ComparisonStore, check_choice
 
-        checks = []
-        for check in (lambda: ComparisonStore(ctx.store).get(compare_id), lambda: check_choice(choice)):
-            try:
-                check()
-            except MMDemoError as exc:
-                checks.append(gr.validate(False, str(exc)))
-            else:
-                checks.append(gr.validate(True, ""))
-        return checks
+        return validation_results([lambda: ComparisonStore(ctx.store).get(compare_id), lambda: check_choice(choice)])
 
     return validate
 

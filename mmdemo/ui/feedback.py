@@ -14,6 +14,7 @@ text-to-image                  a 1-5 rating per image and, when several were mad
 The store is imported on first use (it costs start-up time); nothing here imports torch.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,10 +22,9 @@ from typing import Any, Callable, Sequence
 import gradio as gr
 
 from ..application import App as AppContext
-from ..errors import MMDemoError
 from ..inputs import check_characters
 from ..tasks.spec import resolve, task_spec
-from .messages import answered_in, readable_errors, validated_api
+from .messages import answered_in, readable_errors, validated_api, validation_results
 
 FEEDBACK_QUEUE = "feedback"  # concurrency id of /feedback: beside the model queue, never behind it
 FEEDBACK_CONCURRENCY = 16  # saves at once (quick database writes; SQLite commits them in groups)
@@ -107,16 +107,8 @@ def feedback_validator(parameters: Sequence[str]) -> Callable[..., list[dict[str
                                                "comment": clean_comment}
 
     def validate(*values: Any) -> list[dict[str, Any]]:
-        results = []
-        for name, value in zip(parameters, values):
-            try:
-                if name in checks:
-                    checks[name](value)
-            except MMDemoError as exc:
-                results.append(gr.validate(False, str(exc)))
-            else:
-                results.append(gr.validate(True, ""))
-        return results
+        return validation_results([functools.partial(checks.get(name, lambda value: None), value)
+                                   for name, value in zip(parameters, values)])
 
     return validate
 

@@ -76,6 +76,20 @@ def validated_api(fn: Callable, validator: Callable[..., list[dict[str, Any]]], 
     registered.validator = validator
 
 
+def validation_results(checks: Sequence[Callable[[], Any]]) -> list[dict[str, Any]]:
+    """One ``gr.validate`` per check, in order: a refusal (an ``MMDemoError``) said for its input, else passed.
+    What an endpoint's validator returns, one entry per parameter."""
+    results = []
+    for check in checks:
+        try:
+            check()
+        except MMDemoError as exc:
+            results.append(gr.validate(False, str(exc)))
+        else:
+            results.append(gr.validate(True, ""))
+    return results
+
+
 def blamed_input(exc: MMDemoError, media: str | None, text: str, names: Sequence[str] = ()) -> str:
     """The input a validation message is shown on: the endpoint parameter among ``names`` that the error
     names (its ``field``), else the media, the model, or the tab's main text."""

@@ -27,6 +27,7 @@ from ..feedback.audit import ACTIONS, HEADERS as AUDIT_HEADERS, AuditLog, check_
 from ..feedback.store import parse_since
 from ..promotion import describe_lineage, model_lineage
 from . import finetune_panel
+from .messages import validation_results
 from .common import (ADMIN_QUEUE, EXPORT_ONLY, AppContext, answered_in, format_bytes, readable_errors, standalone,
                      validated_api)
 
@@ -303,16 +304,8 @@ def audit_validator(since: Any = "", action: Any = "", actor: Any = "", limit: A
         if value is not None and not isinstance(value, str):
             raise InvalidInputError("The actor must be text: a login name or a visitor id.", field="actor")
 
-    checks = []
-    for check in (lambda: since and parse_since(since), lambda: action and check_action(action),
-                  lambda: text(actor), lambda: check_limit(limit)):
-        try:
-            check()
-        except MMDemoError as exc:
-            checks.append(gr.validate(False, str(exc)))
-        else:
-            checks.append(gr.validate(True, ""))
-    return checks
+    return validation_results([lambda: since and parse_since(since), lambda: action and check_action(action),
+                               lambda: text(actor), lambda: check_limit(limit)])
 
 
 def lineage_text(ctx: AppContext, model_id: str | None) -> str:
