@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from mmdemo.config import Settings
 from mmdemo.finetune import FinetuneConfig, FinetuneJob
 
 JOB_OPTIONS = ("store", "registry", "on_progress")  # FinetuneJob's own keyword arguments
+
+
+def tiny_models_folder(tmp_path_factory: Any, names: list[str]) -> Path:
+    """A module's own tiny checkpoints (only ``names``), built once in a temporary folder."""
+    from mmdemo.tasks import build_tiny_models
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
+    build_tiny_models(folder, names=names)
+    return folder
+
+
+def settings_on(data_dir: Path, tiny_models: Path) -> Settings:
+    """Tiny-profile settings on CPU for a new data dir that uses the checkpoints of ``tiny_models``."""
+    data_dir.mkdir()
+    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
+    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
 
 
 def make_job(settings: Settings, task: str, base: str, name: str, fast: dict[str, Any], **options: Any) -> FinetuneJob:

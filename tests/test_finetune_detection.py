@@ -21,10 +21,10 @@ from mmdemo.finetune import METRICS_FILE, FinetuneJob, InvalidDatasetError, adap
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.detection import average_precision, box_iou, mean_average_precision
 from mmdemo.registry import Placement
-from mmdemo.tasks import build_tiny_models, open_registry, run
+from mmdemo.tasks import open_registry, run
 from mmdemo.tasks.detection import model_frame, model_view, pixel_box, relative_box
 
-from finetune_util import listing, make_job
+from finetune_util import listing, make_job, settings_on, tiny_models_folder
 
 TASK = "zero-shot-object-detection"
 OWLVIT = "tiny-owlvit"
@@ -39,17 +39,12 @@ def one_thread(torch_one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["owlvit", "owlv2", "grounding-dino"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["owlvit", "owlv2", "grounding-dino"])
 
 
 @pytest.fixture
 def settings(tmp_path, tiny_models) -> Settings:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    return settings_on(tmp_path / "data", tiny_models)
 
 
 def scene(rng: random.Random) -> tuple[Image.Image, list[dict]]:

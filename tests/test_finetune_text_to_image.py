@@ -26,11 +26,11 @@ from mmdemo.finetune.control import JobControl
 from mmdemo.finetune.data import load_export
 from mmdemo.finetune.evaluate import before_after
 from mmdemo.finetune.text_to_image import GRID_FILE, LORA_WEIGHTS_FILE, TextToImageAdapter
-from mmdemo.tasks import build_tiny_models, open_registry, run
+from mmdemo.tasks import open_registry, run
 from mmdemo.ui.finetune_panel import job_report
 
 from colour_squares import COLOURS, square
-from finetune_util import listing, make_job
+from finetune_util import listing, make_job, settings_on, tiny_models_folder
 
 TASK = "text-to-image"
 BASE = "tiny-stable-diffusion"
@@ -45,17 +45,12 @@ def one_thread(torch_one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["stable-diffusion", "clip"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["stable-diffusion", "clip"])
 
 
 @pytest.fixture
 def settings(tmp_path, tiny_models) -> Settings:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    return settings_on(tmp_path / "data", tiny_models)
 
 
 def record_rated(store: FeedbackStore, registry, prompts: list[str], ratings: list[list[int | None]],

@@ -25,11 +25,10 @@ from mmdemo.finetune.vqa import normalize_answer, soft_scores, vqa_accuracy
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
-from mmdemo.tasks import build_tiny_models
 from mmdemo.tiny.common import VQA_ANSWERS
 
 from colour_squares import COLOURS, QUESTION, colour_of, square
-from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
+from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output, settings_on, tiny_models_folder
 
 TASK = "visual-question-answering"
 VILT, BLIP = "tiny-vilt-vqa", "tiny-blip-vqa"
@@ -40,17 +39,12 @@ def one_thread(torch_one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["vilt-vqa", "blip-vqa"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["vilt-vqa", "blip-vqa"])
 
 
 @pytest.fixture
 def settings(tmp_path, tiny_models) -> Settings:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    return settings_on(tmp_path / "data", tiny_models)
 
 
 def record_corrections(store: FeedbackStore, registry: ModelRegistry, labels: list[tuple[Image.Image, str]],

@@ -25,10 +25,9 @@ from mmdemo.finetune.zero_shot import agreed_labels, zero_shot_metrics
 from mmdemo.registry import ModelRegistry, Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
-from mmdemo.tasks import build_tiny_models
 
 from colour_squares import COLOURS, colour_of, square
-from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
+from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output, settings_on, tiny_models_folder
 
 TASK = "zero-shot-image-classification"
 CLIP, SIGLIP = "tiny-clip", "tiny-siglip"
@@ -42,17 +41,12 @@ def one_thread(torch_one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["clip", "siglip"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["clip", "siglip"])
 
 
 @pytest.fixture
 def settings(tmp_path, tiny_models) -> Settings:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "tiny-models").symlink_to(tiny_models, target_is_directory=True)
-    return Settings(profile="tiny", data_dir=data_dir, device="cpu")
+    return settings_on(tmp_path / "data", tiny_models)
 
 
 def record_labels(store: FeedbackStore, registry: ModelRegistry, labels: list[tuple[Image.Image, list[str]]],
