@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -149,7 +150,13 @@ def test_a_deleted_output_leaves_the_repo_and_its_history(tmp_path):
     # no commit of the history can give the file or the output's record back
     assert gone_bytes not in hub.all_contents(REPO)
     databases = [blob for blob in hub.all_contents(REPO) if blob.startswith(b"SQLite format 3")]
-    assert len(databases) == 1 and gone.encode() not in databases[0] and kept.encode() in databases[0]
+    assert len(databases) == 1 and gone_ref.encode() not in databases[0] and kept.encode() in databases[0]
+    snapshot = tmp_path / "snapshot.db"
+    snapshot.write_bytes(databases[0])
+    with sqlite3.connect(snapshot) as conn:  # the output's id stays only in the audit log's deletion entry
+        assert conn.execute("SELECT COUNT(*) FROM outputs WHERE id = ?", (gone,)).fetchone() == (0,)
+        assert conn.execute("SELECT action FROM audit_log WHERE target = ?", (gone,)).fetchall() == [("delete_output",)]
+    conn.close()
     store = restored(hub, tmp_path / "again")
     try:
         assert contents(store)[0] == {kept}
