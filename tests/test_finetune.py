@@ -37,10 +37,10 @@ from mmdemo.finetune.train import evaluate
 from mmdemo.registry import Placement
 from mmdemo.tasks import open_registry  # noqa: E402
 from mmdemo.tasks import run
-from mmdemo.tasks import build_tiny_models
 from mmdemo.tasks.spec import register_task, unregister_task
 
-from finetune_util import ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output
+from finetune_util import (ADAPTER_FILES, counting_registry, listing, make_job, peft_twin, served_output,
+                           tiny_models_folder)
 from test_task_spec import short_caption_spec
 
 BASE = "tiny-blip-caption"
@@ -70,9 +70,7 @@ def one_thread(torch_one_thread):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     """Only the tiny BLIP captioner, built once for this module."""
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["blip-caption"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["blip-caption"])
 
 
 def make_settings(data_dir: Path, tiny_models: Path) -> Settings:

@@ -33,7 +33,7 @@ from mmdemo.finetune.data import load_export
 from mmdemo.finetune.jobs import RESUME_STATE_FILE, resume_config, resume_folder
 from mmdemo.tasks import build_tiny_models, open_registry, run
 
-from finetune_util import listing, make_job
+from finetune_util import listing, make_job, tiny_models_folder
 from test_finetune import BASE, CAPTIONS, make_settings, picture
 
 FAST = dict(epochs=4, batch_size=3, lr=1e-2, seed=0)
@@ -47,9 +47,7 @@ def one_thread(torch_one_thread):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-models"
-    build_tiny_models(folder, names=["blip-caption"])
-    return folder
+    return tiny_models_folder(tmp_path_factory, ["blip-caption"])
 
 
 @pytest.fixture

@@ -178,14 +178,13 @@ class DetectionAdapter(FinetuneAdapter):
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> tuple[Any, Any]:
         import torch
-        from transformers import (AutoProcessor, GroundingDinoForObjectDetection, Owlv2ForObjectDetection,
-                                  OwlViTForObjectDetection)
+        from transformers import AutoProcessor
 
-        model_class = {"owlvit": OwlViTForObjectDetection, "owlv2": Owlv2ForObjectDetection,
-                       "grounding-dino": GroundingDinoForObjectDetection}[spec.kind]
+        from ..tasks.detection import model_class
+
         kwargs = load_kwargs(spec, placement)
         processor = AutoProcessor.from_pretrained(location, **kwargs)
-        model = model_class.from_pretrained(location, dtype=torch.float32, **kwargs)
+        model = model_class(spec.kind).from_pretrained(location, dtype=torch.float32, **kwargs)
         return model.to(placement.device), processor
 
     def serving_bundle(self, model: Any, processor: Any, spec: ModelSpec, placement: Placement) -> Any:

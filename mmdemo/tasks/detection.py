@@ -66,6 +66,14 @@ def parse_queries(queries: Any) -> tuple[str, ...]:
     return parsed
 
 
+
+def model_class(kind: str) -> Any:
+    """The transformers class of a detection model ``kind`` (serving and fine-tuning load the same one)."""
+    from transformers import GroundingDinoForObjectDetection, Owlv2ForObjectDetection, OwlViTForObjectDetection
+
+    return {"owlvit": OwlViTForObjectDetection, "owlv2": Owlv2ForObjectDetection,
+            "grounding-dino": GroundingDinoForObjectDetection}[kind]
+
 class DetectionTask(Task):
     task = TASK
     Request = DetectionRequest
@@ -87,14 +95,11 @@ class DetectionTask(Task):
         )
 
     def load(self, spec: ModelSpec, location: str, placement: Placement) -> DetectionBundle:
-        from transformers import (AutoProcessor, GroundingDinoForObjectDetection, Owlv2ForObjectDetection,
-                                  OwlViTForObjectDetection)
+        from transformers import AutoProcessor
 
-        model_class = {"owlvit": OwlViTForObjectDetection, "owlv2": Owlv2ForObjectDetection,
-                       "grounding-dino": GroundingDinoForObjectDetection}[spec.kind]
         kwargs = load_kwargs(spec, placement)
         processor = AutoProcessor.from_pretrained(location, **kwargs)
-        model = model_class.from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
+        model = model_class(spec.kind).from_pretrained(location, dtype=placement.torch_dtype, **kwargs)
         return DetectionBundle(model.to(placement.device).eval(), processor, placement, kind=spec.kind)
 
     def predict(self, model: DetectionBundle, request: DetectionRequest) -> dict[str, Any]:
