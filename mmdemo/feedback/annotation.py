@@ -106,12 +106,17 @@ class Campaign:
     created_by: str | None
     created_at: datetime
     items: int = 0
+    inputs: dict[str, Any] | None = None   # the task's other inputs for every item; an item's own override them
+    item_order: str = "import"             # import, random, uncertain
+    gold_share: float = 0.0                # share of gold items (with a reference answer) mixed into batches
+    state: str = "open"                    # open, paused, closed, archived
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "task": self.task, "instructions": self.instructions,
                 "labels_per_item": self.labels_per_item, "lease_minutes": self.lease_seconds / 60,
                 "model_id": self.model_id, "created_by": self.created_by,
-                "created_at": self.created_at.isoformat(), "items": self.items}
+                "created_at": self.created_at.isoformat(), "items": self.items, "inputs": self.inputs,
+                "order": self.item_order, "gold_share": self.gold_share, "state": self.state}
 
 
 @dataclass(frozen=True)
@@ -692,7 +697,9 @@ def _campaign_of(row: Any) -> Campaign:
     return Campaign(id=int(row["id"]), name=row["name"], task=row["task"], instructions=row["instructions"],
                     labels_per_item=int(row["labels_per_item"]), lease_seconds=int(row["lease_seconds"]),
                     model_id=row["model_id"], created_by=row["created_by"], created_at=_utc(row["created_at"]),
-                    items=int(row.get("items") or 0))
+                    items=int(row.get("items") or 0), inputs=row.get("inputs"),
+                    item_order=row.get("item_order") or "import", gold_share=float(row.get("gold_share") or 0.0),
+                    state=row.get("state") or "open")
 
 
 def _replace(camp: Campaign, **changes: Any) -> Campaign:

@@ -225,6 +225,24 @@ def _0006_audit_log(conn: Connection) -> None:
     m.tables["audit_log"].create(conn)
 
 
+def _0007_annotation_items_v2(conn: Connection) -> None:
+    """Campaigns get their own inputs, item order, gold share and state; items get an import key (the same
+    media and inputs twice is one item), a hidden reference answer, free metadata and an uncertainty score."""
+    for statement in (
+        "ALTER TABLE annotation_campaigns ADD COLUMN inputs JSON",
+        "ALTER TABLE annotation_campaigns ADD COLUMN item_order VARCHAR(16) DEFAULT 'import' NOT NULL",
+        "ALTER TABLE annotation_campaigns ADD COLUMN gold_share FLOAT DEFAULT 0 NOT NULL",
+        "ALTER TABLE annotation_campaigns ADD COLUMN state VARCHAR(16) DEFAULT 'open' NOT NULL",
+        "ALTER TABLE annotation_items ADD COLUMN item_key VARCHAR(64)",
+        "ALTER TABLE annotation_items ADD COLUMN reference JSON",
+        "ALTER TABLE annotation_items ADD COLUMN metadata JSON",
+        "ALTER TABLE annotation_items ADD COLUMN uncertainty FLOAT",
+        "CREATE UNIQUE INDEX uq_annotation_items_campaign_key ON annotation_items (campaign_id, item_key)",
+        "CREATE INDEX ix_annotation_items_uncertainty ON annotation_items (campaign_id, uncertainty)",
+    ):
+        conn.execute(text(statement))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _0001_initial),
     Migration("0002_annotation", _0002_annotation),
@@ -232,6 +250,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration("0004_model_promotions", _0004_model_promotions),
     Migration("0005_comparisons", _0005_comparisons),
     Migration("0006_audit_log", _0006_audit_log),
+    Migration("0007_annotation_items_v2", _0007_annotation_items_v2),
 )
 
 def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:

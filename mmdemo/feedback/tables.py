@@ -8,7 +8,8 @@ here; ``tests/test_feedback_store.py`` checks that the two agree.
 * ``output_media``: which media an output used (``input``) or made (``output``), in order.
 * ``feedback``: a person's rating / correction / comment on an output; one per (output, annotator).
 * ``annotation_campaigns``: a batch of work for annotators: task, instructions, labels wanted per item.
-* ``annotation_items``: the outputs a campaign puts before its annotators.
+* ``annotation_items``: the outputs a campaign puts before its annotators (with an import key, a hidden
+  reference answer for gold items, free metadata and the pre-labelling model's uncertainty).
 * ``annotation_assignments``: who holds (``leased``, until ``expires_at``), labelled (``done``) or
   ``skipped`` which item; one row per (item, annotator).
 * ``finetune_jobs``: fine-tuning jobs (an ``mmdemo finetune`` process each): config, state, pid, progress,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -122,6 +124,10 @@ annotation_campaigns = Table(
     Column("model_id", String(300)),
     Column("created_by", String(200)),
     Column("created_at", Timestamp, nullable=False),
+    Column("inputs", JSON(none_as_null=True)),         # the task's other inputs for every item (question, labels...)
+    Column("item_order", String(16), nullable=False, server_default="import"),  # import, random, uncertain
+    Column("gold_share", Float, nullable=False, server_default="0"),            # share of gold items mixed in
+    Column("state", String(16), nullable=False, server_default="open"),         # open, paused, closed, archived
     UniqueConstraint("name", name="uq_annotation_campaigns_name"),
 )
 
@@ -132,8 +138,14 @@ annotation_items = Table(
     Column("campaign_id", RecordId, ForeignKey("annotation_campaigns.id", ondelete="CASCADE"), nullable=False),
     Column("output_id", String(32), ForeignKey("outputs.id", ondelete="CASCADE"), nullable=False),
     Column("added_at", Timestamp, nullable=False),
+    Column("item_key", String(64)),                  # import key: a hash of the media and inputs (None: added)
+    Column("reference", JSON(none_as_null=True)),    # a hidden reference answer (a gold item), never shown
+    Column("metadata", JSON(none_as_null=True)),     # free columns of an imported manifest row
+    Column("uncertainty", Float),                    # how unsure the pre-labelling model was (higher first)
     UniqueConstraint("campaign_id", "output_id", name="uq_annotation_items_campaign_output"),
     Index("ix_annotation_items_output", "output_id"),
+    Index("uq_annotation_items_campaign_key", "campaign_id", "item_key", unique=True),
+    Index("ix_annotation_items_uncertainty", "campaign_id", "uncertainty"),
 )
 
 annotation_assignments = Table(
